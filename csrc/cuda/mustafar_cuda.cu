@@ -1,0 +1,425 @@
+// CUDA ops of `mustafar`: host wrappers, encode/decode kernels and the CUDA registration.
+// The fused decode kernel is in mustafar_cuda.cuh, instantiated per dtype in sparse_decode_*.cu.
+#include "mustafar_cuda.cuh"
+
+#include <torch/library.h>
+
+namespace mustafar_cuda {
+
+// ------------------------------------------------------------------------------------------------
+// prune_encode_topk / encode_bitmap: one warp per token vector, lane owns channels e*32 + lane
+// ------------------------------------------------------------------------------------------------
+template <typename T, int D, bool TOPK>
+__global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
+                                                     int64_t rows, int k, int64_t* __restrict__ bitmap,
+                                                     T* __restrict__ values, int* __restrict__ err) {
+  constexpr int NE = D / 32;
+  constexpr int W = D / 64;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const T* xr = x + row * D;
+  T xv[NE];
+  bool keep[NE];
+#pragma unroll
+  for (int e = 0; e < NE; ++e) xv[e] = xr[e * 32 + lane];
+  if (TOPK) {
+    // key = |x| bits (NaN canonical = largest) << 8 | channel: unique; keep the k largest keys,
+    // so of equal magnitudes the higher channel is kept (lower channel pruned first).
+    uint64_t key[NE];
+#pragma unroll
+    for (int e = 0; e < NE; ++e) {
+      float f = to_f(xv[e]);
+      uint32_t mb = isnan(f) ? 0x7fc00000u : (__float_as_uint(f) & 0x7fffffffu);
+      key[e] = ((uint64_t)mb << 8) | (uint64_t)(e * 32 + lane);
+    }
+    uint64_t thr = 0;
+    if (k <= 0) {
+      thr = ~0ull;  // keep nothing
+    } else if (k < D) {
+      // largest thr with count(key >= thr) >= k == the k-th largest key
+#pragma unroll 1
+      for (int bit = 39; bit >= 0; --bit) {
+        const uint64_t cand = thr | (1ull << bit);
+        int cnt = 0;
+#pragma unroll
+        for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, key[e] >= cand));
+        if (cnt >= k) thr = cand;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < NE; ++e) keep[e] = key[e] >= thr;
+  } else {
+    const bool* mr = mask + row * D;
+#pragma unroll
+    for (int e = 0; e < NE; ++e) keep[e] = mr[e * 32 + lane];
+  }
+  uint32_t bal[NE];
+  int total = 0;
+#pragma unroll
+  for (int e = 0; e < NE; ++e) {
+    bal[e] = __ballot_sync(0xffffffffu, keep[e]);
+    total += __popc(bal[e]);
+  }
+  if (!TOPK && total > k) {
+    if (lane == 0) atomicExch(err, 1);
+    return;
+  }
+  if (lane < W) {
+    uint64_t word = 0;
+#pragma unroll
+    for (int w = 0; w < W; ++w)
+      if (w == lane) word = (uint64_t)bal[2 * w] | ((uint64_t)bal[2 * w + 1] << 32);
+    bitmap[row * W + lane] = (int64_t)word;
+  }
+  T* vr = values + row * (int64_t)k;
+  const uint32_t lt = (1u << lane) - 1u;
+  int base = 0;
+#pragma unroll
+  for (int e = 0; e < NE; ++e) {
+    if (keep[e]) vr[base + __popc(bal[e] & lt)] = xv[e];
+    base += __popc(bal[e]);
+  }
+  for (int i = total + lane; i < k; i += 32) vr[i] = from_f<T>(0.f);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256) decode_kernel(const int64_t* __restrict__ bitmap, const T* __restrict__ values,
+                                                     int64_t rows, int k, T* __restrict__ out) {
+  constexpr int NE = D / 32;
+  constexpr int W = D / 64;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  uint32_t words[2 * W];
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const uint64_t b = (uint64_t)bitmap[row * W + w];
+    words[2 * w] = (uint32_t)b;
+    words[2 * w + 1] = (uint32_t)(b >> 32);
+  }
+  const T* vr = values + row * (int64_t)k;
+  const uint32_t lt = (1u << lane) - 1u;
+  int base = 0;
+#pragma unroll
+  for (int e = 0; e < NE; ++e) {
+    const bool bit = (words[e] >> lane) & 1u;
+    const int pos = base + __popc(words[e] & lt);
+    T v = from_f<T>(0.f);
+    if (bit && pos < k) v = vr[pos];
+    out[row * D + e * 32 + lane] = v;
+    base += __popc(words[e]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------------
+static void check_cuda_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "mustafar (CUDA): ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), "mustafar (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+static void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat, "mustafar (CUDA): ", name,
+                    ".dtype=", s, " (expected float16, bfloat16 or float32)");
+}
+
+static int64_t head_dim_words(int64_t D, const char* op) {
+  TORCH_CHECK_VALUE(D == 64 || D == 128 || D == 256, op, "head_dim D=", D, " must be 64, 128 or 256");
+  return D / 64;
+}
+
+template <typename F>
+static void dispatch_float(at::ScalarType s, F&& f) {
+  if (s == at::kHalf) {
+    f(__half());
+  } else if (s == at::kBFloat16) {
+    f(__nv_bfloat16());
+  } else {
+    f(float());
+  }
+}
+
+template <typename F>
+static void dispatch_d(int64_t D, F&& f) {
+  if (D == 64) {
+    f(std::integral_constant<int, 64>());
+  } else if (D == 128) {
+    f(std::integral_constant<int, 128>());
+  } else {
+    f(std::integral_constant<int, 256>());
+  }
+}
+
+static std::tuple<at::Tensor, at::Tensor> encode_impl(const at::Tensor& x_in, const at::Tensor* mask_in, int64_t k,
+                                                      const char* op) {
+  check_cuda_tensor(x_in, "x");
+  check_float_dtype(x_in, "x");
+  TORCH_CHECK_VALUE(x_in.dim() >= 1, op, "x must have a last dim");
+  const int64_t D = x_in.size(-1);
+  const int64_t W = head_dim_words(D, op);
+  TORCH_CHECK_VALUE(k >= 0 && k <= D, op, "k=", k, " out of range [0, ", D, "]");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  auto x = x_in.contiguous();
+  at::Tensor mask;
+  if (mask_in) {
+    check_cuda_tensor(*mask_in, "mask");
+    TORCH_CHECK_VALUE(mask_in->sizes() == x_in.sizes(), op, "mask shape ", mask_in->sizes(), " != x shape ",
+                      x_in.sizes());
+    mask = mask_in->to(at::kBool).contiguous();
+  }
+  const int64_t rows = x.numel() / D;
+  auto bshape = x.sizes().vec();
+  bshape.back() = W;
+  auto vshape = x.sizes().vec();
+  vshape.back() = k;
+  const bool poison = poison_outputs();
+  at::Tensor bitmap = poison ? at::full(bshape, -1, x.options().dtype(at::kLong))
+                             : at::empty(bshape, x.options().dtype(at::kLong));
+  at::Tensor values = poison ? at::full(vshape, std::numeric_limits<float>::quiet_NaN(), x.options())
+                             : at::empty(vshape, x.options());
+  if (rows == 0) return {bitmap, values};
+  at::Tensor err;
+  if (mask_in) err = at::zeros({1}, x.options().dtype(at::kInt));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = 256;
+  const int64_t blocks = (rows + 7) / 8;
+  TORCH_CHECK(blocks < (1LL << 31), op, "too many rows: ", rows);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_d(D, [&](auto dc) {
+      constexpr int DD = decltype(dc)::value;
+      const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+      T* vp = reinterpret_cast<T*>(values.data_ptr());
+      if (mask_in) {
+        encode_kernel<T, DD, false><<<(unsigned)blocks, threads, 0, stream>>>(
+            xp, mask.data_ptr<bool>(), rows, (int)k, bitmap.data_ptr<int64_t>(), vp, err.data_ptr<int>());
+      } else {
+        encode_kernel<T, DD, true><<<(unsigned)blocks, threads, 0, stream>>>(
+            xp, nullptr, rows, (int)k, bitmap.data_ptr<int64_t>(), vp, nullptr);
+      }
+      MF_CHECK_LAUNCH();
+    });
+  });
+  if (mask_in) {
+    TORCH_CHECK(err.item<int>() == 0, op, "mask keeps more than k=", k, " entries in some row");
+  }
+  return {bitmap, values};
+}
+
+std::tuple<at::Tensor, at::Tensor> encode_bitmap_cuda(const at::Tensor& x, const at::Tensor& mask, int64_t k) {
+  return encode_impl(x, &mask, k, "mustafar.encode_bitmap (CUDA): ");
+}
+
+std::tuple<at::Tensor, at::Tensor> prune_encode_topk_cuda(const at::Tensor& x, int64_t k) {
+  return encode_impl(x, nullptr, k, "mustafar.prune_encode_topk (CUDA): ");
+}
+
+at::Tensor decode_bitmap_cuda(const at::Tensor& bitmap_in, const at::Tensor& values_in, int64_t head_dim) {
+  const char* op = "mustafar.decode_bitmap (CUDA): ";
+  check_cuda_tensor(bitmap_in, "bitmap");
+  check_cuda_tensor(values_in, "values");
+  check_float_dtype(values_in, "values");
+  TORCH_CHECK_VALUE(bitmap_in.scalar_type() == at::kLong, op, "bitmap.dtype=", bitmap_in.scalar_type(),
+                    " (expected int64)");
+  const int64_t D = head_dim;
+  const int64_t W = head_dim_words(D, op);
+  TORCH_CHECK_VALUE(bitmap_in.dim() >= 1 && bitmap_in.size(-1) == W, op, "bitmap last dim ",
+                    bitmap_in.dim() ? bitmap_in.size(-1) : -1, " != head_dim/64 = ", W);
+  TORCH_CHECK_VALUE(values_in.dim() == bitmap_in.dim() &&
+                        values_in.sizes().slice(0, values_in.dim() - 1) ==
+                            bitmap_in.sizes().slice(0, bitmap_in.dim() - 1),
+                    op, "values shape ", values_in.sizes(), " does not match bitmap shape ", bitmap_in.sizes());
+  const int64_t k = values_in.size(-1);
+  TORCH_CHECK_VALUE(k <= D, op, "values last dim k=", k, " > head_dim=", D);
+  c10::cuda::CUDAGuard guard(values_in.device());
+  auto bm = bitmap_in.contiguous();
+  auto vals = values_in.contiguous();
+  auto oshape = bm.sizes().vec();
+  oshape.back() = D;
+  at::Tensor out = poison_outputs() ? at::full(oshape, std::numeric_limits<float>::quiet_NaN(), vals.options())
+                                    : at::empty(oshape, vals.options());
+  const int64_t rows = bm.numel() / W;
+  if (rows == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (rows + 7) / 8;
+  dispatch_float(vals.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_d(D, [&](auto dc) {
+      constexpr int DD = decltype(dc)::value;
+      decode_kernel<T, DD><<<(unsigned)blocks, 256, 0, stream>>>(
+          bm.data_ptr<int64_t>(), reinterpret_cast<const T*>(vals.data_ptr()), rows, (int)k,
+          reinterpret_cast<T*>(out.data_ptr()));
+      MF_CHECK_LAUNCH();
+    });
+  });
+  return out;
+}
+
+// rows must have a contiguous last dim and T stride == C; leading dims may be strided
+static at::Tensor rows_ok(const at::Tensor& t) {
+  const int64_t C = t.size(3);
+  const bool ok = (t.stride(3) == 1 || t.size(3) <= 1) && (t.stride(2) == C || t.size(2) <= 1);
+  return ok ? t : t.contiguous();
+}
+
+static int g_num_sms = 0;
+
+at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap_in, const at::Tensor& k_values_in,
+                              const at::Tensor& v_bitmap_in, const at::Tensor& v_values_in,
+                              const at::Tensor& k_window_in, const at::Tensor& v_window_in,
+                              const std::optional<at::Tensor>& kv_start_in, double scale) {
+  const char* op = "mustafar.sparse_decode (CUDA): ";
+  check_cuda_tensor(q_in, "q");
+  check_cuda_tensor(k_bitmap_in, "k_bitmap");
+  check_cuda_tensor(k_values_in, "k_values");
+  check_cuda_tensor(v_bitmap_in, "v_bitmap");
+  check_cuda_tensor(v_values_in, "v_values");
+  check_cuda_tensor(k_window_in, "k_window");
+  check_cuda_tensor(v_window_in, "v_window");
+  check_float_dtype(q_in, "q");
+  TORCH_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  const int64_t W = head_dim_words(D, op);
+  TORCH_CHECK_VALUE(D == 64 || D == 128, op, "head_dim D=", D, " not supported by the CUDA decode kernel (64, 128)");
+  TORCH_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
+  TORCH_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
+                    "bitmaps must be int64");
+  const int64_t Hkv = k_bitmap_in.size(1), Tc = k_bitmap_in.size(2);
+  TORCH_CHECK_VALUE(k_bitmap_in.size(0) == B && k_bitmap_in.size(3) == W, op, "k_bitmap shape ",
+                    k_bitmap_in.sizes(), " does not match q ", q_in.sizes());
+  TORCH_CHECK_VALUE(v_bitmap_in.sizes() == k_bitmap_in.sizes(), op, "v_bitmap shape ", v_bitmap_in.sizes(),
+                    " != k_bitmap shape ", k_bitmap_in.sizes());
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
+  const int64_t G = Hq / Hkv;
+  for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(), " != q.dtype ",
+                      q_in.scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ", t->sizes(),
+                      " must be [", B, ", ", Hkv, ", T, C]");
+  }
+  TORCH_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
+                    "values T dim must equal the bitmaps' T_c=", Tc);
+  const int64_t kk = k_values_in.size(3), kv = v_values_in.size(3);
+  TORCH_CHECK_VALUE(kk <= D && kv <= D, op, "values last dim (", kk, ", ", kv, ") > D=", D);
+  TORCH_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
+                    "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ", v_window_in.sizes());
+  const int64_t Tw = k_window_in.size(2);
+  const int64_t T = Tc + Tw;
+  TORCH_CHECK_VALUE(T < (1LL << 30), op, "sequence too long: ", T);
+  c10::cuda::CUDAGuard guard(q_in.device());
+
+  at::Tensor ks;
+  if (kv_start_in.has_value() && kv_start_in->defined()) {
+    check_cuda_tensor(*kv_start_in, "kv_start");
+    TORCH_CHECK_VALUE(kv_start_in->dim() == 1 && kv_start_in->size(0) == B, op, "kv_start shape ",
+                      kv_start_in->sizes(), " != [", B, "]");
+    TORCH_CHECK_VALUE(kv_start_in->scalar_type() == at::kInt || kv_start_in->scalar_type() == at::kLong, op,
+                      "kv_start.dtype=", kv_start_in->scalar_type(), " (expected int32)");
+    ks = kv_start_in->to(at::kInt).contiguous();
+  }
+  auto q = q_in.contiguous();
+  auto kb = rows_ok(k_bitmap_in), vb = rows_ok(v_bitmap_in);
+  auto kvals = rows_ok(k_values_in), vvals = rows_ok(v_values_in);
+  auto kw = k_window_in.stride(3) == 1 ? k_window_in : k_window_in.contiguous();
+  auto vw = v_window_in.stride(3) == 1 ? v_window_in : v_window_in.contiguous();
+
+  const bool poison = poison_outputs();
+  at::Tensor out = poison ? at::full({B, Hq, D}, std::numeric_limits<float>::quiet_NaN(), q.options())
+                          : at::empty({B, Hq, D}, q.options());
+  if (B == 0 || Hq == 0) return out;
+  if (T == 0) {
+    out.zero_();
+    return out;
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (g_num_sms == 0) {
+    int dev = 0, n = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    g_num_sms = n > 0 ? n : 132;
+  }
+
+  const int GT = (G % 4 == 0) ? 4 : (G % 2 == 0) ? 2 : 1;
+  const int nchunk = (int)(G / GT);
+  const int64_t ntiles = (T + kTile - 1) / kTile;
+  const int64_t nbh = B * Hkv * nchunk;
+  int64_t nsplit = (4 * (int64_t)g_num_sms + nbh - 1) / nbh;
+  nsplit = std::max<int64_t>(1, std::min<int64_t>(nsplit, (ntiles + 3) / 4));
+  const int64_t tps = (ntiles + nsplit - 1) / nsplit;
+  nsplit = (ntiles + tps - 1) / tps;
+  TORCH_CHECK(nsplit < 65536 && Hkv * nchunk < 65536 && B < 65536, op, "grid too large");
+  const int NP = (int)nsplit * kWarps;
+
+  const int64_t isz = q.element_size();
+  SDParams p{};
+  p.q = q.data_ptr();
+  p.kbm = kb.data_ptr<int64_t>();
+  p.vbm = vb.data_ptr<int64_t>();
+  p.kval = kvals.data_ptr();
+  p.vval = vvals.data_ptr();
+  p.kwin = kw.data_ptr();
+  p.vwin = vw.data_ptr();
+  p.kv_start = ks.defined() ? ks.data_ptr<int>() : nullptr;
+  at::Tensor ws_o = poison ? at::full({B, Hq, NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
+                           : at::empty({B, Hq, NP, D}, q.options().dtype(at::kFloat));
+  at::Tensor ws_ml = at::empty({B, Hq, NP, 2}, q.options().dtype(at::kFloat));
+  p.ws_o = ws_o.data_ptr<float>();
+  p.ws_ml = ws_ml.data_ptr<float>();
+  p.B = (int)B;
+  p.Hkv = (int)Hkv;
+  p.G = (int)G;
+  p.Tc = (int)Tc;
+  p.Tw = (int)Tw;
+  p.kk = (int)kk;
+  p.kv = (int)kv;
+  p.kbm_sb = kb.stride(0);
+  p.kbm_sh = kb.stride(1);
+  p.vbm_sb = vb.stride(0);
+  p.vbm_sh = vb.stride(1);
+  p.kval_sb = kvals.stride(0);
+  p.kval_sh = kvals.stride(1);
+  p.vval_sb = vvals.stride(0);
+  p.vval_sh = vvals.stride(1);
+  p.kwin_sb = kw.stride(0);
+  p.kwin_sh = kw.stride(1);
+  p.kwin_st = kw.stride(2);
+  p.vwin_sb = vw.stride(0);
+  p.vwin_sh = vw.stride(1);
+  p.vwin_st = vw.stride(2);
+  p.nsplit = (int)nsplit;
+  p.tiles_per_split = (int)tps;
+  p.nchunk = nchunk;
+  auto al16 = [&](const at::Tensor& t) {
+    return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) && ((t.stride(0) * isz) % 16 == 0 || t.size(0) <= 1) &&
+           ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
+  };
+  p.vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals)) ? 1 : 0;
+  p.qscale = (float)(scale * 1.4426950408889634);
+  auto r16 = [](int64_t x) { return (int)((x + 15) / 16 * 16); };
+  p.off_kval = 0;
+  p.off_vval = r16(kTile * kk * isz + 16);
+  p.off_kbm = p.off_vval + r16(kTile * kv * isz + 16);
+  p.off_vbm = p.off_kbm + (int)(kTile * W * 8);
+  p.stage_bytes = p.off_vbm + (int)(kTile * W * 8);
+  p.off_tab = kStages * p.stage_bytes;
+  const int smem_bytes = p.off_tab + 2 * kTile * (int)(D / 32) * 8;
+
+  dim3 grid((unsigned)nsplit, (unsigned)(Hkv * nchunk), (unsigned)B);
+  dispatch_float(q.scalar_type(), [&](auto tag) {
+    using scalar = decltype(tag);
+    launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+  });
+  return out;
+}
+
+}  // namespace mustafar_cuda
+
+TORCH_LIBRARY_IMPL(mustafar, CUDA, m) {
+  m.impl("encode_bitmap", &mustafar_cuda::encode_bitmap_cuda);
+  m.impl("decode_bitmap", &mustafar_cuda::decode_bitmap_cuda);
+  m.impl("prune_encode_topk", &mustafar_cuda::prune_encode_topk_cuda);
+  m.impl("sparse_decode", &mustafar_cuda::sparse_decode_cuda);
+}

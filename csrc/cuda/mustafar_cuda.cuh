@@ -1,0 +1,570 @@
+#pragma once
+// CUDA kernels of the `mustafar` ops (schemas in csrc/mustafar.cpp, contract in docs/design.md).
+//
+//   prune_encode_topk  one warp per token vector: radix select of the k-th largest (|x|, channel)
+//                      key over the warp, ballot for the bitmap, prefix popcount for the slot.
+//   encode_bitmap      same layout from a given mask (checks popcount <= k).
+//   decode_bitmap      one warp per token vector, every lane gathers its channels.
+//   sparse_decode      fused flash-decoding over [compressed T_c ; dense window T_w]:
+//                      split over T (grid = splits x kv-head chunks x batch), 4 warps per CTA,
+//                      cp.async 3-stage pipeline staging 64-row tiles of packed values and bitmaps
+//                      in shared memory, each lane owning D/32 consecutive channels and expanding
+//                      them from the packed row with a byte permute (no per-element branches),
+//                      fp32 scores and online softmax; each warp writes one partial (m, l, o) and a
+//                      second kernel merges the partials.
+//
+// Debugging: MUSTAFAR_CUDA_POISON=1 fills every output (and the decode workspace) with NaN / -1
+// before the kernels run, so elements that a kernel forgets to write show up in tests.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+namespace mustafar_cuda {
+
+#define MF_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+inline bool poison_outputs() {
+  const char* e = std::getenv("MUSTAFAR_CUDA_POISON");
+  return e != nullptr && e[0] != '\0' && e[0] != '0';
+}
+
+// ------------------------------------------------------------------------------------------------
+// type helpers
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct TypeOf;
+template <>
+struct TypeOf<at::Half> { using type = __half; };
+template <>
+struct TypeOf<at::BFloat16> { using type = __nv_bfloat16; };
+template <>
+struct TypeOf<float> { using type = float; };
+
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(float x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+
+// two packed 16-bit values -> two floats
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u);
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
+  __half2 h = *reinterpret_cast<__half2*>(&u);
+  return __half22float2(h);
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
+  // bf16 -> f32 is a 16-bit shift
+  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// ------------------------------------------------------------------------------------------------
+// sparse_decode
+// ------------------------------------------------------------------------------------------------
+constexpr int kTile = 64;     // rows per pipeline stage
+constexpr int kWarps = 4;     // warps per CTA; warp w takes rows [16w, 16w+16) of a tile
+constexpr int kStages = 3;    // cp.async pipeline depth
+constexpr int kBatch = 8;     // rows per warp step (scores reduced with a reduce-scatter)
+
+struct SDParams {
+  const void* q;  // [B, Hq, D] contiguous
+  const int64_t* kbm;
+  const void* kval;
+  const int64_t* vbm;
+  const void* vval;
+  const void* kwin;
+  const void* vwin;
+  const int* kv_start;  // [B] or null
+  float* ws_o;          // [B, Hq, NP, D]
+  float* ws_ml;         // [B, Hq, NP, 2]
+  int B, Hkv, G, Tc, Tw, kk, kv;
+  int64_t kbm_sb, kbm_sh, kval_sb, kval_sh, vbm_sb, vbm_sh, vval_sb, vval_sh;
+  int64_t kwin_sb, kwin_sh, kwin_st, vwin_sb, vwin_sh, vwin_st;
+  int nsplit, tiles_per_split, nchunk;
+  int vec16;  // values bases are 16-byte aligned (cp.async 16 B), else element copies
+  float qscale;
+  // shared memory layout (bytes)
+  int off_kval, off_vval, off_kbm, off_vbm, stage_bytes, off_tab;
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// copy `bytes` (multiple of the element size) from global to shared memory with the whole CTA
+template <typename T>
+__device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes, bool vec16) {
+  const int tid = threadIdx.x;
+  int done = 0;
+  if (vec16) {
+    const int n16 = bytes >> 4;
+    for (int i = tid; i < n16; i += kWarps * 32) cp_async16(dst + 16 * i, src + 16 * i);
+    done = n16 << 4;
+  }
+  const int rem = (bytes - done) / (int)sizeof(T);
+  const T* s = reinterpret_cast<const T*>(src + done);
+  T* d = reinterpret_cast<T*>(dst + done);
+  for (int i = tid; i < rem; i += kWarps * 32) d[i] = s[i];
+}
+
+// Expand the lane's CPL channels of one packed row into floats.
+//   vw: word view of the stage's value tile; a: absolute half index (row*k + rank); nib: the lane's bits
+template <typename T, int CPL>
+__device__ __forceinline__ void expand_row(const void* vbase, uint32_t a, uint32_t nib, float (&f)[CPL]) {
+  if constexpr (sizeof(T) == 2) {
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(vbase);
+    const uint32_t wi = a >> 1;
+    const uint32_t sh = (a & 1u) << 4;
+    const uint32_t w0 = vw[wi], w1 = vw[wi + 1];
+    const uint32_t c01 = __funnelshift_r(w0, w1, sh);  // compact halves c0, c1
+    const uint32_t y = nib * 0x10204080u;               // byte j's msb = bit j of nib
+    const uint32_t b0 = nib & 1u;
+    const uint32_t d01 = prmt(c01, c01, 0x1010u + b0 * 0x2200u) & prmt(y, y, 0x9988u);
+    const float2 f01 = unpack2<T>(d01);
+    f[0] = f01.x;
+    f[1] = f01.y;
+    if constexpr (CPL == 4) {
+      const uint32_t w2 = vw[wi + 2];
+      const uint32_t c23 = __funnelshift_r(w1, w2, sh);
+      const uint32_t s2 = __popc(nib & 3u), s3 = __popc(nib & 7u);
+      const uint32_t d23 = prmt(c01, c23, 0x1010u + s2 * 0x22u + s3 * 0x2200u) & prmt(y, y, 0xBBAAu);
+      const float2 f23 = unpack2<T>(d23);
+      f[2] = f23.x;
+      f[3] = f23.y;
+    }
+  } else {
+    const float* vf = reinterpret_cast<const float*>(vbase);
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      const uint32_t s = __popc(nib & ((1u << j) - 1u));
+      f[j] = ((nib >> j) & 1u) ? vf[a + s] : 0.f;
+    }
+  }
+}
+
+// 16-bit types: the lane's CPL channels as CPL/2 packed pairs (unstored channels are 0)
+template <int CPL>
+__device__ __forceinline__ void expand_raw16(const void* vbase, uint32_t a, uint32_t nib, uint32_t (&h)[CPL / 2]) {
+  const uint32_t* vw = reinterpret_cast<const uint32_t*>(vbase);
+  const uint32_t wi = a >> 1;
+  const uint32_t sh = (a & 1u) << 4;
+  const uint32_t w0 = vw[wi], w1 = vw[wi + 1];
+  const uint32_t c01 = __funnelshift_r(w0, w1, sh);
+  const uint32_t y = nib * 0x10204080u;
+  const uint32_t b0 = nib & 1u;
+  h[0] = prmt(c01, c01, 0x1010u + b0 * 0x2200u) & prmt(y, y, 0x9988u);
+  if constexpr (CPL == 4) {
+    const uint32_t w2 = vw[wi + 2];
+    const uint32_t c23 = __funnelshift_r(w1, w2, sh);
+    const uint32_t s2 = __popc(nib & 3u), s3 = __popc(nib & 7u);
+    h[1] = prmt(c01, c23, 0x1010u + s2 * 0x22u + s3 * 0x2200u) & prmt(y, y, 0xBBAAu);
+  }
+}
+
+__device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+template <typename T, int CPL>
+__device__ __forceinline__ void load_dense(const T* p, float (&f)[CPL]) {
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) f[j] = to_f(p[j]);
+}
+
+template <typename T, int D, int GT>
+__global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDParams p) {
+  constexpr int CPL = D / 32;         // channels per lane
+  constexpr int NW32 = D / 32;        // 32-bit bitmap words per row
+  constexpr int LPW = 32 / CPL;       // lanes per 32-bit word
+  constexpr int W = D / 64;
+  extern __shared__ __align__(16) char smem[];
+
+  const int split = blockIdx.x;
+  const int hk = blockIdx.y / p.nchunk;
+  const int chunk = blockIdx.y % p.nchunk;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int hq0 = hk * p.G + chunk * GT;
+  const int Tall = p.Tc + p.Tw;
+  const int ks = p.kv_start ? max(0, p.kv_start[b]) : 0;
+  const int ntiles = (Tall + kTile - 1) / kTile;
+  const int tile0 = split * p.tiles_per_split;
+  const int tile1 = min(ntiles, tile0 + p.tiles_per_split);
+  const int nt = max(0, tile1 - tile0);
+
+  // q for the GT heads, the lane's channels, scaled by scale*log2(e)
+  float qf[GT][CPL];
+  {
+    const T* qp = reinterpret_cast<const T*>(p.q);
+#pragma unroll
+    for (int g = 0; g < GT; ++g)
+#pragma unroll
+      for (int j = 0; j < CPL; ++j)
+        qf[g][j] = to_f(qp[((int64_t)b * p.Hkv * p.G + hq0 + g) * D + lane * CPL + j]) * p.qscale;
+  }
+  // fp16: K products and the per-batch V sums in half2 (fp32 softmax and output accumulation)
+  constexpr bool kHalfMath = std::is_same<T, __half>::value;
+  __half2 qh[GT][CPL / 2];
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int j = 0; j < CPL / 2; ++j) qh[g][j] = __floats2half2_rn(qf[g][2 * j], qf[g][2 * j + 1]);
+  float m[GT], l[GT], o[GT][CPL];
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) o[g][j] = 0.f;
+  }
+
+  const char* kval_g = reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T);
+  const char* vval_g = reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T);
+  const int64_t* kbm_g = p.kbm + b * p.kbm_sb + hk * p.kbm_sh;
+  const int64_t* vbm_g = p.vbm + b * p.vbm_sb + hk * p.vbm_sh;
+  const T* kwin_g = reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh;
+  const T* vwin_g = reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh;
+
+  auto issue = [&](int i) {  // stage tile tile0+i into buffer i % kStages
+    const int t0 = (tile0 + i) * kTile;
+    const int nc = min(kTile, p.Tc - t0);
+    if (nc <= 0) return;
+    char* st = smem + (i % kStages) * p.stage_bytes;
+    stage_copy<T>(st + p.off_kval, kval_g + (int64_t)t0 * p.kk * sizeof(T), nc * p.kk * (int)sizeof(T), p.vec16);
+    stage_copy<T>(st + p.off_vval, vval_g + (int64_t)t0 * p.kv * sizeof(T), nc * p.kv * (int)sizeof(T), p.vec16);
+    for (int i8 = threadIdx.x; i8 < 2 * nc * W; i8 += kWarps * 32) {
+      const bool isv = i8 >= nc * W;
+      const int j = isv ? i8 - nc * W : i8;
+      cp_async8(st + (isv ? p.off_vbm : p.off_kbm) + 8 * j, (isv ? vbm_g : kbm_g) + (int64_t)t0 * W + j);
+    }
+  };
+
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nt) issue(i);
+    cp_async_commit();
+  }
+  uint2* tab = reinterpret_cast<uint2*>(smem + p.off_tab);  // [2][kTile][NW32] (word, prefix)
+  const int word_of_lane = lane / LPW;
+  const int shift_of_lane = (lane % LPW) * CPL;
+  const uint32_t lowmask = (1u << shift_of_lane) - 1u;
+
+#pragma unroll 1
+  for (int it = 0; it < nt; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages - 1 < nt) issue(it + kStages - 1);
+    cp_async_commit();
+    const int t0 = (tile0 + it) * kTile;
+    const int nc = min(kTile, p.Tc - t0);
+    const char* st = smem + (it % kStages) * p.stage_bytes;
+    // (word, prefix popcount) per 32-bit bitmap word: one thread per row of K (tid < 64) or V
+    {
+      const int r = threadIdx.x & (kTile - 1);
+      const bool isv = threadIdx.x >= kTile;
+      if (r < nc) {
+        const uint32_t* bw = reinterpret_cast<const uint32_t*>(st + (isv ? p.off_vbm : p.off_kbm)) + r * NW32;
+        uint2* tr = tab + ((isv ? kTile : 0) + r) * NW32;
+        uint32_t pre = 0;
+#pragma unroll
+        for (int w = 0; w < NW32; ++w) {
+          const uint32_t x = bw[w];
+          tr[w] = make_uint2(x, pre);
+          pre += __popc(x);
+        }
+      }
+    }
+    __syncthreads();
+    const void* kv_s = st + p.off_kval;
+    const void* vv_s = st + p.off_vval;
+
+#pragma unroll 1
+    for (int bb = 0; bb < 16 / kBatch; ++bb) {
+      const int r0 = warp * 16 + bb * kBatch;  // row within tile
+      const int tb = t0 + r0;                  // first absolute row of the batch
+      if (tb >= Tall || tb + kBatch <= ks) continue;
+      // ---- scores for kBatch rows
+      float part[GT][kBatch];
+      const bool all_comp = tb + kBatch <= p.Tc;  // fast path: 8 packed rows, no per-row branches
+      if (all_comp) {
+        uint2 e[kBatch];
+#pragma unroll
+        for (int r = 0; r < kBatch; ++r) e[r] = tab[(r0 + r) * NW32 + word_of_lane];
+#pragma unroll
+        for (int r = 0; r < kBatch; ++r) {
+          const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
+          const uint32_t a = (uint32_t)((r0 + r) * p.kk) + e[r].y + __popc(e[r].x & lowmask);
+          if constexpr (kHalfMath) {
+            // fp16 products of the lane's CPL channels (one half2 FMA per pair), summed in fp32
+            uint32_t h[CPL / 2];
+            expand_raw16<CPL>(kv_s, a, nib, h);
+#pragma unroll
+            for (int g = 0; g < GT; ++g) {
+              __half2 acc = __hmul2(as_h2(h[0]), qh[g][0]);
+#pragma unroll
+              for (int j = 1; j < CPL / 2; ++j) acc = __hfma2(as_h2(h[j]), qh[g][j], acc);
+              const float2 f2 = __half22float2(acc);
+              part[g][r] = f2.x + f2.y;
+            }
+          } else {
+            float f[CPL];
+            expand_row<T, CPL>(kv_s, a, nib, f);
+#pragma unroll
+            for (int g = 0; g < GT; ++g) {
+              float s = 0.f;
+#pragma unroll
+              for (int j = 0; j < CPL; ++j) s = fmaf(f[j], qf[g][j], s);
+              part[g][r] = s;
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < kBatch; ++r) {
+          const int t = tb + r;
+          float f[CPL];
+          if (t < p.Tc) {
+            const uint2 e = tab[(r0 + r) * NW32 + word_of_lane];
+            const uint32_t nib = (e.x >> shift_of_lane) & ((1u << CPL) - 1u);
+            const uint32_t a = (uint32_t)((r0 + r) * p.kk) + e.y + __popc(e.x & lowmask);
+            expand_row<T, CPL>(kv_s, a, nib, f);
+          } else if (t < Tall) {
+            load_dense<T, CPL>(kwin_g + (int64_t)(t - p.Tc) * p.kwin_st + lane * CPL, f);
+          } else {
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) f[j] = 0.f;
+          }
+#pragma unroll
+          for (int g = 0; g < GT; ++g) {
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) s = fmaf(f[j], qf[g][j], s);
+            part[g][r] = s;
+          }
+        }
+      }
+      // ---- reduce-scatter: lane ends with the full score of row rho = (lane >> 2) & 7
+      const int rho = (lane >> 2) & 7;
+      const bool valid = (tb + rho < Tall) && (tb + rho >= ks);
+      float pr[GT];
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+        float u[4], w2[2];
+        const bool h16 = lane & 16, h8 = lane & 8, h4 = lane & 4;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float send = h16 ? part[g][i] : part[g][i + 4];
+          const float keep = h16 ? part[g][i + 4] : part[g][i];
+          u[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float send = h8 ? u[i] : u[i + 2];
+          const float keep = h8 ? u[i + 2] : u[i];
+          w2[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        }
+        float x;
+        {
+          const float send = h4 ? w2[0] : w2[1];
+          const float keep = h4 ? w2[1] : w2[0];
+          x = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        }
+        x += __shfl_xor_sync(0xffffffffu, x, 2);
+        x += __shfl_xor_sync(0xffffffffu, x, 1);
+        const float s = valid ? x : -INFINITY;
+        float bm = s;
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 4));
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 8));
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, 16));
+        const float mn = fmaxf(m[g], bm);
+        const float mu = (mn == -INFINITY) ? 0.f : mn;
+        const float alpha = exp2f(m[g] - mu);
+        pr[g] = exp2f(s - mu);
+        l[g] = l[g] * alpha + pr[g];
+        m[g] = mn;
+#pragma unroll
+        for (int j = 0; j < CPL; ++j) o[g][j] *= alpha;
+      }
+      // ---- values
+      if (all_comp) {
+        uint2 e[kBatch];
+#pragma unroll
+        for (int r = 0; r < kBatch; ++r) e[r] = tab[(kTile + r0 + r) * NW32 + word_of_lane];
+if constexpr (kHalfMath) {
+          // p * v for the batch's 8 rows accumulated in half2, added to the fp32 output once
+          __half2 acc[GT][CPL / 2];
+#pragma unroll
+          for (int g = 0; g < GT; ++g)
+#pragma unroll
+            for (int j = 0; j < CPL / 2; ++j) acc[g][j] = __float2half2_rn(0.f);
+#pragma unroll
+          for (int r = 0; r < kBatch; ++r) {
+            const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
+            const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e[r].y + __popc(e[r].x & lowmask);
+            uint32_t h[CPL / 2];
+            expand_raw16<CPL>(vv_s, a, nib, h);
+#pragma unroll
+            for (int g = 0; g < GT; ++g) {
+              const __half2 pg = __float2half2_rn(__shfl_sync(0xffffffffu, pr[g], r * 4));
+#pragma unroll
+              for (int j = 0; j < CPL / 2; ++j) acc[g][j] = __hfma2(pg, as_h2(h[j]), acc[g][j]);
+            }
+          }
+#pragma unroll
+          for (int g = 0; g < GT; ++g)
+#pragma unroll
+            for (int j = 0; j < CPL / 2; ++j) {
+              const float2 f2 = __half22float2(acc[g][j]);
+              o[g][2 * j] += f2.x;
+              o[g][2 * j + 1] += f2.y;
+            }
+        } else {
+#pragma unroll
+        for (int r = 0; r < kBatch; ++r) {
+          float f[CPL];
+          const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
+          const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e[r].y + __popc(e[r].x & lowmask);
+          expand_row<T, CPL>(vv_s, a, nib, f);
+#pragma unroll
+          for (int g = 0; g < GT; ++g) {
+            const float pg = __shfl_sync(0xffffffffu, pr[g], r * 4);
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) o[g][j] = fmaf(pg, f[j], o[g][j]);
+          }
+        }
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < kBatch; ++r) {
+          const int t = tb + r;
+          if (t >= Tall) break;
+          float f[CPL];
+          if (t < p.Tc) {
+            const uint2 e = tab[(kTile + r0 + r) * NW32 + word_of_lane];
+            const uint32_t nib = (e.x >> shift_of_lane) & ((1u << CPL) - 1u);
+            const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e.y + __popc(e.x & lowmask);
+            expand_row<T, CPL>(vv_s, a, nib, f);
+          } else {
+            load_dense<T, CPL>(vwin_g + (int64_t)(t - p.Tc) * p.vwin_st + lane * CPL, f);
+          }
+#pragma unroll
+          for (int g = 0; g < GT; ++g) {
+            const float pg = __shfl_sync(0xffffffffu, pr[g], r * 4);
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) o[g][j] = fmaf(pg, f[j], o[g][j]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- this warp's partial: l summed over the 8 distinct rows (lanes differing in bits 2..4)
+  const int NP = p.nsplit * kWarps;
+  const int pidx = split * kWarps + warp;
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+    float lt = l[g];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 4);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 8);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 16);
+    const int64_t base = ((int64_t)b * p.Hkv * p.G + hq0 + g) * NP + pidx;
+    float* op = p.ws_o + base * D + lane * CPL;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) op[j] = o[g][j];
+    if (lane == 0) {
+      p.ws_ml[base * 2] = m[g];
+      p.ws_ml[base * 2 + 1] = lt;
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void sparse_decode_merge(const float* __restrict__ ws_o, const float* __restrict__ ws_ml, int NP,
+                                    T* __restrict__ out) {
+  const int64_t bh = blockIdx.x;
+  const int c = threadIdx.x;  // blockDim.x == D
+  const float* ml = ws_ml + bh * NP * 2;
+  float M = -INFINITY;
+  for (int i = 0; i < NP; ++i) M = fmaxf(M, ml[2 * i]);
+  float acc = 0.f, L = 0.f;
+  if (M != -INFINITY) {
+    for (int i = 0; i < NP; ++i) {
+      const float w = exp2f(ml[2 * i] - M);  // 0 for empty partials (m = -inf)
+      L += w * ml[2 * i + 1];
+      acc += w * ws_o[(bh * NP + i) * D + c];
+    }
+  }
+  out[bh * D + c] = from_f<T>(L > 0.f ? acc / L : 0.f);
+}
+
+
+// host launcher of the fused decode (one translation unit per dtype, so they compile in parallel)
+template <typename T>
+void launch_sparse_decode(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
+                          int NP, int64_t BHq);
+
+template <typename T, int D, int GT>
+void launch_sd_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
+  auto kern = sparse_decode_kernel<T, D, GT>;
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  kern<<<grid, kWarps * 32, smem_bytes, stream>>>(p);
+  MF_CHECK_LAUNCH();
+}
+
+#define MUSTAFAR_DEFINE_SD_LAUNCHER(TYPE)                                                                     \
+  template <>                                                                                               \
+  void launch_sparse_decode<TYPE>(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid,              \
+                                  cudaStream_t stream, void* out, int NP, int64_t BHq) {                    \
+    if (D == 64) {                                                                                          \
+      if (GT == 4) launch_sd_one<TYPE, 64, 4>(p, smem_bytes, grid, stream);                                 \
+      else if (GT == 2) launch_sd_one<TYPE, 64, 2>(p, smem_bytes, grid, stream);                            \
+      else launch_sd_one<TYPE, 64, 1>(p, smem_bytes, grid, stream);                                         \
+      sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);     \
+    } else {                                                                                                \
+      if (GT == 4) launch_sd_one<TYPE, 128, 4>(p, smem_bytes, grid, stream);                                \
+      else if (GT == 2) launch_sd_one<TYPE, 128, 2>(p, smem_bytes, grid, stream);                           \
+      else launch_sd_one<TYPE, 128, 1>(p, smem_bytes, grid, stream);                                        \
+      sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);   \
+    }                                                                                                       \
+    MF_CHECK_LAUNCH();                                                                                      \
+  }
+
+}  // namespace mustafar_cuda

@@ -1,0 +1,131 @@
+"""The ``"mustafar"`` attention implementation registered with transformers.
+
+Importing this module registers (its only side effect):
+
+* ``AttentionInterface["mustafar"]`` -> :func:`mustafar_attention_forward`
+* ``AttentionMaskInterface["mustafar"]`` -> :func:`mustafar_mask`
+
+:func:`mustafar_mask` builds no mask for plain-causal decode steps (``q_len == 1``): it returns ``None``
+without padding, or an int32 ``kv_start [B]`` (first valid position of each sequence) for left padding.
+Every other case (prefill, sliding layers, non-left padding) gets the usual sdpa mask.
+
+:func:`mustafar_attention_forward` runs :func:`mustafar.ops.sparse_decode` over the compressed store and
+the dense window when the keys come from a compressed :class:`mustafar.cache.MustafarLayer` in a decode
+step; everything else goes to transformers' sdpa attention (a ``kv_start`` mask is expanded to a small
+``[B, 1, 1, T]`` boolean mask first). The dense paths always use sdpa, whatever implementation the model
+had before.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+from mustafar import ops
+from mustafar.cache import PENDING_DECODE
+
+__all__ = ["mustafar_attention_forward", "mustafar_mask", "prepare_model", "ATTN_NAME"]
+
+ATTN_NAME = "mustafar"
+
+
+def _is_kv_start(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 1
+
+
+def mustafar_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                  mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                  local_size: int | None = None, **kwargs):
+    """Mask function of the ``"mustafar"`` implementation (see module docstring).
+
+    Returns
+    -------
+    ``None`` | int32 ``kv_start [B]`` (decode, plain causal, left padding) | the sdpa mask otherwise.
+    """
+    plain_causal = mask_function is causal_mask_function or (
+        local_size is not None and isinstance(q_offset, int) and q_offset + q_length <= local_size
+        and getattr(mask_function, "__qualname__", "").startswith("sliding_window_causal_mask_function")
+    )
+    if q_length == 1 and plain_causal and isinstance(kv_offset, int) and kv_offset == 0:
+        if attention_mask is None:
+            return None
+        pm = attention_mask.to(torch.bool)
+        if pm.dim() == 2 and pm.shape[-1] >= kv_length:
+            pm = pm[:, :kv_length]  # [B, T]
+            pos = torch.arange(kv_length, device=pm.device)
+            # first valid position; a row with no valid position gets kv_length (everything masked)
+            kv_start = torch.where(pm, pos, torch.full_like(pos, kv_length)).amin(dim=-1)  # [B]
+            if bool((pm == (pos[None, :] >= kv_start[:, None])).all()):  # pure left padding
+                if bool((kv_start == 0).all()):
+                    return None
+                return kv_start.to(torch.int32)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, **kwargs)
+
+
+def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask, dropout: float = 0.0,
+                               scaling: float | None = None, **kwargs):
+    """Attention function of the ``"mustafar"`` implementation.
+
+    Parameters
+    ----------
+    query : ``[B, H_q, q_len, D]``; key, value : ``[B, H_kv, T, D]`` (for a compressed decode step: the
+        dense window, with the compressed store attached by the cache).
+    attention_mask : ``None``, int32 ``kv_start [B]`` or a 4D sdpa mask.
+
+    Returns
+    -------
+    ``(attn_output [B, q_len, H_q, D], None)``
+    """
+    ctx = getattr(key, "_mustafar_ctx", None)
+    pending = PENDING_DECODE.pop(getattr(module, "layer_idx", None), False)
+    if pending and ctx is None:
+        raise RuntimeError(
+            f"{type(module).__name__} changed the keys between cache.update and attention, so the compressed "
+            "part of the MustafarCache would be ignored; this model is not supported in mode='compressed'"
+        )
+    if ctx is not None and query.shape[2] == 1 and (attention_mask is None or _is_kv_start(attention_mask)):
+        if kwargs.get("softcap") is not None:
+            raise ValueError("attention logit softcapping is not supported by the mustafar decode path")
+        q = query[:, :, 0, :]  # [B, H_q, D]
+        out = ops.sparse_decode(q, ctx.k_bitmap, ctx.k_values, ctx.v_bitmap, ctx.v_values,
+                                ctx.k_window, ctx.v_window, attention_mask, scaling)  # [B, H_q, D]
+        return out.unsqueeze(1), None  # [B, 1, H_q, D]
+    if ctx is not None:
+        # slow path (a 4D mask in a decode step): decompress this layer for this call only
+        key, value = ctx.dense()
+    if _is_kv_start(attention_mask):
+        t = key.shape[2]
+        pos = torch.arange(t, device=key.device)
+        attention_mask = (pos[None, :] >= attention_mask.to(key.device).long()[:, None])[:, None, None, :]
+        attention_mask = attention_mask.expand(-1, 1, query.shape[2], -1)  # [B, 1, q_len, T]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def prepare_model(model) -> None:
+    """Switch ``model`` to the ``"mustafar"`` attention implementation (idempotent).
+
+    Raises
+    ------
+    ValueError if the model cannot change its attention implementation.
+    """
+    if getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
+        return
+    if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface; "
+            "MustafarCache cannot serve it"
+        )
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot set attn_implementation={ATTN_NAME!r} on {type(model).__name__}: {exc}") from exc
+
+
+AttentionInterface.register(ATTN_NAME, mustafar_attention_forward)
+AttentionMaskInterface.register(ATTN_NAME, mustafar_mask)

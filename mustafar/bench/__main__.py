@@ -1,0 +1,37 @@
+"""``python -m mustafar.bench {cpu,kernel,e2e} [options]``: dispatch to ``mustafar.bench.<name>.main``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+_COMMANDS = {
+    "cpu": ("mustafar.bench.cpu", "encoder + sparse decode attention vs dense SDPA on this CPU"),
+    "kernel": ("mustafar.bench.kernel", "CUDA decode kernels vs dense SDPA (GPU)"),
+    "e2e": ("mustafar.bench.e2e", "end-to-end generation throughput (GPU)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m mustafar.bench {" + ",".join(_COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines += ["", "`python -m mustafar.bench <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in _COMMANDS:
+        print(f"unknown benchmark {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(_COMMANDS[name][0])  # lazy: GPU modules only when asked for
+    rc = module.main(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

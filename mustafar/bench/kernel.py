@@ -1,0 +1,207 @@
+"""Decode-attention kernel benchmark on a CUDA GPU: dense SDPA vs the fused sparse kernel vs the
+unfused sparse baseline (decode the bitmap to dense, then SDPA).
+
+``python -m mustafar.bench.kernel [--quick] [--out results/kernel_h200.json]``
+(``python -m mustafar.bench kernel`` where the package's ``__main__`` dispatches here.)
+
+For every configuration (head_dim 128; MHA 32/32 and GQA 32/8; fp16 and bf16; B in {1, 8, 32};
+T in {4K, 16K, 32K}; sparsity 0.5 and 0.7 for K and V) it times, as the median of many
+repetitions after warm-up with ``triton.testing.do_bench`` (which flushes the L2 cache before each
+repetition, so every call reads its inputs from HBM):
+
+* ``dense``: ``torch.nn.functional.scaled_dot_product_attention`` with q ``[B, H, 1, D]`` and K/V
+  ``[B, H_kv, T, D]`` (``enable_gqa`` for GQA);
+* ``fused``: ``mustafar.ops.sparse_decode`` on the compressed cache (all T tokens compressed);
+* ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA.
+
+and reports speed-ups over dense and the achieved bandwidth over the bytes actually read
+(bitmaps + packed values + q + output) against a device-to-device copy bandwidth measured in the
+same run. It also times the compression of 256 new tokens (``prune_encode_topk`` of K and V) against
+one decode step. Results go to JSON with provenance (device, versions, commit, date, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+__all__ = ["main", "run"]
+
+
+def _bench(fn, warmup_ms: float = 25.0, rep_ms: float = 150.0) -> float:
+    """Median time of ``fn()`` in milliseconds."""
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:  # pragma: no cover - CUDA events, flushing L2 with a 256 MB write
+        flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(50):
+            flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        times.sort()
+        return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    ms = _bench(lambda: b.copy_(a))
+    del a, b
+    return 2 * n / (ms * 1e-3)
+
+
+def provenance(argv: list[str]) -> dict:
+    def sh(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return ""
+
+    commit = sh(["git", "rev-parse", "HEAD"]) or "unknown (no commit)"
+    dirty = bool(sh(["git", "status", "--porcelain"]))
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m mustafar.bench.kernel " + " ".join(argv),
+    }
+
+
+def _k_of(s: float, d: int) -> int:
+    return d - int(math.floor(s * d + 0.5))
+
+
+def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bfloat16"), batches=(1, 8, 32),
+        seqs=(4096, 16384, 32768), sparsities=(0.5, 0.7), d: int = 128, mem_budget_gib: float = 100.0,
+        log=print) -> dict:
+    from mustafar import ops
+
+    assert ops.backend("cuda") == "cuda", f"CUDA kernels not available: backend={ops.backend('cuda')}"
+    bw = copy_bandwidth()
+    log(f"copy bandwidth: {bw / 1e12:.3f} TB/s")
+    rows = []
+    if quick:
+        batches, seqs, dtypes = (1, 8), (4096, 16384), ("float16",)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for (h_q, h_kv) in heads:
+        for dt_name in dtypes:
+            dt = getattr(torch, dt_name)
+            isz = torch.tensor([], dtype=dt).element_size()
+            for b in batches:
+                for t in seqs:
+                    dense_bytes = 2 * b * h_kv * t * d * isz
+                    if dense_bytes * 2.2 > mem_budget_gib * (1 << 30):
+                        log(f"skip B={b} T={t}: {dense_bytes / 2**30:.1f} GiB dense K+V over budget")
+                        continue
+                    q = torch.randn(b, h_q, d, device="cuda", generator=gen).to(dt)
+                    kd = torch.randn(b, h_kv, t, d, device="cuda", generator=gen).to(dt)
+                    vd = torch.randn(b, h_kv, t, d, device="cuda", generator=gen).to(dt)
+                    q4 = q.unsqueeze(2)  # [B, H_q, 1, D]
+                    gqa = h_q != h_kv
+                    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+                    def dense_fn(kd=kd, vd=vd, q4=q4, gqa=gqa):
+                        return sdpa(q4, kd, vd, enable_gqa=gqa) if gqa else sdpa(q4, kd, vd)
+
+                    t_dense = _bench(dense_fn)
+                    empty = q.new_empty(b, h_kv, 0, d)
+                    for s in sparsities:
+                        k = _k_of(s, d)
+                        kb, kv = ops.prune_encode_topk(kd, k)
+                        vb, vv = ops.prune_encode_topk(vd, k)
+                        scale = 1.0 / math.sqrt(d)
+
+                        def fused(kb=kb, kv=kv, vb=vb, vv=vv):
+                            return torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, empty, empty, None, scale)
+
+                        def unfused(kb=kb, kv=kv, vb=vb, vv=vv, gqa=gqa):
+                            kk_ = torch.ops.mustafar.decode_bitmap(kb, kv, d)
+                            vv_ = torch.ops.mustafar.decode_bitmap(vb, vv, d)
+                            return sdpa(q4, kk_, vv_, enable_gqa=gqa) if gqa else sdpa(q4, kk_, vv_)
+
+                        # correctness spot check against the unfused path (fp32 compare)
+                        o_f = fused().float()
+                        o_u = unfused().squeeze(2).float()
+                        rel = float((o_f - o_u).norm() / o_u.norm())
+                        t_fused = _bench(fused)
+                        t_unf = _bench(unfused)
+                        # compression of 256 new tokens (K and V) vs one decode step
+                        kn = kd[:, :, :256]
+                        vn = vd[:, :, :256]
+                        t_comp = _bench(lambda kn=kn, vn=vn, k=k: (ops.prune_encode_topk(kn, k),
+                                                                  ops.prune_encode_topk(vn, k)))
+                        comp_bytes = (kb.numel() * 8 + kv.numel() * isz) * 2 + q.numel() * isz * 2
+                        row = {
+                            "H_q": h_q, "H_kv": h_kv, "D": d, "dtype": dt_name, "B": b, "T": t, "sparsity": s,
+                            "k": k, "dense_ms": t_dense, "fused_ms": t_fused, "unfused_ms": t_unf,
+                            "speedup_fused": t_dense / t_fused, "speedup_unfused": t_dense / t_unf,
+                            "dense_bytes": dense_bytes, "fused_bytes": comp_bytes,
+                            "bytes_ratio": comp_bytes / dense_bytes,
+                            "dense_bw_frac": dense_bytes / (t_dense * 1e-3) / bw,
+                            "fused_bw_frac": comp_bytes / (t_fused * 1e-3) / bw,
+                            "fused_floor_ms": comp_bytes / bw * 1e3,
+                            "compress_256_ms": t_comp, "compress_256_over_step": t_comp / t_fused,
+                            "rel_err_vs_unfused": rel,
+                        }
+                        rows.append(row)
+                        log(f"H{h_q}/{h_kv} {dt_name:8s} B={b:2d} T={t:6d} s={s:.1f}: dense {t_dense:.4f} ms  "
+                            f"fused {t_fused:.4f} ms ({t_dense / t_fused:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw)  "
+                            f"unfused {t_unf:.4f} ms ({t_dense / t_unf:.2f}x)  comp256 {t_comp:.4f} ms  rel {rel:.1e}")
+                        del kb, kv, vb, vv
+                    del kd, vd
+                    torch.cuda.empty_cache()
+    return {"copy_bandwidth_Bps": bw, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m mustafar.bench.kernel", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few configurations only")
+    ap.add_argument("--out", default=os.path.join("results", "kernel_h200.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("mustafar.bench.kernel: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    res = run(quick=args.quick)
+    res["provenance"] = provenance(argv)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+    # short table last
+    print(f"{'heads':>7} {'dtype':>8} {'B':>3} {'T':>6} {'s':>4} {'dense':>8} {'fused':>8} {'x':>5} {'bw%':>4} {'unfused x':>9}")
+    for r in res["rows"]:
+        print(f"{r['H_q']:>3}/{r['H_kv']:<3} {r['dtype']:>8} {r['B']:>3} {r['T']:>6} {r['sparsity']:>4} "
+              f"{r['dense_ms']:8.4f} {r['fused_ms']:8.4f} {r['speedup_fused']:5.2f} {r['fused_bw_frac'] * 100:4.0f} "
+              f"{r['speedup_unfused']:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

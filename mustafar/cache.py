@@ -1,0 +1,678 @@
+"""``MustafarConfig`` and ``MustafarCache``: a transformers ``Cache`` holding a pruned, bitmap-compressed KV cache.
+
+Schedule (identical in both modes, so ``"simulate"`` is the exact dense twin of ``"compressed"``):
+
+* Every layer keeps the most recent tokens dense (the *window*). Older tokens are pruned per token
+  vector (K with ``k_strategy`` at ``k_sparsity``, V with ``v_strategy`` at ``v_sparsity``) and, in
+  ``"compressed"`` mode, encoded in the bitmap format of ``docs/design.md``.
+* A call with ``q_len > 1`` (the prompt, a second turn, chunked prefill) attends densely: it sees the
+  past as stored (compressed rows decoded for that call only, the window as is) plus its own tokens
+  unpruned. Afterwards everything but the last ``local_window`` tokens is pruned/compressed. For the
+  first call (prefill) that is the paper's "dense attention over the prompt, then compress".
+  After prefill, this path decodes the whole compressed part once per call: it is the slow path.
+* A call with ``q_len == 1`` (decode) appends the token to the window; when the window then holds more
+  than ``local_window + compress_chunk`` tokens, its ``compress_chunk`` oldest tokens are pruned and
+  appended to the compressed store. Attention then runs over ``[compressed ; window]`` through
+  :func:`mustafar.ops.sparse_decode` (compressed mode) or dense sdpa (simulate mode).
+
+Default ``compress_chunk = 256`` follows the paper's kernel path (compress in chunks of 256); the
+window therefore holds between ``local_window`` and ``local_window + compress_chunk`` dense tokens
+during decode. ``compress_chunk = 1`` compresses every token as soon as it leaves the 32-token window.
+
+Memory layout of one compressed layer (``B`` batch, ``H`` KV heads, ``W = D // 64``):
+``k_bitmap``/``v_bitmap`` int64 ``[B, H, cap, W]``, ``k_values [B, H, cap, k_k]``,
+``v_values [B, H, cap, k_v]``, dense window ``[B, H, local_window + compress_chunk + 1, D]`` for K and V,
+and an int64 ``[2]`` counter tensor. Appends write rows after the last used row; nothing stored is
+rewritten. ``cap`` is ``max_cache_len`` when given; otherwise it grows geometrically (x2), and each
+growth copies the used rows once into the new buffer (amortised O(1) per token, but a real copy:
+pass ``max_cache_len`` to avoid it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+
+
+def _layer_types(config) -> tuple[list[str], list[dict]]:
+    """Per-layer attention type and cache-layer kwargs (the rule of transformers' DynamicCache, version-stable)."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        if getattr(config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * n
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n
+        else:
+            types = ["full_attention"] * n
+    types = list(types)[:n]
+    if getattr(config, "kv_sharing_modes", None) is not None:
+        types = ["shared_kv" if m == "reuse" else t for t, m in zip(types, config.kv_sharing_modes)]
+    kw = [{"sliding_window": config.sliding_window} if t == "sliding_attention" else {} for t in types]
+    return types, kw
+
+from mustafar import ops
+from mustafar.pruning import STRATEGIES, kept_count, prune
+
+__all__ = ["MustafarConfig", "MustafarCache", "MustafarLayer", "MustafarSimulatedLayer"]
+
+_MODES = ("compressed", "simulate")
+# Strategies that keep a fixed number of values per token vector (what the fixed-stride format needs).
+_FIXED_BUDGET = ("per_token_magnitude", "semi_structured_2_4")
+# Strategies that need the queries (or attention) of the prompt: the cache does not see them.
+_NEED_QUERIES = ("output_aware", "think")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# layer_idx -> True between a compressed decode-step `update` and the attention call that consumes it;
+# lets mustafar.attention detect a model that transforms the keys in between (it would lose the store).
+PENDING_DECODE: dict[int, bool] = {}
+
+
+@dataclass
+class MustafarConfig:
+    """How a :class:`MustafarCache` prunes and stores K and V.
+
+    Parameters
+    ----------
+    k_sparsity, v_sparsity : float in [0, 1)
+        Fraction of each token vector pruned (``n = floor(s*D + 0.5)`` entries zeroed).
+    k_strategy, v_strategy : str
+        A key of :data:`mustafar.pruning.STRATEGIES`. Default ``"per_token_magnitude"`` (the paper).
+        ``mode="compressed"`` needs a fixed kept count per token vector: ``per_token_magnitude`` or
+        ``semi_structured_2_4`` (sparsity 0.5). Others (e.g. ``per_channel_magnitude``) need
+        ``mode="simulate"``. Query-driven strategies (``output_aware``, ``think``) are not supported
+        by the cache (it never sees the queries) and raise ``ValueError``.
+    local_window : int >= 0
+        Most recent tokens kept dense (paper: 32).
+    compress_chunk : int >= 1
+        During decode, tokens leave the window in chunks of this many (paper kernel path: 256).
+    mode : ``"compressed"`` | ``"simulate"``
+        ``"compressed"``: bitmap store + sparse decode attention. ``"simulate"``: dense tensors with
+        pruned entries zeroed, same schedule, normal (sdpa) attention.
+    k_strategy_kwargs, v_strategy_kwargs : dict
+        Extra keyword arguments of the strategies (e.g. ``group_size`` of per-channel pruning).
+    """
+
+    k_sparsity: float = 0.7
+    v_sparsity: float = 0.7
+    k_strategy: str = "per_token_magnitude"
+    v_strategy: str = "per_token_magnitude"
+    local_window: int = 32
+    compress_chunk: int = 256
+    mode: str = "compressed"
+    k_strategy_kwargs: dict = field(default_factory=dict)
+    v_strategy_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("k_sparsity", "v_sparsity"):
+            s = getattr(self, name)
+            if isinstance(s, bool) or not isinstance(s, Real) or not (0.0 <= float(s) < 1.0):
+                raise ValueError(f"{name}={s!r} must be a number in [0, 1)")
+            setattr(self, name, float(s))
+        for name in ("local_window", "compress_chunk"):
+            v = getattr(self, name)
+            lo = 0 if name == "local_window" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}={v!r} must be an int >= {lo}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode={self.mode!r} must be one of {_MODES}")
+        for which in ("k", "v"):
+            strat = getattr(self, f"{which}_strategy")
+            kw = getattr(self, f"{which}_strategy_kwargs")
+            if strat not in STRATEGIES:
+                raise ValueError(f"{which}_strategy={strat!r} unknown; available: {sorted(STRATEGIES)}")
+            if strat in _NEED_QUERIES:
+                raise ValueError(
+                    f"{which}_strategy={strat!r} needs the queries/attention of the prompt, which the cache "
+                    "does not see; prune offline with mustafar.prune instead"
+                )
+            if not isinstance(kw, dict):
+                raise ValueError(f"{which}_strategy_kwargs={kw!r} must be a dict")
+            if self.mode == "compressed" and strat not in _FIXED_BUDGET:
+                raise ValueError(
+                    f"{which}_strategy={strat!r} has no fixed kept count per token vector; "
+                    f"mode='compressed' supports {_FIXED_BUDGET}, use mode='simulate'"
+                )
+            if strat == "semi_structured_2_4" and getattr(self, f"{which}_sparsity") != 0.5:
+                raise ValueError(
+                    f"{which}_strategy='semi_structured_2_4' fixes sparsity at 0.5, got "
+                    f"{which}_sparsity={getattr(self, f'{which}_sparsity')}"
+                )
+
+    # -- helpers used by the layers
+    def kept(self, which: str, head_dim: int) -> int:
+        """Values stored per token vector of K (``which="k"``) or V in compressed mode."""
+        strat = getattr(self, f"{which}_strategy")
+        if strat == "semi_structured_2_4":
+            return head_dim // 2
+        return kept_count(head_dim, getattr(self, f"{which}_sparsity"))
+
+    def prune_dense(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Pruned copy of ``x [B, H, T, D]`` (pruned entries 0), as the simulate mode stores it."""
+        s = getattr(self, f"{which}_sparsity")
+        strat = getattr(self, f"{which}_strategy")
+        if s == 0.0 and strat == "per_token_magnitude":
+            return x
+        return prune(x, s, strat, **getattr(self, f"{which}_strategy_kwargs"))
+
+    def encode(self, which: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prune and encode ``x [B, H, T, D]`` -> ``bitmap [B, H, T, W]``, ``values [B, H, T, k]``."""
+        strat = getattr(self, f"{which}_strategy")
+        k = self.kept(which, x.shape[-1])
+        x = x.contiguous()
+        if strat == "per_token_magnitude":
+            return ops.prune_encode_topk(x, k)
+        _, mask = prune(x, getattr(self, f"{which}_sparsity"), strat, return_mask=True,
+                        **getattr(self, f"{which}_strategy_kwargs"))
+        return ops.encode_bitmap(x, mask, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class _DecodeContext:
+    """What the ``"mustafar"`` attention function needs for one decode step of one layer."""
+
+    __slots__ = ("k_bitmap", "k_values", "v_bitmap", "v_values", "k_window", "v_window", "head_dim")
+
+    def __init__(self, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window, head_dim):
+        self.k_bitmap, self.k_values = k_bitmap, k_values
+        self.v_bitmap, self.v_values = v_bitmap, v_values
+        self.k_window, self.v_window = k_window, v_window
+        self.head_dim = head_dim
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decompressed ``[compressed ; window]`` K and V ``[B, H, T, D]`` (slow path only)."""
+        k = torch.cat([ops.decode_bitmap(self.k_bitmap, self.k_values, self.head_dim), self.k_window], dim=2)
+        v = torch.cat([ops.decode_bitmap(self.v_bitmap, self.v_values, self.head_dim), self.v_window], dim=2)
+        return k, v
+
+
+class _MustafarLayerBase(CacheLayerMixin):
+    """Schedule shared by both modes; subclasses implement the storage."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cfg: MustafarConfig, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 max_cache_len: int | None = None, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.max_cache_len = max_cache_len
+        self.max_positions = max_positions  # uniform sliding-window models: the window must not be exceeded
+        self.n_c = 0  # tokens pruned (compressed)
+        self.n_w = 0  # tokens in the dense window
+        self.counts: torch.Tensor | None = None  # int64 [2] = (n_c, n_w), the on-device bookkeeping
+
+    # -- CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size = key_states.shape[0]
+        self.counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._allocate(key_states.shape[0], key_states.device)
+        self.is_initialized = True
+
+    def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+            raise ValueError(
+                f"key/value states must be [B, H_kv, T, D] of equal shape, got {tuple(key_states.shape)} "
+                f"and {tuple(value_states.shape)}"
+            )
+        b, h, _, d = key_states.shape
+        if h != self.num_kv_heads or d != self.head_dim:
+            raise ValueError(
+                f"this MustafarCache was built for H_kv={self.num_kv_heads}, head_dim={self.head_dim}; got "
+                f"H_kv={h}, head_dim={d} (a cache cannot be reused across models of another shape)"
+            )
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise ValueError(
+                f"this MustafarCache was built for dtype {self.dtype}; got key/value dtype "
+                f"{key_states.dtype}/{value_states.dtype}"
+            )
+        if self.is_initialized:
+            if b != self.batch_size:
+                raise ValueError(f"batch size {b} != the cache's batch size {self.batch_size}; call cache.reset()")
+            if key_states.device != self.device:
+                raise ValueError(f"key states on {key_states.device}, cache on {self.device}")
+        if self.max_positions is not None and self.get_seq_length() + key_states.shape[2] > self.max_positions:
+            raise ValueError(
+                f"sequence length {self.get_seq_length() + key_states.shape[2]} exceeds the model's sliding window "
+                f"{self.max_positions}: MustafarCache supports uniform sliding-window models only within the window"
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q_len = key_states.shape[2]
+        cfg = self.cfg
+        if q_len == 1:
+            self._append_window(key_states, value_states)
+            if self.n_w > cfg.local_window + cfg.compress_chunk:
+                self._compress_window_head(cfg.compress_chunk)
+            out = self._decode_view()
+        else:
+            out = self._dense_with(key_states, value_states)
+            # everything but the last `local_window` tokens leaves the window
+            self._append_bulk(key_states, value_states)
+        self.counts[0] = self.n_c
+        self.counts[1] = self.n_w
+        return out
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.n_c + self.n_w
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.n_c = self.n_w = 0
+        self.is_initialized = False
+        self.counts = None
+        self._free()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MustafarCache cannot be cropped (pruned tokens cannot be restored)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("MustafarCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("MustafarCache does not support batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("MustafarCache does not support batch_select_indices")
+
+    def offload(self):
+        raise NotImplementedError("MustafarCache does not support offloading")
+
+    def prefetch(self):
+        pass
+
+    # -- capacity helper
+    def _new_capacity(self, current: int, needed: int) -> int:
+        if self.max_cache_len is not None and needed <= self.max_cache_len:
+            return max(self.max_cache_len, current)
+        return max(needed, 2 * current, 64)
+
+    # -- storage API of the subclasses
+    def _allocate(self, batch: int, device) -> None: ...
+    def _free(self) -> None: ...
+    def _append_window(self, k, v) -> None: ...
+    def _compress_window_head(self, n: int) -> None: ...
+    def _decode_view(self): ...
+    def _dense_with(self, k, v): ...
+    def _append_bulk(self, k, v) -> None: ...
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the layer holds, by role."""
+        return {}
+
+
+class MustafarLayer(_MustafarLayerBase):
+    """Compressed layer: bitmap store ``[B, H, cap, *]`` + dense window ``[B, H, local_window + compress_chunk + 1, D]``."""
+
+    def _allocate(self, batch, device):
+        d, h = self.head_dim, self.num_kv_heads
+        self.W = d // 64
+        self.kk = self.cfg.kept("k", d)
+        self.kv = self.cfg.kept("v", d)
+        cap = self.max_cache_len or 0
+        self.cap = cap
+        self.k_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
+        self.v_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
+        self.k_vals = torch.zeros(batch, h, cap, self.kk, dtype=self.dtype, device=device)
+        self.v_vals = torch.zeros(batch, h, cap, self.kv, dtype=self.dtype, device=device)
+        wcap = self.cfg.local_window + self.cfg.compress_chunk + 1
+        self.k_win = torch.zeros(batch, h, wcap, d, dtype=self.dtype, device=device)
+        self.v_win = torch.zeros(batch, h, wcap, d, dtype=self.dtype, device=device)
+        self._sync_kv()
+
+    def _free(self):
+        for n in ("k_bitmap", "v_bitmap", "k_vals", "v_vals", "k_win", "v_win"):
+            setattr(self, n, None)
+        self.keys = self.values = None
+
+    def _sync_kv(self):
+        # `keys`/`values` (the CacheLayerMixin fields) show the dense window, for code that peeks at them.
+        self.keys = self.k_win[:, :, : self.n_w]
+        self.values = self.v_win[:, :, : self.n_w]
+
+    def tensors(self):
+        if not self.is_initialized:
+            return {}
+        return {"k_bitmap": self.k_bitmap, "v_bitmap": self.v_bitmap, "k_values": self.k_vals,
+                "v_values": self.v_vals, "k_window": self.k_win, "v_window": self.v_win, "counts": self.counts}
+
+    def _reserve(self, n_new: int):
+        """Make room for ``n_new`` more compressed rows (geometric growth copies the used rows once)."""
+        needed = self.n_c + n_new
+        if needed <= self.cap:
+            return
+        cap = self._new_capacity(self.cap, needed)
+        b, h = self.k_bitmap.shape[:2]
+        for name, width, dt in (("k_bitmap", self.W, torch.int64), ("v_bitmap", self.W, torch.int64),
+                                ("k_vals", self.kk, self.dtype), ("v_vals", self.kv, self.dtype)):
+            old = getattr(self, name)
+            new = torch.zeros(b, h, cap, width, dtype=dt, device=old.device)  # [B, H, cap, W|k]
+            new[:, :, : self.n_c] = old[:, :, : self.n_c]
+            setattr(self, name, new)
+        self.cap = cap
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor):
+        """Prune + encode ``k, v [B, H, n, D]`` and write them after the last used row."""
+        n = k.shape[2]
+        if n == 0:
+            return
+        self._reserve(n)
+        kb, kvals = self.cfg.encode("k", k)
+        vb, vvals = self.cfg.encode("v", v)
+        sl = slice(self.n_c, self.n_c + n)
+        self.k_bitmap[:, :, sl] = kb
+        self.k_vals[:, :, sl] = kvals
+        self.v_bitmap[:, :, sl] = vb
+        self.v_vals[:, :, sl] = vvals
+        self.n_c += n
+
+    def _append_window(self, k, v):
+        self.k_win[:, :, self.n_w : self.n_w + 1] = k
+        self.v_win[:, :, self.n_w : self.n_w + 1] = v
+        self.n_w += 1
+        self._sync_kv()
+
+    def _compress_window_head(self, n):
+        self._store(self.k_win[:, :, :n], self.v_win[:, :, :n])
+        rest = self.n_w - n
+        # shift the remaining (<= local_window + 1) window rows to the front: a small copy
+        self.k_win[:, :, :rest] = self.k_win[:, :, n : self.n_w].clone()
+        self.v_win[:, :, :rest] = self.v_win[:, :, n : self.n_w].clone()
+        self.n_w = rest
+        self._sync_kv()
+
+    def _decode_view(self):
+        ctx = _DecodeContext(
+            self.k_bitmap[:, :, : self.n_c], self.k_vals[:, :, : self.n_c],
+            self.v_bitmap[:, :, : self.n_c], self.v_vals[:, :, : self.n_c],
+            self.k_win[:, :, : self.n_w], self.v_win[:, :, : self.n_w], self.head_dim,
+        )
+        keys, values = ctx.k_window.view_as(ctx.k_window), ctx.v_window.view_as(ctx.v_window)
+        keys._mustafar_ctx = ctx  # read by mustafar.attention; fresh view object each step
+        return keys, values
+
+    def _past_dense(self):
+        d = self.head_dim
+        pk = ops.decode_bitmap(self.k_bitmap[:, :, : self.n_c], self.k_vals[:, :, : self.n_c], d)
+        pv = ops.decode_bitmap(self.v_bitmap[:, :, : self.n_c], self.v_vals[:, :, : self.n_c], d)
+        return pk, pv
+
+    def _dense_with(self, k, v):
+        if self.n_c == 0 and self.n_w == 0:
+            return k, v
+        pk, pv = self._past_dense() if self.n_c else (k[:, :, :0], v[:, :, :0])
+        return (torch.cat([pk, self.k_win[:, :, : self.n_w], k], dim=2),
+                torch.cat([pv, self.v_win[:, :, : self.n_w], v], dim=2))
+
+    def _append_bulk(self, k, v):
+        lw = self.cfg.local_window
+        tail_k = torch.cat([self.k_win[:, :, : self.n_w], k], dim=2)  # [B, H, n_w + q, D]
+        tail_v = torch.cat([self.v_win[:, :, : self.n_w], v], dim=2)
+        t = tail_k.shape[2]
+        n_comp = max(0, t - lw)
+        self._store(tail_k[:, :, :n_comp], tail_v[:, :, :n_comp])
+        rest = t - n_comp
+        self.k_win[:, :, :rest] = tail_k[:, :, n_comp:]
+        self.v_win[:, :, :rest] = tail_v[:, :, n_comp:]
+        self.n_w = rest
+        self._sync_kv()
+
+
+class MustafarSimulatedLayer(_MustafarLayerBase):
+    """Simulate layer: dense ``[B, H, cap, D]`` K/V where tokens outside the window are pruned (zeroed) in place."""
+
+    def _allocate(self, batch, device):
+        d, h = self.head_dim, self.num_kv_heads
+        self.cap = self.max_cache_len or 0
+        self.k_buf = torch.zeros(batch, h, self.cap, d, dtype=self.dtype, device=device)
+        self.v_buf = torch.zeros(batch, h, self.cap, d, dtype=self.dtype, device=device)
+        self._sync_kv()
+
+    def _free(self):
+        self.k_buf = self.v_buf = None
+        self.keys = self.values = None
+
+    def _sync_kv(self):
+        n = self.n_c + self.n_w
+        self.keys = self.k_buf[:, :, :n]
+        self.values = self.v_buf[:, :, :n]
+
+    def tensors(self):
+        if not self.is_initialized:
+            return {}
+        return {"k_dense": self.k_buf, "v_dense": self.v_buf, "counts": self.counts}
+
+    def _reserve(self, n_new):
+        n = self.n_c + self.n_w
+        if n + n_new <= self.cap:
+            return
+        cap = self._new_capacity(self.cap, n + n_new)
+        for name in ("k_buf", "v_buf"):
+            old = getattr(self, name)
+            new = torch.zeros(*old.shape[:2], cap, old.shape[3], dtype=old.dtype, device=old.device)
+            new[:, :, :n] = old[:, :, :n]
+            setattr(self, name, new)
+        self.cap = cap
+
+    def _prune_rows(self, start, n):
+        if n <= 0:
+            return
+        sl = slice(start, start + n)
+        self.k_buf[:, :, sl] = self.cfg.prune_dense("k", self.k_buf[:, :, sl].clone())
+        self.v_buf[:, :, sl] = self.cfg.prune_dense("v", self.v_buf[:, :, sl].clone())
+
+    def _append_window(self, k, v):
+        self._reserve(1)
+        n = self.n_c + self.n_w
+        self.k_buf[:, :, n : n + 1] = k
+        self.v_buf[:, :, n : n + 1] = v
+        self.n_w += 1
+        self._sync_kv()
+
+    def _compress_window_head(self, n):
+        self._prune_rows(self.n_c, n)
+        self.n_c += n
+        self.n_w -= n
+
+    def _decode_view(self):
+        self._sync_kv()
+        return self.keys, self.values
+
+    def _dense_with(self, k, v):
+        n = self.n_c + self.n_w
+        if n == 0:
+            return k, v
+        return torch.cat([self.k_buf[:, :, :n], k], dim=2), torch.cat([self.v_buf[:, :, :n], v], dim=2)
+
+    def _append_bulk(self, k, v):
+        q = k.shape[2]
+        self._reserve(q)
+        n = self.n_c + self.n_w
+        self.k_buf[:, :, n : n + q] = k
+        self.v_buf[:, :, n : n + q] = v
+        t = self.n_w + q
+        n_comp = max(0, t - self.cfg.local_window)
+        self._prune_rows(self.n_c, n_comp)
+        self.n_c += n_comp
+        self.n_w = t - n_comp
+        self._sync_kv()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _model_geometry(model) -> dict:
+    """Validate that ``model`` has a standard per-token KV cache MustafarCache can serve; return its geometry."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    cfg = model.config.get_text_config(decoder=True)
+    for attr in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim"):
+        if getattr(cfg, attr, None) is not None:
+            raise ValueError(
+                f"model type {cfg.model_type!r} uses latent/compressed attention ({attr}); MustafarCache needs a "
+                "standard per-head K/V cache"
+            )
+    if getattr(cfg, "v_head_dim", None) not in (None, getattr(cfg, "head_dim", None)):
+        raise ValueError(f"model type {cfg.model_type!r} has v_head_dim != head_dim; not supported")
+    try:
+        layer_types, layer_kwargs = _layer_types(cfg)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read the layer structure of model type {cfg.model_type!r}: {exc}") from None
+    bad = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if bad:
+        raise ValueError(
+            f"model type {cfg.model_type!r} has layers of type {bad}; MustafarCache serves only attention layers "
+            "with a standard KV cache (no state-space / linear-attention / shared or indexed caches)"
+        )
+    n_heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // n_heads if hidden and n_heads else None)
+    if head_dim is None:
+        raise ValueError(f"model type {cfg.model_type!r}: cannot determine head_dim")
+    if head_dim % 64 != 0:
+        raise ValueError(f"head_dim={head_dim} is not a multiple of 64; the bitmap format needs D in (64, 128, 256, ...)")
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    dtype = model.dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"model dtype {dtype} not supported: expected float16, bfloat16 or float32")
+    return dict(layer_types=layer_types, layer_kwargs=layer_kwargs, head_dim=head_dim, num_kv_heads=n_kv,
+                dtype=dtype, text_config=cfg)
+
+
+class MustafarCache(Cache):
+    """A transformers ``Cache`` that prunes and (in ``"compressed"`` mode) bitmap-encodes K and V.
+
+    ``MustafarCache(model, cfg)`` validates the model, builds one layer per decoder layer and switches
+    the model to the ``"mustafar"`` attention implementation (registered by :mod:`mustafar.attention`;
+    it runs sdpa for every call it does not handle itself, so the model keeps working with other caches).
+
+    Layers: ``full_attention`` -> :class:`MustafarLayer` (compressed) or :class:`MustafarSimulatedLayer`;
+    ``sliding_attention`` in a hybrid model (Gemma 3) -> transformers' ``DynamicSlidingWindowLayer``
+    (dense, small by construction). A model whose every layer is sliding (Mistral-style) gets Mustafar
+    layers and raises once the sequence would exceed its sliding window.
+
+    Parameters
+    ----------
+    model : transformers ``PreTrainedModel`` (decoder-only, per-head K/V, head_dim multiple of 64,
+        fp16/bf16/fp32).
+    config : :class:`MustafarConfig` (default: paper defaults, K=V=70%).
+    max_cache_len : optional int, preallocate the compressed store for this many tokens per layer
+        (otherwise it grows geometrically, copying the used rows at each growth).
+    """
+
+    def __init__(self, model, config: MustafarConfig | None = None, *, max_cache_len: int | None = None):
+        import mustafar.attention as _attn
+
+        if config is None:
+            config = MustafarConfig()
+        if not isinstance(config, MustafarConfig):
+            raise ValueError(f"config must be a MustafarConfig, got {type(config).__name__}")
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(f"max_cache_len={max_cache_len!r} must be a positive int or None")
+        geo = _model_geometry(model)
+        self.config = config
+        self.head_dim = geo["head_dim"]
+        self.num_kv_heads = geo["num_kv_heads"]
+        self.dtype = geo["dtype"]
+        self.model_type = geo["text_config"].model_type
+        types = geo["layer_types"]
+        all_sliding = all(t == "sliding_attention" for t in types)
+        layer_cls = MustafarLayer if config.mode == "compressed" else MustafarSimulatedLayer
+        layers = []
+        for t, kw in zip(types, geo["layer_kwargs"]):
+            if t == "sliding_attention" and not all_sliding:
+                layers.append(DynamicSlidingWindowLayer(**kw))
+            else:
+                layers.append(layer_cls(config, self.num_kv_heads, self.head_dim, self.dtype, max_cache_len,
+                                        max_positions=kw.get("sliding_window") if t == "sliding_attention" else None))
+        super().__init__(layers=layers)
+        _attn.prepare_model(model)
+
+    # -- Cache API
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"layer_idx={layer_idx} but this MustafarCache has {len(self.layers)} layers (built for another model?)"
+            )
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if getattr(keys, "_mustafar_ctx", None) is not None:
+            PENDING_DECODE[layer_idx] = True
+        return keys, values
+
+    # -- accounting
+    def _layer_tensors(self):
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, _MustafarLayerBase):
+                yield i, layer, layer.tensors()
+            else:
+                ts = {}
+                if getattr(layer, "is_initialized", False) and layer.keys is not None:
+                    ts = {"k_dense": layer.keys, "v_dense": layer.values}
+                yield i, layer, ts
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (buffers at capacity, windows, counters)."""
+        return sum(t.nbytes for _, _, ts in self._layer_tensors() for t in ts.values())
+
+    def dense_nbytes(self) -> int:
+        """Bytes a ``DynamicCache`` would hold for the same tokens (sliding layers: what they hold now)."""
+        total = 0
+        for _, layer, ts in self._layer_tensors():
+            if isinstance(layer, _MustafarLayerBase):
+                if layer.is_initialized:
+                    n = layer.get_seq_length()
+                    total += 2 * layer.batch_size * layer.num_kv_heads * n * layer.head_dim * layer.dtype.itemsize
+            else:
+                total += sum(t.nbytes for t in ts.values())
+        return total
+
+    def breakdown(self) -> dict:
+        """Bytes by role.
+
+        Returns
+        -------
+        dict with ``payload`` (stored values, at capacity), ``bitmaps`` (at capacity), ``payload_used`` /
+        ``bitmaps_used`` (rows holding tokens), ``window`` (dense window buffers at capacity), ``dense``
+        (simulate buffers and dense sliding layers), ``bookkeeping`` (counters), ``total`` (== nbytes()),
+        ``dense_equivalent`` (== dense_nbytes()), ``compressed_tokens``, ``window_tokens``.
+        """
+        out = dict(payload=0, bitmaps=0, payload_used=0, bitmaps_used=0, window=0, dense=0, bookkeeping=0,
+                   compressed_tokens=0, window_tokens=0)
+        for _, layer, ts in self._layer_tensors():
+            for name, t in ts.items():
+                if name.endswith("_values"):
+                    out["payload"] += t.nbytes
+                    out["payload_used"] += t[:, :, : layer.n_c].nbytes if t.shape[2] else 0
+                elif name.endswith("_bitmap"):
+                    out["bitmaps"] += t.nbytes
+                    out["bitmaps_used"] += t[:, :, : layer.n_c].nbytes if t.shape[2] else 0
+                elif name.endswith("_window"):
+                    out["window"] += t.nbytes
+                elif name.endswith("_dense"):
+                    out["dense"] += t.nbytes
+                else:
+                    out["bookkeeping"] += t.nbytes
+            if isinstance(layer, _MustafarLayerBase) and layer.is_initialized:
+                out["compressed_tokens"] = max(out["compressed_tokens"], layer.n_c)
+                out["window_tokens"] = max(out["window_tokens"], layer.n_w)
+        out["total"] = out["payload"] + out["bitmaps"] + out["window"] + out["dense"] + out["bookkeeping"]
+        out["dense_equivalent"] = self.dense_nbytes()
+        return out

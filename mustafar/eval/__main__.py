@@ -1,0 +1,53 @@
+"""``python -m mustafar.eval sweep --model smollm2-135m --profile quick|full [--out results] [--longbench-dir DIR]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mustafar.eval", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sw = sub.add_parser("sweep", help="run/resume an accuracy sweep")
+    sw.add_argument("--model", default="smollm2-135m")
+    sw.add_argument("--profile", default="quick", choices=["quick", "full", "tiny"])
+    sw.add_argument("--out", default="results", help="output folder (default results/)")
+    sw.add_argument("--longbench-dir", default=None, help="folder with LongBench <dataset>.jsonl files")
+    sw.add_argument("--suites", default="ruler,ppl,longbench", help="comma list of ruler,ppl,longbench")
+    sw.add_argument("--no-resume", action="store_true", help="recompute every cell")
+    sw.add_argument("--samples", type=int, default=None, help="override RULER samples per task")
+    sw.add_argument("--lengths", default=None, help="override RULER context lengths, e.g. 1024,2048")
+    sw.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    sm = sub.add_parser("summarize", help="print the summary and Pareto tables of a results JSON")
+    sm.add_argument("path")
+    sm.add_argument("--profile", default=None, help="cells of this profile (default: the last run's)")
+    a = ap.parse_args(argv)
+    if a.cmd == "sweep":
+        import torch
+
+        from .sweep import pareto, run_sweep, summarize
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        ov = {}
+        if a.samples:
+            ov["ruler_samples"] = a.samples
+        if a.lengths:
+            ov["ruler_lengths"] = tuple(int(x) for x in a.lengths.split(","))
+        res = run_sweep(a.model, a.profile, out_dir=a.out, longbench_dir=a.longbench_dir, resume=not a.no_resume,
+                        suites=tuple(s for s in a.suites.split(",") if s), command=" ".join(["python -m mustafar.eval"] + sys.argv[1:]),
+                        **ov)
+    else:
+        from .sweep import load_results, pareto, summarize
+        res = load_results(a.path)
+    prof = getattr(a, "profile", None) if a.cmd == "summarize" else a.profile
+    import pandas as pd
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(summarize(res, profile=prof).to_string())
+        p = pareto(res, profile=prof)
+        print(p.to_string())
+        print("smallest cache keeping >= 95% of dense avg:", p.attrs.get("smallest_keeping"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

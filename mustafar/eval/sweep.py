@@ -1,0 +1,419 @@
+"""Accuracy sweep: model x task x KV-pruning configuration -> ``results/accuracy_<model>.json`` + ``.csv``.
+
+``run_sweep(model="smollm2-135m", profile="quick")`` (CLI: ``python -m mustafar.eval sweep --model
+smollm2-135m --profile quick|full``) evaluates every :class:`~mustafar.eval.runtime.CacheSpec` of the
+profile on:
+
+- RULER-style synthetic tasks (:mod:`mustafar.eval.ruler`) at the profile's context lengths,
+- perplexity of natural text decoded through the pruned cache (:mod:`mustafar.eval.perplexity`),
+- LongBench (:mod:`mustafar.eval.longbench`) when ``longbench_dir`` (or ``$MUSTAFAR_LONGBENCH_DIR``)
+  holds its JSONL files; otherwise it prints how to supply them and skips.
+
+Configurations: K-only / V-only / joint per-token magnitude at {0.3, 0.5, 0.7, 0.8, 0.9},
+per-channel magnitude, output-aware (per-token and per-channel), ThinK (K only), 2:4 and the
+asymmetric pairs K 50% with V 70/80%, plus dense. Each cell records the cache mode used
+(``compressed`` where a compressed path exists, ``simulate`` otherwise, ``offline`` for the
+query-driven strategies the cache cannot run; see :mod:`mustafar.eval.runtime`), the measured
+cache bytes relative to dense (``bytes_ratio_measured``: ``MustafarCache.nbytes() /
+dense_nbytes()`` at the end of decoding, includes the dense window; 1.0 for dense-stored modes)
+and the format's asymptotic fp16 bytes relative to dense (``bytes_ratio``, used by :func:`pareto`).
+
+Resumable: a cell is keyed by all of its parameters (model, suite, task, context length, samples,
+seed, every spec field); finished cells found in the output JSON are skipped. The file is rewritten
+(atomically) after every (task, length) group.
+
+Cost model (one dense prefill per sample, shared by all configurations; one greedy decode per
+configuration, stopped early once the task's answer items are out): per sample
+``t_prefill(L) + n_specs * n_tokens * t_step``. Measured on the 2-core CPU machine while other jobs
+loaded it (load average 8-13; 2026-11-28): SmolLM2-135M fp32, 1 thread, 1K-token prompt:
+``t_prefill`` ~ 50 s, ``t_step`` ~ 1.4 s (dense and compressed alike); the quick profile (12 configs,
+7 tasks x 2 samples at 1K, ppl 1K+16) took ~2 min per sample there, i.e. ~30-60 min in total. On an
+idle machine ``t_step`` should be ~10x lower (not measured: the machine was never idle during
+development), which is what the profiles are sized for: quick < 10 min, full (35 configs, 7 tasks x
+{1K, 2K} x 5 samples, ppl 2K+64) < 2 h. Use ``ruler_samples`` / ``ruler_lengths`` overrides (CLI
+``--samples``, ``--lengths``) to trade precision for time: 2 samples per cell is a smoke test, not
+a measurement (a RULER score then moves in steps of 50 / n_answers points).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .runtime import CacheSpec, format_bytes_ratio
+
+__all__ = ["PROFILES", "profile_specs", "run_sweep", "summarize", "pareto", "cell_key", "load_results",
+           "save_results"]
+
+SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
+TOK, CHAN, OA, THINK, S24 = ("per_token_magnitude", "per_channel_magnitude", "output_aware", "think",
+                              "semi_structured_2_4")
+
+
+def _k(strat, s, gran="per_token"):
+    return CacheSpec(k_strategy=strat, k_sparsity=s, k_granularity=gran)
+
+
+def _v(strat, s, gran="per_token"):
+    return CacheSpec(v_strategy=strat, v_sparsity=s, v_granularity=gran)
+
+
+def _kv(strat, s, s_v=None, gran="per_token"):
+    return CacheSpec(k_strategy=strat, v_strategy=strat, k_sparsity=s, v_sparsity=s if s_v is None else s_v,
+                     k_granularity=gran, v_granularity=gran)
+
+
+def profile_specs(profile: str) -> list[CacheSpec]:
+    """The configurations of a profile (``"quick"``, ``"full"`` or ``"tiny"`` for tests)."""
+    if profile == "tiny":
+        return [CacheSpec(), _kv(TOK, 0.7), _k(THINK, 0.5)]
+    if profile == "quick":
+        return [CacheSpec(), _k(TOK, 0.7), _v(TOK, 0.7), _kv(TOK, 0.5), _kv(TOK, 0.7), _kv(TOK, 0.9),
+                _k(CHAN, 0.7), _v(CHAN, 0.7), _k(OA, 0.7), _k(THINK, 0.7), _kv(S24, 0.5), _kv(TOK, 0.5, 0.7)]
+    if profile == "full":
+        specs = [CacheSpec()]
+        for s in SPARSITIES:
+            specs += [_k(TOK, s), _v(TOK, s), _kv(TOK, s)]
+        for s in (0.5, 0.7):
+            specs += [_k(CHAN, s), _v(CHAN, s), _k(OA, s), _v(OA, s), _k(THINK, s)]
+        specs += [_kv(CHAN, 0.7), _kv(OA, 0.7), _k(OA, 0.7, "per_channel"), _v(OA, 0.7, "per_channel"),
+                  _k(S24, 0.5), _v(S24, 0.5), _kv(S24, 0.5), _kv(TOK, 0.5, 0.7), _kv(TOK, 0.5, 0.8)]
+        return specs
+    raise ValueError(f"unknown profile {profile!r}; available: {list(PROFILES)}")
+
+
+# RULER tasks kept for SmolLM2-135M-Instruct (dense clearly above chance at these lengths; see ruler.TASK_NOTES).
+PROFILES = {
+    "tiny": dict(ruler_tasks=("niah_single", "vt"), ruler_lengths=(1600,), ruler_samples=2,
+                 ppl=dict(prefill_tokens=96, eval_tokens=8, n_segments=1), longbench_samples=2,
+                 longbench_max_length=512, longbench_max_new_tokens=8),
+    "quick": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"),
+                  ruler_lengths=(1024,), ruler_samples=2,
+                  ppl=dict(prefill_tokens=1024, eval_tokens=16, n_segments=1), longbench_samples=2,
+                  longbench_max_length=2048, longbench_max_new_tokens=32),
+    "full": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"),
+                 ruler_lengths=(1024, 2048), ruler_samples=5,
+                 ppl=dict(prefill_tokens=2048, eval_tokens=64, n_segments=1), longbench_samples=10,
+                 longbench_max_length=7500, longbench_max_new_tokens=None),
+}
+
+_SPEC_FIELDS = ("k_strategy", "v_strategy", "k_sparsity", "v_sparsity", "local_window", "k_granularity", "v_granularity")
+
+
+def cell_key(cell: dict) -> str:
+    """Stable key of a cell from all its parameters."""
+    fields = ("model", "suite", "task", "context_length", "n_samples", "seed", "eval_tokens", "n_segments") + _SPEC_FIELDS
+    return json.dumps({f: cell.get(f) for f in fields}, sort_keys=True)
+
+
+def _provenance(command: str | None) -> dict:
+    try:
+        from mustafar.provenance import collect
+        return collect(command)
+    except Exception:  # noqa: BLE001  (fallback when mustafar.provenance is missing or fails)
+        import datetime
+        import platform
+        import sys
+
+        import torch
+        import transformers
+        return {"fallback": True, "python": sys.version.split()[0], "torch": torch.__version__,
+                "transformers": transformers.__version__, "host": platform.node(), "device": platform.processor(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": command}
+
+
+def load_results(path) -> dict:
+    """Read a results JSON (``{"provenance", "profiles", "notes", "cells"}``); empty skeleton if absent."""
+    p = Path(path)
+    if p.is_file():
+        with open(p) as f:
+            return json.load(f)
+    return {"provenance": {}, "profiles": {}, "notes": {}, "cells": []}
+
+
+_SCALAR_COLS = ("model", "suite", "task", "context_length", "n_samples", "seed", "config", "group", "mode",
+                "k_strategy", "v_strategy", "k_sparsity", "v_sparsity", "local_window", "k_granularity",
+                "v_granularity", "score", "chance", "ppl", "mean_nll", "bytes_ratio", "bytes_ratio_measured",
+                "mean_prompt_tokens", "seconds_decode", "seconds_prefill_shared", "eval_tokens", "n_segments")
+
+
+def save_results(results: dict, json_path) -> None:
+    """Write the JSON (atomically) and the tidy CSV next to it (one row per cell, scalar columns)."""
+    import pandas as pd
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, json_path)
+    rows = [{c: cell.get(c) for c in _SCALAR_COLS} for cell in results["cells"]]
+    pd.DataFrame(rows, columns=list(_SCALAR_COLS)).to_csv(json_path.with_suffix(".csv"), index=False)
+
+
+def _group(spec: CacheSpec) -> str:
+    if spec.is_dense:
+        return "dense"
+    if spec.v_sparsity == 0.0:
+        return "K-only"
+    if spec.k_sparsity == 0.0:
+        return "V-only"
+    if spec.k_sparsity == spec.v_sparsity and spec.k_strategy == spec.v_strategy:
+        return "joint"
+    return "asymmetric"
+
+
+def _base_cell(model_name, suite, task, length, n, seed, spec: CacheSpec, head_dim: int) -> dict:
+    c = dict(model=model_name, suite=suite, task=task, context_length=length, n_samples=n, seed=seed,
+             config=spec.name, group=_group(spec), mode=spec.mode,
+             bytes_ratio=round(format_bytes_ratio(spec, head_dim), 6))
+    c.update(spec.to_dict())
+    return c
+
+
+def run_sweep(model: str = "smollm2-135m", profile: str = "quick", out_dir="results", longbench_dir=None,
+              resume: bool = True, progress: bool = True, seed: int = 0, model_obj=None, tokenizer=None,
+              specs: Sequence[CacheSpec] | None = None, suites: Iterable[str] = ("ruler", "ppl", "longbench"),
+              out_name: str | None = None, command: str | None = None, **overrides) -> dict:
+    """Run (or resume) a sweep and write ``<out_dir>/accuracy_<model>.json`` + ``.csv``.
+
+    Parameters
+    ----------
+    model : name for :func:`mustafar.models.load_model` (also names the output file).
+    profile : ``"quick"``, ``"full"`` (or ``"tiny"`` for tests); ``overrides`` replace profile entries
+        (e.g. ``ruler_samples=4``, ``ruler_lengths=(2048,)``).
+    out_dir : folder of the result files.
+    longbench_dir : folder with LongBench JSONL files (None: ``$MUSTAFAR_LONGBENCH_DIR``; absent: skipped).
+    resume : skip cells already in the output file.
+    model_obj, tokenizer : an already-loaded model (tokenizer None -> :class:`ByteTokenizer`).
+    specs : configurations (default: ``profile_specs(profile)``).
+    suites : subset of ``("ruler", "ppl", "longbench")``.
+
+    Returns
+    -------
+    dict, the results (``cells`` list of dicts, ``provenance``, ``profiles``, ``notes``).
+    """
+    import torch
+
+    from . import longbench as lb
+    from . import ruler
+    from .perplexity import run_perplexity
+    from .runtime import ByteTokenizer
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; available: {list(PROFILES)}")
+    prof = dict(PROFILES[profile])
+    bad = set(overrides) - set(prof)
+    if bad:
+        raise ValueError(f"unknown profile overrides {sorted(bad)}; known: {sorted(prof)}")
+    prof.update(overrides)
+    specs = list(specs) if specs is not None else profile_specs(profile)
+    suites = tuple(suites)
+    if model_obj is None:
+        from mustafar.models import load_model
+        model_obj, tokenizer = load_model(model)
+    if tokenizer is None:
+        tokenizer = ByteTokenizer()
+    head_dim = getattr(model_obj.config, "head_dim", None) or model_obj.config.hidden_size // model_obj.config.num_attention_heads
+    safe = model.replace("/", "_")
+    json_path = Path(out_dir) / (out_name or f"accuracy_{safe}.json")
+    results = load_results(json_path) if resume else load_results("/nonexistent")
+    done = {cell_key(c) for c in results["cells"]}
+    results["provenance"] = _provenance(command)
+    results.setdefault("profiles", {})[profile] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()}
+    results["notes"] = {
+        "ruler_tasks": ruler.TASK_NOTES,
+        "haystack": "natural English prose of the Python Language Reference (stdlib pydoc_data/topics.py)",
+        "bytes_ratio": "format fp16 bytes per token vs dense, asymptotic (mustafar.eval.runtime.format_bytes_ratio)",
+        "bytes_ratio_measured": "MustafarCache.nbytes()/dense_nbytes() after decoding (incl. dense window buffer); "
+                                "null for dense-stored modes",
+        "modes": "compressed: bitmap store + sparse decode; simulate: MustafarCache dense twin; offline: query-driven "
+                 "strategy applied to the prompt's K/V with captured queries (DynamicCache); dense: DynamicCache",
+        "longbench": "English 16 datasets only",
+    }
+    n_new = 0
+    t_start = time.perf_counter()
+
+    def todo(suite, task, length, n, extra=None):
+        out = []
+        for s in specs:
+            c = _base_cell(model, suite, task, length, n, seed, s, head_dim)
+            c.update(extra or {})
+            if cell_key(c) not in done:
+                out.append((s, c))
+        return out
+
+    # ---------------- RULER
+    if "ruler" in suites:
+        for length in prof["ruler_lengths"]:
+            for task in prof["ruler_tasks"]:
+                pend = todo("ruler", task, int(length), int(prof["ruler_samples"]))
+                if not pend:
+                    continue
+                samples = ruler.generate_samples(task, tokenizer, int(length), int(prof["ruler_samples"]), seed=seed)
+                res = ruler.run_samples(model_obj, tokenizer, samples, [s for s, _ in pend], progress=progress)
+                for s, c in pend:
+                    r = res[s.name]
+                    c.update(score=round(r["score"], 3), chance=round(ruler.chance_score(samples), 3),
+                             sample_scores=r["sample_scores"], preds=r["preds"],
+                             answers=[smp.answers for smp in samples],
+                             mean_prompt_tokens=sum(smp.n_tokens for smp in samples) / len(samples),
+                             seconds_decode=round(r["seconds_decode"], 2),
+                             seconds_prefill_shared=round(r["seconds_prefill_shared"], 2),
+                             bytes_ratio_measured=(round(r["bytes_measured"] / r["bytes_dense"], 4)
+                                                   if r["bytes_dense"] and s.mode == "compressed" else None))
+                    results["cells"].append(c)
+                    done.add(cell_key(c))
+                    n_new += 1
+                save_results(results, json_path)
+                if progress:
+                    print(f"[sweep] ruler {task}@{length}: " + ", ".join(f"{s.name}={res[s.name]['score']:.0f}" for s, _ in pend)
+                          + f"  ({time.perf_counter() - t_start:.0f}s)", flush=True)
+    # ---------------- perplexity
+    if "ppl" in suites:
+        pp = prof["ppl"]
+        extra = dict(eval_tokens=pp["eval_tokens"], n_segments=pp["n_segments"])
+        pend = todo("ppl", "prose_ppl", int(pp["prefill_tokens"]), int(pp["n_segments"]), extra)
+        if pend:
+            res = run_perplexity(model_obj, tokenizer, [s for s, _ in pend], pp["prefill_tokens"], pp["eval_tokens"],
+                                 pp["n_segments"], progress=progress)
+            for s, c in pend:
+                r = res[s.name]
+                c.update(ppl=round(r["ppl"], 4), mean_nll=round(r["mean_nll"], 5), nll=[round(x, 4) for x in r["nll"]],
+                         seconds_decode=round(r["seconds_decode"], 2),
+                         bytes_ratio_measured=(round(r["bytes_measured"] / r["bytes_dense"], 4)
+                                               if r["bytes_dense"] and s.mode == "compressed" else None))
+                results["cells"].append(c)
+                done.add(cell_key(c))
+                n_new += 1
+            save_results(results, json_path)
+            if progress:
+                print("[sweep] ppl: " + ", ".join(f"{s.name}={res[s.name]['ppl']:.2f}" for s, _ in pend), flush=True)
+    # ---------------- LongBench
+    if "longbench" in suites:
+        data = lb.load_longbench(longbench_dir, n_samples=int(prof["longbench_samples"]))
+        if not data:
+            results["notes"]["longbench_status"] = "skipped: no LongBench JSONL files supplied"
+        for ds, recs in data.items():
+            pend = todo("longbench", ds, int(prof["longbench_max_length"]), len(recs))
+            if not pend:
+                continue
+            res = lb.run_longbench(model_obj, tokenizer, {ds: recs}, [s for s, _ in pend],
+                                   max_length=int(prof["longbench_max_length"]),
+                                   max_new_tokens_cap=prof["longbench_max_new_tokens"], progress=progress)
+            for s, c in pend:
+                r = res[(ds, s.name)]
+                c.update(score=r["score"], preds=r["preds"], seconds_decode=round(r["seconds_decode"], 2),
+                         max_new_tokens=r["max_new_tokens"])
+                results["cells"].append(c)
+                done.add(cell_key(c))
+                n_new += 1
+            save_results(results, json_path)
+    results["last_run"] = dict(profile=profile, new_cells=n_new, seconds=round(time.perf_counter() - t_start, 1))
+    save_results(results, json_path)
+    if progress:
+        print(f"[sweep] {n_new} new cells in {time.perf_counter() - t_start:.0f}s -> {json_path}", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------- tables
+def _in_profile(cell: dict, prof: dict) -> bool:
+    """Whether a cell was produced with the settings of profile ``prof`` (cells carry no profile tag)."""
+    suite = cell.get("suite")
+    if suite == "ruler":
+        return (cell.get("n_samples") == prof["ruler_samples"] and cell.get("context_length") in tuple(prof["ruler_lengths"])
+                and cell.get("task") in tuple(prof["ruler_tasks"]))
+    if suite == "ppl":
+        pp = prof["ppl"]
+        return (cell.get("context_length") == pp["prefill_tokens"] and cell.get("eval_tokens") == pp["eval_tokens"]
+                and cell.get("n_segments") == pp["n_segments"])
+    if suite == "longbench":
+        return cell.get("context_length") == prof["longbench_max_length"]
+    return True
+
+
+def _frame(results, profile: str | None = None):
+    import pandas as pd
+
+    cells = results["cells"] if isinstance(results, dict) else results
+    if profile is None and isinstance(results, dict):
+        profile = (results.get("last_run") or {}).get("profile")
+    if profile is not None and isinstance(results, dict):
+        prof = (results.get("profiles") or {}).get(profile) or PROFILES.get(profile)
+        if prof is None:
+            raise ValueError(f"profile {profile!r} not in the results ({list(results.get('profiles', {}))})")
+        cells = [c for c in cells if _in_profile(c, prof)]
+    return pd.DataFrame([{c: cell.get(c) for c in _SCALAR_COLS} for cell in cells])
+
+
+def summarize(results, model: str | None = None, profile: str | None = None):
+    """Paper-style table: one row per (group, config), one column per task (score, %), ``avg``, ``ppl``.
+
+    ``profile`` keeps the cells made with that profile's settings (default: the last run's profile),
+    so quick and full cells can share one file. ``avg`` is the mean over the score columns (RULER tasks x lengths, LongBench datasets); ``ppl``
+    is the prose perplexity (lower is better, not in ``avg``). Rows are ordered dense, K-only,
+    V-only, joint, asymmetric, by strategy and sparsity.
+
+    Returns
+    -------
+    pandas.DataFrame indexed by (group, config), plus columns ``mode`` and ``bytes_ratio``.
+    """
+    import pandas as pd
+
+    df = _frame(results, profile)
+    if df.empty:
+        return pd.DataFrame()
+    if model is not None:
+        df = df[df.model == model]
+    df = df.copy()
+    df["column"] = df.apply(lambda r: (f"{r.task}@{int(r.context_length) // 1024}K" if r.suite == "ruler"
+                                       else r.task), axis=1)
+    scored = df[df.suite != "ppl"]
+    table = scored.pivot_table(index=["group", "config"], columns="column", values="score", aggfunc="mean")
+    table["avg"] = table.mean(axis=1)
+    ppl = df[df.suite == "ppl"].groupby(["group", "config"])["ppl"].mean()
+    table = table.join(ppl, how="outer") if not ppl.empty else table
+    meta = df.groupby(["group", "config"]).agg(mode=("mode", "first"), bytes_ratio=("bytes_ratio", "first"),
+                                                k_sparsity=("k_sparsity", "first"), v_sparsity=("v_sparsity", "first"),
+                                                strategy=("k_strategy", "first"))
+    table = table.join(meta)
+    order = {"dense": 0, "K-only": 1, "V-only": 2, "joint": 3, "asymmetric": 4}
+    table = table.reset_index()
+    table["_o"] = table["group"].map(order)
+    table = table.sort_values(["_o", "strategy", "k_sparsity", "v_sparsity", "config"]).drop(columns=["_o", "strategy", "k_sparsity", "v_sparsity"])
+    return table.set_index(["group", "config"]).round(2)
+
+
+def pareto(results, keep: float = 0.95, model: str | None = None, profile: str | None = None):
+    """Accuracy vs cache bytes.
+
+    Returns
+    -------
+    pandas.DataFrame with one row per config: ``bytes_ratio`` (fp16 format bytes vs dense), ``avg``
+    (mean score), ``rel`` (avg / dense avg), ``pareto`` (True on the accuracy-vs-bytes frontier),
+    sorted by bytes. ``df.attrs["smallest_keeping"]`` names the config with the smallest
+    ``bytes_ratio`` whose ``avg >= keep * dense avg`` (and ``df.attrs["keep"]``).
+    """
+    t = summarize(results, model, profile).reset_index()
+    if t.empty or "avg" not in t:
+        return t
+    dense = t.loc[t.group == "dense", "avg"]
+    base = float(dense.iloc[0]) if len(dense) else float("nan")
+    out = t[["group", "config", "mode", "bytes_ratio", "avg"]].copy()
+    out["rel"] = out["avg"] / base if base else float("nan")
+    out = out.sort_values(["bytes_ratio", "avg"], ascending=[True, False]).reset_index(drop=True)
+    # frontier: no other config has smaller-or-equal bytes and strictly higher avg
+    flags = []
+    for _, r in out.iterrows():
+        dominated = ((out["bytes_ratio"] <= r.bytes_ratio) & (out["avg"] > r.avg)).any()
+        flags.append(not dominated)
+    out["pareto"] = flags
+    ok = out[out["avg"] >= keep * base]
+    out.attrs["keep"] = keep
+    out.attrs["dense_avg"] = base
+    out.attrs["smallest_keeping"] = (None if ok.empty else
+                                     dict(ok.sort_values(["bytes_ratio", "avg"], ascending=[True, False]).iloc[0]))
+    return out

@@ -1,0 +1,295 @@
+"""The one dispatch point from Python to the compiled ``mustafar`` ops.
+
+Each function validates its inputs (``ValueError`` naming the bad value) and then runs
+
+* the CUDA kernel for CUDA tensors when the extension was built with CUDA kernels,
+* the C++ kernel (``torch.ops.mustafar.*``, CPU) for CPU tensors,
+* otherwise :mod:`mustafar.reference` (plain torch).
+
+The extension is built/loaded lazily on first use (see :mod:`mustafar._build`). If that fails a
+warning is issued once and the reference is used. The environment variable ``MUSTAFAR_BACKEND``
+selects: ``auto`` (default), ``reference`` (always the plain-torch reference) or ``compiled``
+(a build failure, or a device without compiled kernels, is an error).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+
+import torch
+
+from mustafar import reference
+
+__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode")
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "error": None, "warned": False}
+
+
+def _mode() -> str:
+    mode = os.environ.get("MUSTAFAR_BACKEND", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "reference", "compiled"):
+        raise ValueError(f"MUSTAFAR_BACKEND={mode!r}: expected 'auto', 'reference' or 'compiled'")
+    return mode
+
+
+def _load() -> bool:
+    """Build/load the extension once. Returns whether ``torch.ops.mustafar`` is usable."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        try:
+            from mustafar._build import load_extension
+
+            load_extension()
+            for name in _OPS:
+                getattr(torch.ops.mustafar, name)
+            _state["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - any build/load failure falls back
+            _state["error"] = exc
+            _state["ok"] = False
+        _state["tried"] = True
+    return _state["ok"]
+
+
+def _has_cuda_kernels() -> bool:
+    try:
+        return all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"mustafar::{n}", "CUDA") for n in _OPS
+        )
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """Which implementation runs for tensors on ``device`` (default CPU).
+
+    Returns
+    -------
+    ``"cuda"`` (compiled CUDA kernels), ``"cpu"`` (compiled C++ kernels) or ``"reference"``.
+    """
+    dev = torch.device("cpu" if device is None else device)
+    mode = _mode()
+    if mode == "reference":
+        return "reference"
+    ok = _load()
+    if not ok:
+        if mode == "compiled":
+            raise RuntimeError(
+                f"MUSTAFAR_BACKEND=compiled but the extension failed to build/load: {_state['error']!r}"
+            )
+        if not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn(
+                f"mustafar: compiled extension unavailable ({_state['error']!r}); "
+                "using the plain-torch reference (slow)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "reference"
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda" and _has_cuda_kernels():
+        return "cuda"
+    if mode == "compiled":
+        raise RuntimeError(f"MUSTAFAR_BACKEND=compiled but no compiled kernels for device {dev}")
+    return "reference"
+
+
+# ----------------------------------------------------------------------------------- validation
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name}.dtype={t.dtype} not supported: expected float16, bfloat16 or float32")
+
+
+def _check_head_dim(d: int, what: str = "head_dim") -> int:
+    if d <= 0 or d % 64 != 0:
+        raise ValueError(f"{what} D={d} must be a positive multiple of 64 (64, 128, 256)")
+    return d // 64
+
+
+def _check_k(k, d: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        try:
+            k_int = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"k={k!r} must be an int") from None
+        if k_int != k:
+            raise ValueError(f"k={k!r} must be an int")
+        k = k_int
+    if not 0 <= k <= d:
+        raise ValueError(f"k={k} out of range [0, {d}] for head_dim {d}")
+    return k
+
+
+def _check_bitmap(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise ValueError(f"{name}.dtype={t.dtype}: bitmaps are int64")
+
+
+def _same_device(**tensors: torch.Tensor) -> torch.device:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    for n, d in devs.items():
+        if d != first:
+            raise ValueError(f"{n} is on {d} but other inputs are on {first}")
+    return first
+
+
+# ------------------------------------------------------------------------------------------ ops
+def encode_bitmap(x: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack ``x[mask]`` into the bitmap format.
+
+    Parameters
+    ----------
+    x : ``[..., T, D]`` float16/bfloat16/float32, ``D`` a multiple of 64.
+    mask : bool ``[..., T, D]`` with at most ``k`` True per row.
+    k : value slots per row, ``0 <= k <= D``.
+
+    Returns
+    -------
+    bitmap : int64 ``[..., T, D // 64]``; values : ``[..., T, k]`` in ``x.dtype`` (padding 0).
+    """
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim, got shape {tuple(x.shape)}")
+    _check_head_dim(x.shape[-1])
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != x shape {tuple(x.shape)}")
+    k = _check_k(k, x.shape[-1])
+    dev = _same_device(x=x, mask=mask)
+    if backend(dev) == "reference":
+        return reference.encode_bitmap(x, mask, k)
+    return torch.ops.mustafar.encode_bitmap(x, mask, k)
+
+
+def decode_bitmap(bitmap: torch.Tensor, values: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Dense ``[..., T, head_dim]`` from ``bitmap [..., T, W]`` and ``values [..., T, k]``."""
+    _check_bitmap("bitmap", bitmap)
+    _check_float("values", values)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise ValueError(f"head_dim={head_dim!r} must be an int")
+    w = _check_head_dim(head_dim)
+    if bitmap.dim() < 1 or bitmap.shape[-1] != w:
+        raise ValueError(f"bitmap shape {tuple(bitmap.shape)}: last dim must be head_dim/64 = {w}")
+    if values.shape[:-1] != bitmap.shape[:-1]:
+        raise ValueError(
+            f"values shape {tuple(values.shape)} and bitmap shape {tuple(bitmap.shape)} differ "
+            "in the leading dims"
+        )
+    if values.shape[-1] > head_dim:
+        raise ValueError(f"values last dim k={values.shape[-1]} > head_dim={head_dim}")
+    dev = _same_device(bitmap=bitmap, values=values)
+    if backend(dev) == "reference":
+        return reference.decode_bitmap(bitmap, values, head_dim)
+    return torch.ops.mustafar.decode_bitmap(bitmap, values, head_dim)
+
+
+def prune_encode_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` largest ``|x|`` of every row (tie rule of design.md) and encode them."""
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim, got shape {tuple(x.shape)}")
+    _check_head_dim(x.shape[-1])
+    k = _check_k(k, x.shape[-1])
+    if backend(x.device) == "reference":
+        return reference.prune_encode_topk(x, k)
+    return torch.ops.mustafar.prune_encode_topk(x, k)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_bitmap: torch.Tensor,
+    k_values: torch.Tensor,
+    v_bitmap: torch.Tensor,
+    v_values: torch.Tensor,
+    k_window: torch.Tensor | None = None,
+    v_window: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention of one query token over ``[compressed ; dense window]``.
+
+    Parameters
+    ----------
+    q : ``[B, H_q, D]`` float16/bfloat16/float32.
+    k_bitmap, v_bitmap : int64 ``[B, H_kv, T_c, D // 64]``.
+    k_values : ``[B, H_kv, T_c, k_k]``; v_values : ``[B, H_kv, T_c, k_v]`` (q's dtype).
+    k_window, v_window : ``[B, H_kv, T_w, D]`` (q's dtype) or None for ``T_w = 0``.
+    kv_start : optional int32/int64 ``[B]``: positions ``< kv_start[b]`` are masked out.
+    scale : softmax scale (default ``1/sqrt(D)``).
+
+    Returns
+    -------
+    ``[B, H_q, D]`` in ``q.dtype``; zeros for a sequence with every position masked.
+    """
+    _check_float("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H_q, D], got shape {tuple(q.shape)}")
+    b, h_q, d = q.shape
+    w = _check_head_dim(d)
+    for n, t in (("k_bitmap", k_bitmap), ("v_bitmap", v_bitmap)):
+        _check_bitmap(n, t)
+        if t.dim() != 4:
+            raise ValueError(f"{n} must be [B, H_kv, T_c, W], got shape {tuple(t.shape)}")
+    bb, h_kv, t_c, ww = k_bitmap.shape
+    if bb != b:
+        raise ValueError(f"k_bitmap batch {bb} != q batch {b}")
+    if ww != w:
+        raise ValueError(f"k_bitmap last dim {ww} != D/64 = {w} (D={d})")
+    if h_kv <= 0 or h_q % h_kv != 0:
+        raise ValueError(f"H_q={h_q} is not a multiple of H_kv={h_kv}")
+    if tuple(v_bitmap.shape) != tuple(k_bitmap.shape):
+        raise ValueError(f"v_bitmap shape {tuple(v_bitmap.shape)} != k_bitmap shape {tuple(k_bitmap.shape)}")
+    for n, t in (("k_values", k_values), ("v_values", v_values)):
+        _check_float(n, t)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{n}.dtype={t.dtype} != q.dtype={q.dtype}")
+        if t.dim() != 4 or tuple(t.shape[:3]) != (b, h_kv, t_c) or t.shape[3] > d:
+            raise ValueError(
+                f"{n} shape {tuple(t.shape)}: expected [{b}, {h_kv}, {t_c}, k] with k <= {d}"
+            )
+    if (k_window is None) != (v_window is None):
+        raise ValueError("k_window and v_window must both be given or both be None")
+    if k_window is None:
+        k_window = q.new_empty((b, h_kv, 0, d))
+        v_window = k_window
+    for n, t in (("k_window", k_window), ("v_window", v_window)):
+        _check_float(n, t)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{n}.dtype={t.dtype} != q.dtype={q.dtype}")
+        if t.dim() != 4 or t.shape[:2] != (b, h_kv) or t.shape[3] != d:
+            raise ValueError(f"{n} shape {tuple(t.shape)}: expected [{b}, {h_kv}, T_w, {d}]")
+    if tuple(k_window.shape) != tuple(v_window.shape):
+        raise ValueError(f"k_window shape {tuple(k_window.shape)} != v_window shape {tuple(v_window.shape)}")
+    if kv_start is not None:
+        if not isinstance(kv_start, torch.Tensor) or kv_start.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_start must be an int32 tensor [B], got {getattr(kv_start, 'dtype', type(kv_start))}")
+        if tuple(kv_start.shape) != (b,):
+            raise ValueError(f"kv_start shape {tuple(kv_start.shape)} != [B] = [{b}]")
+        kv_start = kv_start.to(torch.int32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale={scale} must be finite")
+    dev = _same_device(q=q, k_bitmap=k_bitmap, k_values=k_values, v_bitmap=v_bitmap,
+                       v_values=v_values, k_window=k_window, v_window=v_window, kv_start=kv_start)
+    if backend(dev) == "reference":
+        return reference.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window,
+                                       kv_start, scale)
+    return torch.ops.mustafar.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window,
+                                            v_window, kv_start, scale)

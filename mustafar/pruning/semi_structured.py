@@ -1,0 +1,31 @@
+"""2:4 semi-structured pruning along the channel dim."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import apply_mask, check_input, topk_mask
+
+
+def semi_structured_2_4(x: torch.Tensor, sparsity: float = 0.5, *, return_mask: bool = False):
+    """Keep the 2 largest-magnitude of every 4 consecutive channels of each token vector.
+
+    Parameters
+    ----------
+    x : Tensor ``[B, H_kv, T, D]``, floating, ``D % 4 == 0``.
+    sparsity : must be 0.5 (the pattern fixes it); anything else raises ``ValueError``.
+    return_mask : bool, also return the bool keep-mask.
+
+    Returns
+    -------
+    Tensor ``[B, H_kv, T, D]`` of ``x.dtype`` (and the mask). Ties inside a group of 4: lower channel
+    pruned first; NaN kept.
+    """
+    s = check_input(x, sparsity)
+    if s != 0.5:
+        raise ValueError(f"semi_structured_2_4 has a fixed sparsity of 0.5, got sparsity={sparsity!r}")
+    B, H, T, D = x.shape
+    if D % 4:
+        raise ValueError(f"semi_structured_2_4 needs head_dim D divisible by 4, got D={D}")
+    m = topk_mask(x.reshape(B, H, T, D // 4, 4), 2)  # [B, H, T, D/4, 4]
+    return apply_mask(x, m.reshape(B, H, T, D), return_mask)

@@ -1,0 +1,216 @@
+"""Plain-torch twins of every compiled ``mustafar`` op: the ground truth in tests.
+
+Everything here is written for readability, not speed. The layout and the tie rule are the
+contract in ``docs/design.md``:
+
+* ``bitmap`` int64 ``[..., T, W]`` (``W = D // 64``): bit ``j`` (LSB = bit 0) of word ``w`` is set
+  iff channel ``64*w + j`` is stored.
+* ``values`` ``[..., T, k]`` in the dense dtype: the stored values of each token vector in ascending
+  channel order; slots past ``popcount(row)`` are 0.
+* Per-token top-k keeps the ``k`` largest ``|x|``; of equal magnitudes the lower channel index is
+  pruned first; NaN counts as the largest magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "topk_mask",
+    "encode_bitmap",
+    "decode_bitmap",
+    "prune_encode_topk",
+    "sparse_decode",
+    "popcount",
+]
+
+_BITS = 64
+
+
+def _check_head_dim(d: int) -> int:
+    if d <= 0 or d % _BITS != 0:
+        raise ValueError(f"head_dim D={d} must be a positive multiple of 64 (64, 128, 256)")
+    return d // _BITS
+
+
+def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
+    """float64 sort key with the contract's order: finite |x| < inf < NaN (all NaNs equal)."""
+    key = x.detach().to(torch.float64).abs()  # [..., D]
+    key = torch.where(torch.isinf(key), torch.full_like(key, torch.finfo(torch.float64).max), key)
+    key = torch.where(torch.isnan(key), torch.full_like(key, math.inf), key)
+    return key
+
+
+def _local_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest-magnitude entries of every row along the last dim.
+
+    Parameters
+    ----------
+    x : Tensor ``[..., D]`` (any floating dtype)
+    k : int, ``0 <= k <= D``: entries kept per row.
+
+    Returns
+    -------
+    Tensor bool ``[..., D]`` with exactly ``k`` True per row. Ties in ``|x|`` prune the lower
+    channel index first (stable ascending sort of ``|x|``); NaN is the largest magnitude.
+    """
+    d = x.shape[-1]
+    if not 0 <= int(k) <= d:
+        raise ValueError(f"k={k} out of range [0, {d}] for head_dim {d}")
+    n_prune = d - int(k)
+    order = torch.sort(_magnitude_key(x), dim=-1, stable=True).indices  # [..., D] ascending
+    mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    mask.scatter_(-1, order[..., :n_prune], False)
+    return mask
+
+
+try:  # one implementation of the tie rule in the package: the pruning module's, when present
+    from mustafar.pruning import topk_mask as _pruning_topk_mask
+except ImportError:  # pragma: no cover - pruning is built in parallel
+    _pruning_topk_mask = None
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest-magnitude entries of every row along the last dim.
+
+    Delegates to :func:`mustafar.pruning.topk_mask` when available (same contract), else to a
+    local implementation. Ties: lower channel index pruned first; NaN is the largest magnitude.
+    """
+    if _pruning_topk_mask is not None:
+        return _pruning_topk_mask(x, int(k))
+    return _local_topk_mask(x, k)
+
+
+def popcount(bitmap: torch.Tensor) -> torch.Tensor:
+    """Number of set bits per token vector: ``[..., T, W]`` int64 -> ``[..., T]`` int64."""
+    shifts = torch.arange(_BITS, device=bitmap.device, dtype=torch.int64)
+    bits = (bitmap.unsqueeze(-1) >> shifts) & 1  # [..., T, W, 64]
+    return bits.sum(dim=(-1, -2))
+
+
+def _mask_to_bitmap(mask: torch.Tensor) -> torch.Tensor:
+    d = mask.shape[-1]
+    w = d // _BITS
+    tiles = mask.reshape(*mask.shape[:-1], w, _BITS).to(torch.int64)  # [..., T, W, 64]
+    weights = torch.ones(_BITS, dtype=torch.int64, device=mask.device) << torch.arange(
+        _BITS, dtype=torch.int64, device=mask.device
+    )  # bit 63 is -2**63: distinct powers of two never carry, so the sum is the bitwise OR
+    return (tiles * weights).sum(dim=-1)  # [..., T, W]
+
+
+def _bitmap_to_mask(bitmap: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(_BITS, device=bitmap.device, dtype=torch.int64)
+    bits = ((bitmap.unsqueeze(-1) >> shifts) & 1).bool()  # [..., T, W, 64]
+    return bits.reshape(*bitmap.shape[:-1], bitmap.shape[-1] * _BITS)  # [..., T, D]
+
+
+def encode_bitmap(x: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the entries of ``x`` selected by ``mask`` into the bitmap format.
+
+    Parameters
+    ----------
+    x : Tensor ``[..., T, D]`` float
+    mask : Tensor bool ``[..., T, D]``, at most ``k`` True per row.
+    k : int, values slots per row.
+
+    Returns
+    -------
+    bitmap : Tensor int64 ``[..., T, W]``
+    values : Tensor ``[..., T, k]`` in ``x.dtype``; padding slots are 0.
+    """
+    d = x.shape[-1]
+    _check_head_dim(d)
+    if mask.shape != x.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != x shape {tuple(x.shape)}")
+    mask = mask.to(torch.bool)
+    k = int(k)
+    if not 0 <= k <= d:
+        raise ValueError(f"k={k} out of range [0, {d}]")
+    counts = mask.sum(-1)
+    if counts.numel() and int(counts.max()) > k:
+        raise ValueError(f"mask keeps up to {int(counts.max())} entries in a row but k={k}")
+    pos = torch.cumsum(mask.to(torch.int64), dim=-1) - 1  # [..., T, D] slot of each stored entry
+    slot = torch.where(mask, pos, torch.full_like(pos, k))  # unstored -> dump slot k
+    values = torch.zeros(*x.shape[:-1], k + 1, dtype=x.dtype, device=x.device)
+    values.scatter_(-1, slot, torch.where(mask, x, torch.zeros_like(x)))
+    values = values[..., :k].contiguous()  # [..., T, k]
+    return _mask_to_bitmap(mask), values
+
+
+def decode_bitmap(bitmap: torch.Tensor, values: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`encode_bitmap`: ``[..., T, W]`` + ``[..., T, k]`` -> dense ``[..., T, D]``.
+
+    Unstored channels are 0.
+    """
+    w = _check_head_dim(int(head_dim))
+    if bitmap.shape[-1] != w:
+        raise ValueError(f"bitmap last dim {bitmap.shape[-1]} != head_dim/64 = {w}")
+    mask = _bitmap_to_mask(bitmap)  # [..., T, D]
+    k = values.shape[-1]
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    if k == 0:
+        return out
+    pos = (torch.cumsum(mask.to(torch.int64), dim=-1) - 1).clamp(0, k - 1)  # [..., T, D]
+    gathered = torch.gather(values, -1, pos)
+    return torch.where(mask, gathered, out)
+
+
+def prune_encode_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token top-k magnitude pruning + encoding: ``encode_bitmap(x, topk_mask(x, k), k)``."""
+    _check_head_dim(x.shape[-1])
+    return encode_bitmap(x, topk_mask(x, k), k)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_bitmap: torch.Tensor,
+    k_values: torch.Tensor,
+    v_bitmap: torch.Tensor,
+    v_values: torch.Tensor,
+    k_window: torch.Tensor,
+    v_window: torch.Tensor,
+    kv_start: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One-query-token attention over ``[compressed (T_c) ; dense window (T_w)]``.
+
+    Parameters
+    ----------
+    q : ``[B, H_q, D]``
+    k_bitmap, v_bitmap : int64 ``[B, H_kv, T_c, W]``
+    k_values : ``[B, H_kv, T_c, k_k]``; v_values : ``[B, H_kv, T_c, k_v]``
+    k_window, v_window : ``[B, H_kv, T_w, D]`` (``T_w`` may be 0)
+    kv_start : optional int ``[B]``; positions ``< kv_start[b]`` are masked (left padding).
+    scale : softmax scale, default ``1/sqrt(D)``.
+
+    Returns
+    -------
+    ``[B, H_q, D]`` in ``q.dtype``. Computed in float32 (float64 if ``q`` is float64).
+    A sequence with every position masked returns zeros.
+    """
+    b, h_q, d = q.shape
+    h_kv = k_bitmap.shape[1]
+    g = h_q // h_kv
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    keys = torch.cat([decode_bitmap(k_bitmap, k_values, d).to(cdt), k_window.to(cdt)], dim=2)
+    vals = torch.cat([decode_bitmap(v_bitmap, v_values, d).to(cdt), v_window.to(cdt)], dim=2)
+    # keys / vals: [B, H_kv, T, D]
+    t = keys.shape[2]
+    qg = q.to(cdt).reshape(b, h_kv, g, d)  # [B, H_kv, G, D]
+    scores = torch.einsum("bhgd,bhtd->bhgt", qg, keys) * scale  # [B, H_kv, G, T]
+    valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    if kv_start is not None:
+        valid = torch.arange(t, device=q.device)[None, :] >= kv_start.to(q.device).long()[:, None]
+    valid = valid[:, None, None, :]  # [B, 1, 1, T]
+    scores = scores.masked_fill(~valid, -math.inf)
+    m = scores.amax(dim=-1, keepdim=True) if t else scores.new_zeros(b, h_kv, g, 1)
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)  # all-masked rows: avoid inf - inf
+    p = torch.exp(scores - m).masked_fill(~valid, 0.0)  # [B, H_kv, G, T]
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhgt,bhtd->bhgd", p, vals)
+    out = torch.where(denom > 0, out / denom.clamp_min(torch.finfo(cdt).tiny), torch.zeros_like(out))
+    return out.reshape(b, h_q, d).to(q.dtype)

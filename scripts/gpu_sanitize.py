@@ -1,0 +1,25 @@
+"""Tiny driver for compute-sanitizer (memcheck / racecheck): every CUDA op once on small inputs."""
+import math
+
+import torch
+
+from mustafar._build import load_extension
+
+load_extension()
+torch.manual_seed(0)
+for dt in (torch.float16, torch.bfloat16):
+    for d, g in ((128, 1), (64, 4)):
+        b, h_kv, t_c, t_w = 2, 2, 150, 7
+        x = torch.randn(b, h_kv, t_c, d, device="cuda", dtype=dt)
+        kb, kv = torch.ops.mustafar.prune_encode_topk(x, d - round(0.7 * d))
+        vb, vv = torch.ops.mustafar.prune_encode_topk(torch.randn_like(x), d // 2)
+        mask = torch.rand(x.shape, device="cuda") < 0.3
+        eb, ev = torch.ops.mustafar.encode_bitmap(x, mask, d)
+        dense = torch.ops.mustafar.decode_bitmap(eb, ev, d)
+        q = torch.randn(b, h_kv * g, d, device="cuda", dtype=dt)
+        kw = torch.randn(b, h_kv, t_w, d, device="cuda", dtype=dt)
+        vw = torch.randn(b, h_kv, t_w, d, device="cuda", dtype=dt)
+        ks = torch.tensor([0, 33], dtype=torch.int32, device="cuda")
+        out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
+        torch.cuda.synchronize()
+        print(dt, d, g, "ok", float(out.float().abs().sum()), float(dense.float().abs().sum()))

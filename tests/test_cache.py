@@ -1,0 +1,311 @@
+"""MustafarCache / "mustafar" attention: equivalence with DynamicCache and with the simulate mode.
+
+Tolerances (fp32 models): logits of two paths that should compute the same thing up to summation
+order agree within ``ATOL = 1e-4`` absolute (observed ~1e-5 on the tiny presets); tokens are equal.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import mustafar
+from mustafar import ops
+from mustafar.cache import MustafarCache, MustafarConfig, MustafarLayer, MustafarSimulatedLayer
+
+ATOL = 1e-4
+TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma3"]
+SMALL = dict(local_window=4, compress_chunk=3)  # exercises prefill compression and decode-time chunks
+
+_MODELS: dict = {}
+
+
+def _model(name):
+    if name not in _MODELS:
+        _MODELS[name] = mustafar.load_model(name)
+    return _MODELS[name]
+
+
+def _generate(model, ids, mask, cache, n=10):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` -> `cache` rename in transformers 5.2x
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    return out.sequences, torch.stack(out.scores, dim=1)  # [B, T_total], [B, n, V]
+
+
+def _prompt(model, b=1, t=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (b, t), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+# --------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kw, bad", [
+    (dict(k_sparsity=1.0), "k_sparsity"), (dict(v_sparsity=-0.1), "v_sparsity"), (dict(k_sparsity="a"), "k_sparsity"),
+    (dict(local_window=-1), "local_window"), (dict(compress_chunk=0), "compress_chunk"), (dict(mode="dense"), "mode"),
+    (dict(k_strategy="nope"), "k_strategy"), (dict(v_strategy="per_channel_magnitude"), "v_strategy"),
+    (dict(k_strategy="think"), "k_strategy"),
+    (dict(k_strategy="semi_structured_2_4", k_sparsity=0.7), "k_sparsity"),
+])
+def test_config_rejects_bad_values(kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        MustafarConfig(**kw)
+
+
+def test_config_simulate_accepts_per_channel():
+    cfg = MustafarConfig(k_strategy="per_channel_magnitude", mode="simulate")
+    assert cfg.k_strategy == "per_channel_magnitude"
+
+
+# ------------------------------------------------------------------------------- equivalence checks
+@pytest.mark.parametrize("mode", ["compressed", "simulate"])
+def test_sparsity_zero_equals_dynamic_cache(mode):
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model)
+    ref_tok, ref_logits = _generate(model, ids, mask, DynamicCache())
+    cache = MustafarCache(model, MustafarConfig(k_sparsity=0.0, v_sparsity=0.0, mode=mode, **SMALL))
+    tok, logits = _generate(model, ids, mask, cache)
+    assert torch.equal(tok, ref_tok)
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_compressed_equals_simulate(name):
+    model, _ = _model(name)
+    ids, mask = _prompt(model)
+    out = {}
+    for mode in ("compressed", "simulate"):
+        cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, mode=mode, **SMALL))
+        out[mode] = _generate(model, ids, mask, cache)
+    assert torch.equal(out["compressed"][0], out["simulate"][0])
+    torch.testing.assert_close(out["compressed"][1], out["simulate"][1], atol=ATOL, rtol=0)
+    # pruning is real: 70% sparsity changes the logits against the dense cache
+    ref = _generate(model, ids, mask, DynamicCache())
+    assert (out["simulate"][1] - ref[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["compressed", "simulate"])
+def test_batched_left_padding_equals_single(mode):
+    model, _ = _model("tiny-llama")
+    lens = [40, 23, 31]
+    prompts = [_prompt(model, t=n, seed=i)[0][0] for i, n in enumerate(lens)]
+    t = max(lens)
+    ids = torch.zeros(len(lens), t, dtype=torch.long)
+    mask = torch.zeros(len(lens), t, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = p
+        mask[i, t - len(p):] = 1
+    cfg = MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, mode=mode, **SMALL)
+    b_tok, b_logits = _generate(model, ids, mask, MustafarCache(model, cfg))
+    for i, p in enumerate(prompts):
+        s_tok, s_logits = _generate(model, p[None], torch.ones_like(p)[None], MustafarCache(model, cfg))
+        assert torch.equal(b_tok[i, t:], s_tok[0, len(p):])
+        torch.testing.assert_close(b_logits[i], s_logits[0], atol=ATOL, rtol=0)
+
+
+def test_multi_turn_compressed_equals_simulate():
+    model, _ = _model("tiny-qwen2")
+    ids, mask = _prompt(model, t=30)
+    follow = _prompt(model, t=9, seed=5)[0]
+    outs = {}
+    for mode in ("compressed", "simulate"):
+        cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, mode=mode, **SMALL))
+        tok1, lg1 = _generate(model, ids, mask, cache, n=6)
+        ids2 = torch.cat([tok1, follow], dim=1)  # second turn: the cache holds tok1[:, :-1]
+        tok2, lg2 = _generate(model, ids2, torch.ones_like(ids2), cache, n=6)
+        assert cache.get_seq_length() == ids2.shape[1] + 5
+        outs[mode] = (tok2, torch.cat([lg1, lg2], dim=1))
+    assert torch.equal(outs["compressed"][0], outs["simulate"][0])
+    torch.testing.assert_close(outs["compressed"][1], outs["simulate"][1], atol=ATOL, rtol=0)
+
+
+def test_decode_reads_compressed_store(monkeypatch):
+    """Decode steps call sparse_decode, never decode_bitmap, and append without moving the store."""
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model)
+    cache = MustafarCache(model, MustafarConfig(**SMALL), max_cache_len=64)
+    tok, _ = _generate(model, ids, mask, cache, n=1)  # prefill (+ its first token)
+    layer = cache.layers[0]
+    ptrs = (layer.k_bitmap.data_ptr(), layer.k_vals.data_ptr(), layer.v_vals.data_ptr())
+    stored = layer.k_vals[:, :, : layer.n_c].clone()
+    calls = {"sparse": 0, "decode": 0}
+    real_sd, real_db = ops.sparse_decode, ops.decode_bitmap
+
+    def sd(*a, **k):
+        calls["sparse"] += 1
+        return real_sd(*a, **k)
+
+    def db(*a, **k):
+        calls["decode"] += 1
+        return real_db(*a, **k)
+
+    monkeypatch.setattr(ops, "sparse_decode", sd)
+    monkeypatch.setattr(ops, "decode_bitmap", db)
+    n_c0 = layer.n_c
+    nxt = tok[:, -1:]  # [1, 1]
+    for _ in range(7):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    assert calls["decode"] == 0
+    assert calls["sparse"] == 7 * model.config.num_hidden_layers
+    assert layer.n_c > n_c0  # decode-time chunks were compressed
+    assert (layer.k_bitmap.data_ptr(), layer.k_vals.data_ptr(), layer.v_vals.data_ptr()) == ptrs
+    assert torch.equal(layer.k_vals[:, :, : stored.shape[2]], stored)  # nothing stored was rewritten
+
+
+# ----------------------------------------------------------------------------------------- errors
+def test_attention_detects_lost_compressed_store():
+    """A model that replaced the keys between cache.update and attention must not silently drop the store."""
+    from mustafar.attention import mustafar_attention_forward
+    from mustafar.cache import PENDING_DECODE
+
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    q = torch.randn(1, 2, 1, 64)
+    k = torch.randn(1, 2, 5, 64)
+    PENDING_DECODE[0] = True
+    with pytest.raises(RuntimeError, match="changed the keys"):
+        mustafar_attention_forward(module, q, k, k.clone(), None, scaling=0.125)
+    out, _ = mustafar_attention_forward(module, q, k, k.clone(), None, scaling=0.125)  # no pending: dense sdpa
+    assert out.shape == (1, 1, 2, 64)
+
+
+def _tiny_llama_cfg(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=64)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+def test_rejects_bad_head_dim():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(_tiny_llama_cfg(num_attention_heads=4, head_dim=32)).eval()
+    with pytest.raises(ValueError, match="head_dim=32"):
+        MustafarCache(model, MustafarConfig())
+
+
+def test_rejects_bad_dtype():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(_tiny_llama_cfg()).to(torch.float64).eval()
+    with pytest.raises(ValueError, match="float64"):
+        MustafarCache(model, MustafarConfig())
+
+
+def test_rejects_non_kv_models():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MambaConfig, MambaForCausalLM
+
+    mla = DeepseekV3ForCausalLM(DeepseekV3Config(
+        hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=48,
+        v_head_dim=64, vocab_size=64, n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1))
+    with pytest.raises(ValueError, match="latent"):
+        MustafarCache(mla, MustafarConfig())
+    ssm = MambaForCausalLM(MambaConfig(hidden_size=64, num_hidden_layers=1, vocab_size=64, state_size=4))
+    with pytest.raises(ValueError, match="KV cache|head_dim|attention"):
+        MustafarCache(ssm, MustafarConfig())
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        MustafarCache(torch.nn.Linear(2, 2), MustafarConfig())
+    with pytest.raises(ValueError, match="MustafarConfig"):
+        MustafarCache(_model("tiny-llama")[0], {"k_sparsity": 0.5})
+
+
+def test_rejects_reuse_across_models():
+    from transformers import LlamaForCausalLM
+
+    model, _ = _model("tiny-llama")
+    cache = MustafarCache(model, MustafarConfig(**SMALL))
+    assert model.config.num_key_value_heads != 1
+    other = LlamaForCausalLM(_tiny_llama_cfg(num_key_value_heads=1, num_hidden_layers=model.config.num_hidden_layers))
+    ids = torch.randint(3, 64, (1, 8))
+    with pytest.raises(ValueError, match="H_kv"):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            mustafar.attention.prepare_model(other)
+            other(input_ids=ids, past_key_values=cache, use_cache=True)
+
+
+# -------------------------------------------------------------------------------------- accounting
+def _all_tensors(cache):
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, MustafarLayer):
+            out += [layer.k_bitmap, layer.v_bitmap, layer.k_vals, layer.v_vals, layer.k_win, layer.v_win, layer.counts]
+        elif isinstance(layer, MustafarSimulatedLayer):
+            out += [layer.k_buf, layer.v_buf, layer.counts]
+        else:
+            out += [layer.keys, layer.values]
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_nbytes_accounting_exact(name):
+    model, _ = _model(name)
+    ids, mask = _prompt(model, b=2)
+    for mode in ("compressed", "simulate"):
+        cache = MustafarCache(model, MustafarConfig(mode=mode, **SMALL))
+        _generate(model, ids, mask, cache, n=5)
+        assert cache.nbytes() == sum(t.nbytes for t in _all_tensors(cache))
+        bd = cache.breakdown()
+        assert bd["total"] == cache.nbytes()
+        dyn = DynamicCache(config=model.config)
+        _generate(model, ids, mask, dyn, n=5)
+        assert cache.dense_nbytes() == sum(l.keys.nbytes + l.values.nbytes for l in dyn.layers)
+
+
+def test_compressed_bytes_at_70_percent():
+    """head_dim 64, fp32 here: compressed rows cost (8*W + k*4) / (D*4) of dense; at 70% k=19 -> 0.328."""
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model, t=100)
+    cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, **SMALL))
+    _generate(model, ids, mask, cache, n=2)
+    bd = cache.breakdown()
+    layer = cache.layers[0]
+    dense_rows = 2 * layer.batch_size * layer.num_kv_heads * layer.n_c * layer.head_dim * 4 * len(cache.layers)
+    ratio = (bd["payload_used"] + bd["bitmaps_used"]) / dense_rows
+    assert abs(ratio - (8 + 19 * 4) / (64 * 4)) < 1e-9
+    assert ratio <= 0.40
+
+
+# ------------------------------------------------------------------------------------------ headline
+def _long_english_prompt(tok, n_tokens=1600):
+    """Real English text shipped with CPython: the pydoc topics of the Python reference manual."""
+    from pydoc_data.topics import topics
+
+    text = ""
+    for key in ("compound", "customization", "attribute-access", "specialnames", "types"):
+        text += topics[key] + "\n"
+        if len(tok(text).input_ids) >= n_tokens:
+            break
+    ids = tok(text, return_tensors="pt").input_ids[:, :n_tokens]
+    return ids
+
+
+@pytest.mark.slow
+def test_smollm2_long_prompt_compressed_equals_simulate():
+    model, tok = _model("smollm2-135m")
+    ids = _long_english_prompt(tok)
+    assert ids.shape[1] >= 1500
+    mask = torch.ones_like(ids)
+    out = {}
+    for mode in ("compressed", "simulate"):
+        cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, mode=mode))
+        out[mode] = _generate(model, ids, mask, cache, n=64)
+    assert torch.equal(out["compressed"][0], out["simulate"][0])
+    torch.testing.assert_close(out["compressed"][1], out["simulate"][1], atol=ATOL, rtol=0)
+    ref = _generate(model, ids, mask, DynamicCache(), n=16)  # sparsity 0: 16 tokens suffice (keeps it cheaper)
+    for mode in ("compressed", "simulate"):
+        cache = MustafarCache(model, MustafarConfig(k_sparsity=0.0, v_sparsity=0.0, mode=mode))
+        tok0, lg0 = _generate(model, ids, mask, cache, n=16)
+        assert torch.equal(tok0, ref[0])
+        torch.testing.assert_close(lg0, ref[1], atol=ATOL, rtol=0)

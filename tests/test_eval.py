@@ -1,0 +1,175 @@
+"""Tests of mustafar.eval: metrics on hand-made cases, task generators, LongBench loader, sweep plumbing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mustafar.eval import longbench as lb
+from mustafar.eval import metrics as M
+from mustafar.eval import ruler
+from mustafar.eval.runtime import ByteTokenizer, CacheSpec, build_cache, format_bytes_ratio, greedy_decode, prefill
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_ruler_string_match():
+    preds = ["The numbers are 123 and 456.", "nothing here"]
+    refs = [["123", "456", "789"], ["abc"]]
+    assert M.string_match_all(preds, refs) == pytest.approx(100 * (2 / 3 + 0) / 2)
+    assert M.string_match_part(preds, refs) == pytest.approx(50.0)
+    assert M.ruler_sample_score("ABC", ["abc"]) == 1.0  # case-insensitive
+    with pytest.raises(ValueError):
+        M.ruler_sample_score("x", ["x"], mode="some")
+
+
+def test_normalize_and_qa_f1():
+    assert M.normalize_answer("The  Cat, sat!") == "cat sat"
+    # pred tokens {cat, sat}, gt tokens {cat, sat, on, mat}: P=1, R=0.5, F1=2/3
+    assert M.qa_f1_score("The Cat sat.", "a cat sat on the mat") == pytest.approx(2 / 3)
+    assert M.qa_f1_score("dog", "cat") == 0.0
+    assert M.qa_f1_score("Paris", "paris") == 1.0
+
+
+def test_rouge_l():
+    assert M.lcs_length("abcde", "ace") == 3
+    # LCS(a b c d, a c d e) = 3 -> P = R = 3/4
+    assert M.rouge_l_score("a b c d", "a c d e") == pytest.approx(0.75)
+    # P = 2/2, R = 2/4 -> F = 2/3
+    assert M.rouge_l_score("x y", "x q y r") == pytest.approx(2 / 3)
+    assert M.rouge_l_score("", "a") == 0.0
+
+
+def test_classification_retrieval_count():
+    classes = ["Abbreviation", "Entity", "Description", "Location", "Location city"]
+    assert M.classification_score("Location", "Location", all_classes=classes) == 1.0
+    # "Location" is a strict substring of the ground truth "Location city": removed; then 1/1
+    assert M.classification_score("Location city", "Location city", all_classes=classes) == 1.0
+    assert M.classification_score("Entity or Location", "Location", all_classes=classes) == 0.5
+    assert M.classification_score("Entity", "Location", all_classes=classes) == 0.0
+    assert M.retrieval_score("Paragraph 7", "Paragraph 7") == 1.0
+    assert M.retrieval_score("Paragraph 7 or 3", "Paragraph 7") == 0.5
+    assert M.retrieval_score("none", "Paragraph 7") == 0.0
+    assert M.count_score("There are 12 paragraphs, not 13", 12) == 0.5
+    assert M.count_score("no digits", 3) == 0.0
+
+
+def test_code_sim():
+    # kitten/sitting: LCS = 4 ("ittn"), ratio = 8/13 (= python-Levenshtein ratio)
+    assert M.levenshtein_ratio("kitten", "sitting") == pytest.approx(8 / 13)
+    assert M.levenshtein_ratio("", "") == 1.0
+    # the first line without `, # or // is scored
+    assert M.code_sim_score("```python\n# comment\nx = 1\ny", "x = 1") == 1.0
+    assert M.code_sim_score("// c\n", "abc") == 0.0
+
+
+# ------------------------------------------------------------------------------ RULER generators
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_ruler_generators_deterministic_and_answers_present(task):
+    tok = ByteTokenizer()
+    L = 6000 if task == "cwe" else 1600
+    a = ruler.generate_samples(task, tok, L, 2, seed=3)
+    b = ruler.generate_samples(task, tok, L, 2, seed=3)
+    c = ruler.generate_samples(task, tok, L, 2, seed=4)
+    assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
+    assert [s.user for s in a] != [s.user for s in c]
+    for s in a:
+        assert s.n_tokens <= L and s.n_tokens > 0.7 * L
+        text = ruler.render_prompt(tok, s.user, s.answer_prefix)
+        assert len(tok(text)["input_ids"]) == s.n_tokens
+        for ans in s.answers:
+            assert ans in s.user, (task, ans)
+        assert 0.0 <= s.chance <= 1.0
+
+
+def test_ruler_frequency_answers_are_most_frequent():
+    tok = ByteTokenizer()
+    s = ruler.generate_samples("cwe", tok, 6000, 1, seed=0)[0]
+    words = [ln.split(". ", 1)[1] for ln in s.user.split("\n") if ". " in ln and ln.split(". ", 1)[0].isdigit()]
+    counts = {w: words.count(w) for w in set(words)}
+    assert min(counts[a] for a in s.answers) > max(v for w, v in counts.items() if w not in s.answers)
+
+
+# ------------------------------------------------------------------------------ LongBench
+def test_longbench_loader_and_scoring(tmp_path):
+    recs = [
+        {"input": "Who wrote it?", "context": "Alice wrote the book. " * 5, "answers": ["Alice"],
+         "all_classes": None, "length": 30, "dataset": "hotpotqa", "language": "en", "_id": "a"},
+        {"input": "Where?", "context": "It happened in Paris. " * 5, "answers": ["Paris", "paris france"],
+         "all_classes": None, "length": 30, "dataset": "hotpotqa", "language": "en", "_id": "b"},
+    ]
+    with open(tmp_path / "hotpotqa.jsonl", "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    data = lb.load_longbench(tmp_path, datasets=["hotpotqa", "trec"])
+    assert list(data) == ["hotpotqa"] and len(data["hotpotqa"]) == 2
+    assert data["hotpotqa"][1]["answers"] == ["Paris", "paris france"]
+    p = lb.build_prompt("hotpotqa", data["hotpotqa"][0])
+    assert "Question: Who wrote it?" in p and "Alice wrote the book." in p
+    assert lb.score_dataset("hotpotqa", ["Alice", "Paris."], data["hotpotqa"]) == 100.0
+    assert lb.score_dataset("hotpotqa", ["Bob", "Paris"], data["hotpotqa"]) == 50.0
+    assert lb.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+    assert set(lb.DATASETS) == set(lb.DATASET2PROMPT) == set(lb.DATASET2MAXLEN) == set(lb.DATASET2METRIC)
+
+
+def test_longbench_missing_folder_skips(tmp_path, capsys):
+    assert lb.load_longbench(tmp_path / "nope") == {}
+    out = capsys.readouterr().out
+    assert "LongBench data not found" in out and "narrativeqa.jsonl" in out
+
+
+# ------------------------------------------------------------------------------ runtime + sweep
+@pytest.fixture(scope="module")
+def tiny():
+    from mustafar.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    return model, ByteTokenizer()
+
+
+def test_replayed_prefill_matches_real_prefill(tiny):
+    """build_cache replays the dense prefill into a MustafarCache: same tokens as a real prefill."""
+    from mustafar.cache import MustafarCache, MustafarConfig
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (1, 120), generator=g)
+    state = prefill(model, ids)
+    spec = CacheSpec(k_sparsity=0.7, v_sparsity=0.5)
+    cache, mode = build_cache(model, state, spec, 12)
+    ours = greedy_decode(model, cache, state, 12)
+    ref_cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.5, mode=mode))
+    ref = model.generate(ids, past_key_values=ref_cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert mode == "compressed"
+    assert ours == ref[0, 120:].tolist()
+
+
+def test_spec_modes_and_bytes():
+    assert CacheSpec().mode == "dense"
+    assert CacheSpec(k_sparsity=0.7, v_sparsity=0.7).mode == "compressed"
+    assert CacheSpec(k_strategy="per_channel_magnitude", k_sparsity=0.7).mode == "simulate"
+    assert CacheSpec(k_strategy="think", k_sparsity=0.7).mode == "offline"
+    # D=128 fp16 70%: (16 + 2*38) / 256 = 0.359 (docs/design.md)
+    assert format_bytes_ratio(CacheSpec(k_sparsity=0.7, v_sparsity=0.7), 128) == pytest.approx(92 / 256)
+
+
+@pytest.mark.slow
+def test_sweep_resumable(tiny, tmp_path):
+    from mustafar.eval.sweep import pareto, run_sweep, summarize
+
+    model, tok = tiny
+    kw = dict(model="tiny-llama", profile="tiny", out_dir=tmp_path, model_obj=model, tokenizer=tok,
+              progress=False, suites=("ruler", "ppl", "longbench"), longbench_dir=tmp_path / "none")
+    r1 = run_sweep(**kw)
+    n = len(r1["cells"])
+    assert n == 3 * (2 + 1)  # 3 specs x (2 ruler tasks + ppl)
+    assert r1["last_run"]["new_cells"] == n
+    assert (tmp_path / "accuracy_tiny-llama.csv").is_file()
+    modes = {c["config"]: c["mode"] for c in r1["cells"]}
+    assert set(modes.values()) == {"dense", "compressed", "offline"}
+    r2 = run_sweep(**kw)
+    assert r2["last_run"]["new_cells"] == 0 and len(r2["cells"]) == n
+    t = summarize(r2)
+    assert "avg" in t.columns and ("dense", "K=dense,V=dense") in t.index
+    p = pareto(r2)
+    assert p["pareto"].any() and "smallest_keeping" in p.attrs

@@ -1,0 +1,240 @@
+"""CUDA kernels vs the plain-torch reference (float64), on fresh random inputs.
+
+Every output is poisoned (``MUSTAFAR_CUDA_POISON=1``: filled with NaN / -1 before the kernel runs),
+so an element a kernel forgets to write fails the comparison. Tolerance: ||out - ref|| / ||ref|| <
+1e-2 for fp16/bf16 and 1e-4 for fp32 against a float64 reference; encode/decode must be exact.
+Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from mustafar import reference
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # pragma: no cover - CPU machines
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+DEV = "cuda"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ext():
+    os.environ["MUSTAFAR_CUDA_POISON"] = "1"
+    from mustafar._build import load_extension
+
+    load_extension()
+    for n in ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mustafar::{n}", "CUDA"), n
+    yield
+    os.environ.pop("MUSTAFAR_CUDA_POISON", None)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality that treats NaN == NaN (compares the bit patterns of float tensors)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        na, nb = torch.isnan(a), torch.isnan(b)
+        if not torch.equal(na, nb):
+            return False
+        return torch.equal(torch.where(na, torch.zeros_like(a), a), torch.where(nb, torch.zeros_like(b), b))
+    return torch.equal(a, b)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.double()
+    ref = ref.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------
+# encode / decode
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_prune_encode_topk_exact(dtype, d):
+    g = torch.Generator(device=DEV).manual_seed(d)
+    for k in sorted({0, 1, d // 2, d - round(0.7 * d), d - 1, d}):
+        x = torch.randn(3, 5, 37, d, device=DEV, generator=g).to(dtype)
+        bm, vals = torch.ops.mustafar.prune_encode_topk(x, k)
+        rbm, rvals = reference.prune_encode_topk(x, k)
+        assert torch.equal(bm, rbm), (k, "bitmap")
+        assert _bits_equal(vals, rvals), (k, "values")
+    # ties (few distinct magnitudes, both signs) and NaN / inf
+    x = (torch.randint(-3, 4, (257, d), device=DEV, generator=g)).to(dtype)
+    x[5, 3] = float("nan")
+    x[7, 0] = float("inf")
+    x[7, 1] = float("-inf")
+    for k in (1, d // 3, d - round(0.5 * d), d - 2):
+        bm, vals = torch.ops.mustafar.prune_encode_topk(x, k)
+        rbm, rvals = reference.prune_encode_topk(x, k)
+        assert torch.equal(bm, rbm), (k, "bitmap ties")
+        assert _bits_equal(vals, rvals), (k, "values ties")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_encode_decode_bitmap_exact(dtype, d):
+    g = torch.Generator(device=DEV).manual_seed(7 + d)
+    x = torch.randn(2, 3, 111, d, device=DEV, generator=g).to(dtype)
+    mask = torch.rand(x.shape, device=DEV, generator=g) < 0.35
+    k = int(mask.sum(-1).max()) + 3  # padded rows
+    bm, vals = torch.ops.mustafar.encode_bitmap(x, mask, k)
+    rbm, rvals = reference.encode_bitmap(x, mask, k)
+    assert torch.equal(bm, rbm)
+    assert _bits_equal(vals, rvals)
+    dense = torch.ops.mustafar.decode_bitmap(bm, vals, d)
+    assert _bits_equal(dense, reference.decode_bitmap(rbm, rvals, d))
+    assert _bits_equal(dense, torch.where(mask, x, torch.zeros_like(x)))
+
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse_decode
+# ------------------------------------------------------------------------------------------------
+def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, strided=False, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    h_q = h_kv * g
+    q = torch.randn(b, h_q, d, device=DEV, generator=gen).to(dtype)
+    cap = t_c + 13 if strided else t_c
+
+    def comp(s):
+        x = torch.randn(b, h_kv, cap, d, device=DEV, generator=gen).to(dtype)
+        if padded:  # arbitrary mask: rows with fewer than k stored values
+            mask = torch.rand(x.shape, device=DEV, generator=gen) < (1 - s)
+            k = max(1, int(mask.sum(-1).max()) if mask.numel() else 1)
+            bm, vals = torch.ops.mustafar.encode_bitmap(x, mask, k)
+        else:
+            k = d - int(math.floor(s * d + 0.5))
+            bm, vals = torch.ops.mustafar.prune_encode_topk(x, k)
+        return bm[:, :, :t_c], vals[:, :, :t_c]  # strided views of a capacity buffer
+
+    kb, kv = comp(s_k)
+    vb, vv = comp(s_v)
+    wcap = t_w + 3 if strided else t_w
+    kw = torch.randn(b, h_kv, wcap, d, device=DEV, generator=gen).to(dtype)[:, :, :t_w]
+    vw = torch.randn(b, h_kv, wcap, d, device=DEV, generator=gen).to(dtype)[:, :, :t_w]
+    return q, kb, kv, vb, vv, kw, vw
+
+
+def _ref64(q, kb, kv, vb, vv, kw, vw, ks, scale):
+    return reference.sparse_decode(q.double(), kb, kv.double(), vb, vv.double(), kw.double(), vw.double(),
+                                   ks, scale)
+
+
+CASES = [
+    # b, h_kv, g, d, t_c, t_w
+    (1, 2, 1, 128, 1, 0),
+    (1, 2, 1, 128, 0, 1),
+    (2, 2, 4, 128, 37, 5),
+    (3, 4, 1, 64, 111, 64),
+    (2, 2, 4, 64, 1017, 0),
+    (1, 3, 4, 128, 1000 + 17, 31),
+    (64, 2, 1, 128, 37, 3),
+    (2, 8, 4, 128, 4096 + 17, 32),
+    (1, 4, 2, 128, 259, 7),
+    (2, 2, 3, 64, 70, 9),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_sparse_decode_matches_reference(dtype, case):
+    b, h_kv, g, d, t_c, t_w = case
+    args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, seed=sum(case))
+    scale = 1.0 / math.sqrt(d)
+    out = torch.ops.mustafar.sparse_decode(*args, None, scale)
+    ref = _ref64(*args, None, scale)
+    assert out.shape == (b, h_kv * g, d) and out.dtype == dtype
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128])
+def test_sparse_decode_masking_padding_strides(dtype, d):
+    b, h_kv, g = 5, 2, 4
+    t_c, t_w = 300, 20
+    args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.6, s_v=0.3, padded=True, strided=True, seed=d)
+    ks = torch.tensor([0, 17, 299, 310, 320], dtype=torch.int32, device=DEV)  # last: all masked
+    scale = 0.7 / math.sqrt(d)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
+    ref = _ref64(*args, ks, scale)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert _rel(out[:4], ref[:4]) < tol
+    assert torch.equal(out[4], torch.zeros_like(out[4]))  # every position masked -> zeros
+
+
+def test_sparse_decode_public_api_and_window_full():
+    """mustafar.ops dispatch + a window holding everything (T_c = 0) + fully compressed."""
+    from mustafar import ops
+
+    assert ops.backend(DEV) == "cuda"
+    for t_c, t_w in ((0, 200), (512, 0)):
+        args = _make_case(4, 8, 4, 128, t_c, t_w, torch.float16, seed=t_c)
+        out = ops.sparse_decode(*args)
+        ref = _ref64(*args, None, 1.0 / math.sqrt(128))
+        assert _rel(out, ref) < 1e-2
+
+
+def test_sparse_decode_deterministic():
+    args = _make_case(2, 4, 1, 128, 5000, 16, torch.float16, seed=3)
+    a = torch.ops.mustafar.sparse_decode(*args, None, 0.088)
+    b = torch.ops.mustafar.sparse_decode(*args, None, 0.088)
+    assert torch.equal(a, b)
+
+
+def test_encode_bitmap_too_many_raises():  # kept last: it runs a subprocess
+    """A mask with more than k entries in a row raises (checked in a subprocess: a crash fails, not aborts)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from mustafar._build import load_extension\n"
+        "load_extension()\n"
+        "x = torch.randn(4, 64, device='cuda')\n"
+        "m = torch.ones(4, 64, dtype=torch.bool, device='cuda')\n"
+        "try:\n"
+        "    torch.ops.mustafar.encode_bitmap(x, m, 10)\n"
+        "    print('NO ERROR')\n"
+        "except (ValueError, RuntimeError) as e:\n"
+        "    print('RAISED', type(e).__name__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "RAISED" in res.stdout, res.stdout
+
+
+def test_sparse_decode_bad_head_dim_raises():
+    """A TORCH_CHECK failure in the CUDA op's host code raises (subprocess: a crash fails, not aborts)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from mustafar._build import load_extension\n"
+        "load_extension()\n"
+        "q = torch.randn(1, 2, 256, device='cuda', dtype=torch.float16)\n"
+        "bm = torch.zeros(1, 2, 3, 4, dtype=torch.int64, device='cuda')\n"
+        "v = torch.zeros(1, 2, 3, 8, device='cuda', dtype=torch.float16)\n"
+        "w = torch.zeros(1, 2, 0, 256, device='cuda', dtype=torch.float16)\n"
+        "try:\n"
+        "    torch.ops.mustafar.sparse_decode(q, bm, v, bm, v, w, w, None, 0.1)\n"
+        "    print('NO ERROR')\n"
+        "except (ValueError, RuntimeError) as e:\n"
+        "    print('RAISED', type(e).__name__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "RAISED" in res.stdout, res.stdout
