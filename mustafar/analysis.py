@@ -15,8 +15,7 @@ Sections
 * throughput / memory: :func:`decode_throughput`, :func:`cache_memory`.
 * accuracy: :func:`accuracy_results` (load a complete sweep or run ``mustafar.eval.run_sweep``),
   :func:`accuracy_table`.
-* kernels: :func:`cpu_decode_timing` (live CPU timing of ``mustafar.ops.sparse_decode`` against
-  dense SDPA), :func:`kernel_long_frame` (recorded GPU rows -> bar-plot form).
+* kernels: :func:`kernel_long_frame` (recorded GPU rows -> bar-plot form).
 
 Shapes follow docs/design.md: ``B`` batch, ``H_kv`` KV heads, ``H_q`` query heads,
 ``G = H_q // H_kv``, ``T`` tokens, ``D`` head_dim.
@@ -65,7 +64,6 @@ __all__ = [
     "accuracy_results",
     "accuracy_table",
     "strategy_label",
-    "cpu_decode_timing",
     "kernel_long_frame",
 ]
 
@@ -685,10 +683,12 @@ def cache_memory(model, contexts: Sequence[int], config=None, batch: int = 1, se
 # --------------------------------------------------------------------------------------------------
 
 
-def accuracy_missing(results: dict, profile: str, suites: Sequence[str] = ("ruler", "ppl")) -> list[tuple]:
+def accuracy_missing(results: dict, profile: str, model: str = "smollm2-135m", seed: int = 0,
+                     suites: Sequence[str] = ("ruler", "ppl")) -> list[tuple]:
     """Cells of ``profile`` (``mustafar.eval.sweep.PROFILES``) a results dict lacks.
 
-    A cell is ``(suite, task, context_length, config)``; RULER cells need the profile's sample count.
+    Cells are compared with ``mustafar.eval.sweep.cell_key`` (every parameter of a cell: model, suite,
+    task, context length, samples, seed, every spec field), exactly as the sweep's own resume does.
     LongBench is not checked (it runs only where its data files are supplied).
 
     Returns
@@ -700,18 +700,22 @@ def accuracy_missing(results: dict, profile: str, suites: Sequence[str] = ("rule
     if profile not in sweep.PROFILES:
         raise ValueError(f"unknown profile {profile!r}; available: {list(sweep.PROFILES)}")
     prof = sweep.PROFILES[profile]
-    have = set()
-    for c in results.get("cells", []):
-        n_ok = c.get("suite") != "ruler" or c.get("n_samples") == prof["ruler_samples"]
-        if n_ok:
-            have.add((c.get("suite"), c.get("task"), c.get("context_length"), c.get("config")))
-    want = []
+    have = {sweep.cell_key(c) for c in results.get("cells", [])}
+    missing = []
     for spec in sweep.profile_specs(profile):
+        want = []
         if "ruler" in suites:
-            want += [("ruler", t, int(n), spec.name) for n in prof["ruler_lengths"] for t in prof["ruler_tasks"]]
+            want += [dict(suite="ruler", task=t, context_length=int(n), n_samples=int(prof["ruler_samples"]))
+                     for n in prof["ruler_lengths"] for t in prof["ruler_tasks"]]
         if "ppl" in suites:
-            want.append(("ppl", "prose_ppl", int(prof["ppl"]["prefill_tokens"]), spec.name))
-    return [w for w in want if w not in have]
+            pp = prof["ppl"]
+            want.append(dict(suite="ppl", task="prose_ppl", context_length=int(pp["prefill_tokens"]),
+                             n_samples=int(pp["n_segments"]), eval_tokens=pp["eval_tokens"], n_segments=pp["n_segments"]))
+        for w in want:
+            cell = dict(model=model, seed=seed, **w, **spec.to_dict())
+            if sweep.cell_key(cell) not in have:
+                missing.append((w["suite"], w["task"], w["context_length"], spec.name))
+    return missing
 
 
 def accuracy_results(model: str = "smollm2-135m", profile: str = "quick", run_missing: bool = True,
@@ -729,7 +733,7 @@ def accuracy_results(model: str = "smollm2-135m", profile: str = "quick", run_mi
     out = Path(out_dir) if out_dir is not None else results_dir()
     path = out / f"accuracy_{model.replace('/', '_')}.json"
     results = sweep.load_results(path)
-    missing = accuracy_missing(results, profile)
+    missing = accuracy_missing(results, profile, model)
     if not missing:
         return results, f"loaded {path} ({len(results['cells'])} cells; complete for profile {profile!r})"
     if not run_missing:
@@ -740,25 +744,38 @@ def accuracy_results(model: str = "smollm2-135m", profile: str = "quick", run_mi
     return results, f"ran mustafar.eval.run_sweep(profile={profile!r}): {n_before} missing cells computed -> {path}"
 
 
-def accuracy_table(results: dict):
+def accuracy_table(results: dict, profile: str | None = None):
     """One row per configuration: group, strategies, sparsities, mode, fp16 bytes ratio, mean score
     over the RULER (and LongBench) cells (``avg``, %), and prose perplexity (``ppl``).
+
+    Config names are rebuilt from each cell's spec fields (``CacheSpec(...).name``), as
+    ``mustafar.eval.summarize`` does, so they match its tables even across renames; with ``profile``
+    only the cells made with that profile's settings are used.
 
     Returns
     -------
     DataFrame indexed by ``config``.
     """
     import pandas as pd
+    from mustafar.eval import sweep
+    from mustafar.eval.runtime import CacheSpec
 
-    cells = pd.DataFrame(results.get("cells", []))
-    if cells.empty:
+    cells = list(results.get("cells", []))
+    if profile is not None:
+        prof = (results.get("profiles") or {}).get(profile) or sweep.PROFILES.get(profile)
+        in_profile = getattr(sweep, "_in_profile", None)
+        if prof is not None and in_profile is not None:
+            cells = [c for c in cells if in_profile(c, prof)]
+    if not cells:
         return pd.DataFrame()
-    keys = ["config", "group", "mode", "k_strategy", "v_strategy", "k_sparsity", "v_sparsity", "bytes_ratio"]
-    keys = [k for k in keys if k in cells.columns]
-    meta = cells.groupby("config")[keys[1:]].first()
-    scored = cells[cells["suite"] != "ppl"]
+    df = pd.DataFrame(cells)
+    df["config"] = [CacheSpec(**{f: c.get(f) for f in sweep._SPEC_FIELDS if c.get(f) is not None}).name for c in cells]
+    keys = [k for k in ("group", "mode", "k_strategy", "v_strategy", "k_sparsity", "v_sparsity", "bytes_ratio")
+            if k in df.columns]
+    meta = df.groupby("config")[keys].first()
+    scored = df[df["suite"] != "ppl"]
     meta["avg"] = scored.groupby("config")["score"].mean() if not scored.empty else float("nan")
-    meta["ppl"] = (cells[cells["suite"] == "ppl"].groupby("config")["ppl"].mean() if "ppl" in cells.columns
+    meta["ppl"] = (df[df["suite"] == "ppl"].groupby("config")["ppl"].mean() if "ppl" in df.columns
                    else float("nan"))
     order = {"dense": 0, "K-only": 1, "V-only": 2, "joint": 3, "asymmetric": 4}
     meta["_o"] = meta["group"].map(order).fillna(9)
@@ -777,76 +794,6 @@ def strategy_label(row) -> str:
 # --------------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------------
-
-
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return 1e3 * ts[len(ts) // 2]
-
-
-@torch.inference_mode()
-def cpu_decode_timing(batch: int, h_q: int, h_kv: int, tokens: int, head_dim: int = 128,
-                      sparsity: float = 0.7, dtype: torch.dtype = torch.float32, repeats: int = 10,
-                      seed: int = 0) -> dict:
-    """Time one decode-attention step on the CPU: dense torch SDPA over dense K/V against
-    ``mustafar.ops.sparse_decode`` over the same K/V pruned per token and bitmap-encoded.
-
-    Parameters
-    ----------
-    batch, h_q, h_kv, tokens, head_dim : the shape (``q [B, H_q, D]``, K/V ``[B, H_kv, T, D]``).
-    sparsity : fraction pruned per token vector.
-    dtype : tensor dtype (fp32 is the CPU's fast path).
-    repeats : timed runs (median reported).
-
-    Returns
-    -------
-    dict with the shape, ``backend`` (``mustafar.ops.backend()``), ``dense_ms``, ``sparse_ms``,
-    ``speedup`` (dense / sparse), ``dense_bytes``, ``sparse_bytes`` (K+V as stored) and
-    ``rel_err`` (sparse output vs dense attention over the pruned K/V).
-    """
-    from mustafar import ops
-
-    if h_q % h_kv:
-        raise ValueError(f"h_q={h_q} must be a multiple of h_kv={h_kv}")
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, h_q, head_dim, generator=g).to(dtype)  # [B, H_q, D]
-    k = torch.randn(batch, h_kv, tokens, head_dim, generator=g).to(dtype)  # [B, H_kv, T, D]
-    v = torch.randn(batch, h_kv, tokens, head_dim, generator=g).to(dtype)
-    kk = head_dim - math.floor(sparsity * head_dim + 0.5)
-    kb, kv = ops.prune_encode_topk(k, kk)
-    vb, vv = ops.prune_encode_topk(v, kk)
-    empty = q.new_empty(batch, h_kv, 0, head_dim)
-    scale = 1.0 / math.sqrt(head_dim)
-    q4 = q.unsqueeze(2)  # [B, H_q, 1, D]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    gqa = h_q != h_kv
-
-    def dense():
-        return sdpa(q4, k, v, enable_gqa=gqa)
-
-    def sparse():
-        return ops.sparse_decode(q, kb, kv, vb, vv, empty, empty, None, scale)
-
-    ref = sdpa(q4, ops.decode_bitmap(kb, kv, head_dim), ops.decode_bitmap(vb, vv, head_dim), enable_gqa=gqa)
-    out = sparse()
-    rel = float((out.float() - ref.squeeze(2).float()).norm() / ref.float().norm())
-    isz = torch.empty((), dtype=dtype).element_size()
-    dense_ms, sparse_ms = _median_ms(dense, repeats), _median_ms(sparse, repeats)
-    return {
-        "B": batch, "H_q": h_q, "H_kv": h_kv, "T": tokens, "D": head_dim, "sparsity": sparsity,
-        "dtype": str(dtype).replace("torch.", ""), "backend": ops.backend(), "dense_ms": dense_ms,
-        "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
-        "dense_bytes": 2 * k.numel() * isz,
-        "sparse_bytes": (kb.numel() + vb.numel()) * 8 + (kv.numel() + vv.numel()) * isz,
-        "rel_err": rel,
-    }
 
 
 def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):

@@ -13,7 +13,9 @@ Every other case (prefill, sliding layers, non-left padding) gets the usual sdpa
 the dense window when the keys come from a compressed :class:`mustafar.cache.MustafarLayer` in a decode
 step; everything else goes to transformers' sdpa attention (a ``kv_start`` mask is expanded to a small
 ``[B, 1, 1, T]`` boolean mask first). The dense paths always use sdpa, whatever implementation the model
-had before.
+had before. When the keys carry a cache layer with a query-driven strategy (``output_aware``, ``think``),
+the post-RoPE queries (and the mask / scale) are handed to it after attention
+(:meth:`mustafar.cache.MustafarLayer.consume_queries`): a multi-token call's tokens are pruned then.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     ``(attn_output [B, q_len, H_q, D], None)``
     """
     ctx = getattr(key, "_mustafar_ctx", None)
+    layer = getattr(key, "_mustafar_layer", None)  # set by a cache layer with a query-driven strategy
     pending = PENDING_DECODE.pop(getattr(module, "layer_idx", None), False)
     if pending and ctx is None:
         raise RuntimeError(
@@ -94,17 +97,25 @@ def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         q = query[:, :, 0, :]  # [B, H_q, D]
         out = ops.sparse_decode(q, ctx.k_bitmap, ctx.k_values, ctx.v_bitmap, ctx.v_values,
                                 ctx.k_window, ctx.v_window, attention_mask, scaling)  # [B, H_q, D]
+        if layer is not None:  # scores from the dense window only (the compressed part is not re-read)
+            layer.consume_queries(query, ctx.k_window, attention_mask, scaling)
         return out.unsqueeze(1), None  # [B, 1, H_q, D]
     if ctx is not None:
         # slow path (a 4D mask in a decode step): decompress this layer for this call only
         key, value = ctx.dense()
+    given_mask = attention_mask
     if _is_kv_start(attention_mask):
         t = key.shape[2]
         pos = torch.arange(t, device=key.device)
         attention_mask = (pos[None, :] >= attention_mask.to(key.device).long()[:, None])[:, None, None, :]
         attention_mask = attention_mask.expand(-1, 1, query.shape[2], -1)  # [B, 1, q_len, T]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 **kwargs)
+    if layer is not None:
+        # query-driven pruning: a multi-token call prunes now (after its dense attention); a decode step
+        # adds its query to the window's scores
+        layer.consume_queries(query, key, given_mask, scaling)
+    return out
 
 
 def prepare_model(model) -> None:

@@ -19,6 +19,34 @@ Default ``compress_chunk = 256`` follows the paper's kernel path (compress in ch
 window therefore holds between ``local_window`` and ``local_window + compress_chunk`` dense tokens
 during decode. ``compress_chunk = 1`` compresses every token as soon as it leaves the 32-token window.
 
+Query-driven strategies (``output_aware``, ``think``; mustafar.pruning for the score formulas):
+
+* The ``"mustafar"`` attention function hands each call's post-RoPE queries ``[B, H_q, q_len, D]``
+  (with the mask and scale it used) back to the cache layer (:meth:`MustafarLayer.consume_queries`).
+  A multi-token call is pruned after its dense attention, exactly as
+  ``mustafar.prune(x, s, strategy, q=q, ...)`` on the call's K/V and queries would prune those rows
+  (tests/test_cache.py checks this bit for bit at prefill): K output-aware scores ``|K| x`` the
+  G-summed ``|Q|`` of the ``window`` (default 32) queries from the token's own position on; V
+  output-aware scores ``|V| x`` the attention weight the token receives (causal / padding mask,
+  softmax over every key the queries read, formed in query chunks of <= 2**24 scores), summed over
+  queries and the G heads; ThinK keeps, per (sequence, KV head), the channels with the largest
+  ``||Q_obs[:, c]|| * ||K[:, c]||`` over the last ``obs_window`` queries and the call's tail tokens.
+* Tokens that stay in the window keep running sums: ``qacc`` (fp64 ``[B, H_kv, wcap, D]``, the
+  G-summed ``|Q|`` of the queries received so far, at most ``window`` of them) and ``vacc`` (fp32
+  ``[B, H_kv, wcap]``, attention received so far); each decode step adds its query. A decode-time
+  chunk is scored from them when it is compressed, i.e. with the queries that arrived before (the
+  query of the step that compresses it is not yet known). For K output-aware this is exactly the
+  prefill formula whenever ``local_window >= window - 1`` (defaults 32/32). V output-aware sums the
+  attention of every query from the token's arrival to its compression (at prefill: the queries of
+  that call). In ``"compressed"`` mode the decode step's attention weights on the window come from a
+  softmax over the dense window only (the compressed part's normaliser is not exposed by
+  ``sparse_decode``): per query a common factor, which leaves per-token rankings unchanged (the
+  only granularity compressed mode allows); ``"simulate"`` uses the full softmax.
+* ThinK: the channel set is fixed at the last multi-token call (prefill) and reused for every later
+  decode-time chunk, as ThinK does; a later multi-token call (second turn) recomputes it.
+* Code that replays a prefill with ``cache.update`` (no attention call) passes the queries as
+  ``cache.update(k, v, layer_idx, {"query_states": q})``.
+
 Memory layout of one compressed layer (``B`` batch, ``H`` KV heads, ``W = D // 64``):
 ``k_bitmap``/``v_bitmap`` int64 ``[B, H, cap, W]``, ``k_values [B, H, cap, k_k]``,
 ``v_values [B, H, cap, k_v]``, dense window ``[B, H, local_window + compress_chunk + 1, D]`` for K and V,
@@ -57,15 +85,19 @@ def _layer_types(config) -> tuple[list[str], list[dict]]:
     return types, kw
 
 from mustafar import ops
-from mustafar.pruning import STRATEGIES, kept_count, prune
+from mustafar.pruning import STRATEGIES, kept_count, prune, topk_mask
+from mustafar.pruning._common import group_channel_mask
+from mustafar.pruning.think import think_channel_scores
 
 __all__ = ["MustafarConfig", "MustafarCache", "MustafarLayer", "MustafarSimulatedLayer"]
 
 _MODES = ("compressed", "simulate")
 # Strategies that keep a fixed number of values per token vector (what the fixed-stride format needs).
-_FIXED_BUDGET = ("per_token_magnitude", "semi_structured_2_4")
-# Strategies that need the queries (or attention) of the prompt: the cache does not see them.
+_FIXED_BUDGET = ("per_token_magnitude", "semi_structured_2_4", "think")  # + output_aware per_token
+# Query-driven strategies: scored with the queries the "mustafar" attention function hands to the cache.
 _NEED_QUERIES = ("output_aware", "think")
+# Their options a MustafarConfig may set (q / k / attn are supplied by the cache).
+_QUERY_KWARGS = {"output_aware": ("granularity", "window", "group_size", "kind"), "think": ("obs_window", "kind")}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # layer_idx -> True between a compressed decode-step `update` and the attention call that consumes it;
 # lets mustafar.attention detect a model that transforms the keys in between (it would lose the store).
@@ -95,6 +127,8 @@ class MustafarConfig:
         pruned entries zeroed, same schedule, normal (sdpa) attention.
     k_strategy_kwargs, v_strategy_kwargs : dict
         Extra keyword arguments of the strategies (e.g. ``group_size`` of per-channel pruning).
+        ``output_aware``: ``granularity`` (``"per_token"``/``"per_channel"``), ``window`` (queries summed
+        per key, default 32), ``group_size``; ``kind`` is implied by the side. ``think``: ``obs_window``.
     """
 
     k_sparsity: float = 0.7
@@ -125,23 +159,53 @@ class MustafarConfig:
             kw = getattr(self, f"{which}_strategy_kwargs")
             if strat not in STRATEGIES:
                 raise ValueError(f"{which}_strategy={strat!r} unknown; available: {sorted(STRATEGIES)}")
-            if strat in _NEED_QUERIES:
-                raise ValueError(
-                    f"{which}_strategy={strat!r} needs the queries/attention of the prompt, which the cache "
-                    "does not see; prune offline with mustafar.prune instead"
-                )
             if not isinstance(kw, dict):
                 raise ValueError(f"{which}_strategy_kwargs={kw!r} must be a dict")
-            if self.mode == "compressed" and strat not in _FIXED_BUDGET:
+            if strat in _NEED_QUERIES:
+                self._check_query_kwargs(which, strat, kw)
+            if self.mode == "compressed" and not self._fixed_budget(which):
+                gran = f" (granularity={kw.get('granularity')!r})" if strat == "output_aware" else ""
                 raise ValueError(
-                    f"{which}_strategy={strat!r} has no fixed kept count per token vector; "
-                    f"mode='compressed' supports {_FIXED_BUDGET}, use mode='simulate'"
+                    f"{which}_strategy={strat!r}{gran} has no fixed kept count per token vector; "
+                    f"mode='compressed' supports per_token_magnitude, semi_structured_2_4, think and "
+                    f"output_aware with granularity='per_token'; use mode='simulate'"
                 )
             if strat == "semi_structured_2_4" and getattr(self, f"{which}_sparsity") != 0.5:
                 raise ValueError(
                     f"{which}_strategy='semi_structured_2_4' fixes sparsity at 0.5, got "
                     f"{which}_sparsity={getattr(self, f'{which}_sparsity')}"
                 )
+
+    def _check_query_kwargs(self, which: str, strat: str, kw: dict) -> None:
+        kind = "key" if which == "k" else "value"
+        allowed = _QUERY_KWARGS[strat]
+        bad = sorted(set(kw) - set(allowed))
+        if bad:
+            raise ValueError(
+                f"{which}_strategy_kwargs has option(s) {bad} that {strat!r} cannot take inside the cache "
+                f"(the cache supplies the queries/attention itself); allowed: {list(allowed)}"
+            )
+        if kw.get("kind", kind) != kind:
+            raise ValueError(f"{which}_strategy_kwargs kind={kw['kind']!r}: the {which.upper()} side is kind={kind!r}")
+        if strat == "think" and which == "v":
+            raise ValueError("v_strategy='think': ThinK prunes key channels only (query-driven); use it as k_strategy")
+        if strat == "output_aware" and kw.get("granularity", "per_token") not in ("per_token", "per_channel"):
+            raise ValueError(f"{which}_strategy_kwargs granularity={kw['granularity']!r} must be 'per_token' or "
+                             "'per_channel'")
+        for name in ("window", "group_size", "obs_window"):
+            v = kw.get(name, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{which}_strategy_kwargs {name}={v!r} must be a positive int")
+
+    def _fixed_budget(self, which: str) -> bool:
+        strat = getattr(self, f"{which}_strategy")
+        if strat == "output_aware":
+            return getattr(self, f"{which}_strategy_kwargs").get("granularity", "per_token") == "per_token"
+        return strat in _FIXED_BUDGET
+
+    def needs_queries(self, which: str) -> bool:
+        """Whether the ``which`` (``"k"``/``"v"``) side prunes with a query-driven strategy (sparsity > 0)."""
+        return getattr(self, f"{which}_strategy") in _NEED_QUERIES and getattr(self, f"{which}_sparsity") > 0.0
 
     # -- helpers used by the layers
     def kept(self, which: str, head_dim: int) -> int:
@@ -155,7 +219,7 @@ class MustafarConfig:
         """Pruned copy of ``x [B, H, T, D]`` (pruned entries 0), as the simulate mode stores it."""
         s = getattr(self, f"{which}_sparsity")
         strat = getattr(self, f"{which}_strategy")
-        if s == 0.0 and strat == "per_token_magnitude":
+        if s == 0.0 and (strat == "per_token_magnitude" or strat in _NEED_QUERIES):
             return x
         return prune(x, s, strat, **getattr(self, f"{which}_strategy_kwargs"))
 
@@ -164,12 +228,210 @@ class MustafarConfig:
         strat = getattr(self, f"{which}_strategy")
         k = self.kept(which, x.shape[-1])
         x = x.contiguous()
-        if strat == "per_token_magnitude":
+        if strat == "per_token_magnitude" or strat in _NEED_QUERIES:  # query-driven: only reached at sparsity 0
             return ops.prune_encode_topk(x, k)
         _, mask = prune(x, getattr(self, f"{which}_sparsity"), strat, return_mask=True,
                         **getattr(self, f"{which}_strategy_kwargs"))
         return ops.encode_bitmap(x, mask, k)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+_RECEIVED_CHUNK_ELEMS = 1 << 24  # bound of one [B, H_q, chunk, T] fp32 score block in _attention_received
+
+
+def _attention_received(query: torch.Tensor, key: torch.Tensor, mask, scaling: float, key_pos0: int,
+                        ncols: int) -> torch.Tensor:
+    """Attention weight the last ``ncols`` keys receive, summed over the queries and the G heads of each group.
+
+    Parameters
+    ----------
+    query : ``[B, H_q, T_q, D]``; query ``j`` sits at the position of key column ``T_k - T_q + j``.
+    key : ``[B, H_kv, T_k, D]`` every key the queries attend to (softmax denominator).
+    mask : ``None`` (causal), int32 ``kv_start [B]`` (causal + positions ``< kv_start`` masked; key column
+        ``c`` has position ``key_pos0 + c``) or a 4D sdpa mask ``[B|1, 1|H_q, T_q, >=T_k]`` (bool: True =
+        attend, or additive float).
+    scaling : softmax scale.
+
+    Returns
+    -------
+    fp32 ``[B, H_kv, ncols]``. Scores are formed in chunks of queries so one block holds at most
+    ``2**24`` elements; fully masked query rows contribute 0.
+    """
+    B, Hq, Tq, D = query.shape
+    H, Tk = key.shape[1], key.shape[2]
+    G = Hq // H
+    kf = key.float().transpose(-1, -2)  # [B, H_kv, D, T_k]
+    cols = torch.arange(Tk, device=key.device)
+    out = torch.zeros(B, H, ncols, dtype=torch.float32, device=key.device)
+    chunk = max(1, _RECEIVED_CHUNK_ELEMS // max(1, B * Hq * Tk))
+    for j0 in range(0, Tq, chunk):
+        j1 = min(Tq, j0 + chunk)
+        c = j1 - j0
+        qg = query[:, :, j0:j1].float().reshape(B, H, G * c, D)  # [B, H_kv, G*c, D]
+        sc = (qg @ kf * scaling).view(B, H, G, c, Tk)  # [B, H_kv, G, c, T_k]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            m = mask[:, :, j0:j1, :Tk].to(key.device)  # [B|1, 1|H_q, c, T_k]
+            m = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], H, G, c, Tk)
+            sc = sc.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else sc + m.float()
+        else:
+            qpos = torch.arange(j0, j1, device=key.device) + (Tk - Tq)  # [c]
+            allowed = (cols[None, :] <= qpos[:, None])[None]  # [1, c, T_k]
+            if isinstance(mask, torch.Tensor):  # kv_start [B]
+                allowed = allowed & ((cols + key_pos0)[None, None, :] >= mask.to(key.device).long()[:, None, None])
+            sc = sc.masked_fill(~allowed[:, None, None], float("-inf"))
+        p = torch.softmax(sc, dim=-1).nan_to_num_(0.0)  # [B, H_kv, G, c, T_k]
+        out += p.reshape(B, H, G * c, Tk).sum(2)[..., Tk - ncols:]
+    return out
+
+
+def _valid_keys(mask, tk: int):
+    """``[B, T_k]`` bool: key columns the last query may read (a 4D sdpa mask), else ``None``."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    m = mask[:, 0, -1, :tk]  # [B|1, T_k]
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+
+
+class _QueryState:
+    """Query-driven scoring state of one layer (built only when a side uses ``output_aware`` / ``think``).
+
+    The dense window rows ``0..n_w-1`` (cache positions ``n_c..n_c+n_w-1``) carry accumulators:
+
+    * ``qacc`` fp64 ``[B, H_kv, wcap, D]`` (K output-aware): sum of the G-summed ``|Q|`` of the queries at
+      positions ``t .. t+window-1`` that have arrived so far for row ``t``.
+    * ``vacc`` fp32 ``[B, H_kv, wcap]`` (V output-aware): attention weight received so far, summed over
+      queries and the G heads.
+    * ``think_keep`` bool ``[B, H_kv, D]`` (K ThinK): the kept channels of the last multi-token call.
+    """
+
+    def __init__(self, cfg: MustafarConfig, head_dim: int):
+        self.cfg = cfg
+        self.head_dim = head_dim
+        self.k_oa = cfg.needs_queries("k") and cfg.k_strategy == "output_aware"
+        self.k_think = cfg.needs_queries("k") and cfg.k_strategy == "think"
+        self.v_oa = cfg.needs_queries("v") and cfg.v_strategy == "output_aware"
+        kk, vk = cfg.k_strategy_kwargs, cfg.v_strategy_kwargs
+        self.k_window = kk.get("window", 32)
+        self.obs_window = kk.get("obs_window", 32)
+        self.qacc = self.vacc = self.think_keep = None
+
+    def allocate(self, batch: int, heads: int, device) -> None:
+        wcap = self.cfg.local_window + self.cfg.compress_chunk + 1
+        d = self.head_dim
+        if self.k_oa:
+            self.qacc = torch.zeros(batch, heads, wcap, d, dtype=torch.float64, device=device)
+        if self.v_oa:
+            self.vacc = torch.zeros(batch, heads, wcap, dtype=torch.float32, device=device)
+        self.think_keep = None
+
+    def free(self) -> None:
+        self.qacc = self.vacc = self.think_keep = None
+
+    def tensors(self) -> dict:
+        out = {}
+        if self.qacc is not None:
+            out["k_query_acc"] = self.qacc
+        if self.vacc is not None:
+            out["v_attn_acc"] = self.vacc
+        if self.think_keep is not None:
+            out["k_think_keep"] = self.think_keep
+        return out
+
+    # -- masks
+    def _select(self, which: str, score: torch.Tensor) -> torch.Tensor:
+        """Keep-mask ``[B, H, n, D]`` from a score of the same shape (per-token or per-channel-group rule)."""
+        kw = getattr(self.cfg, f"{which}_strategy_kwargs")
+        s = getattr(self.cfg, f"{which}_sparsity")
+        if kw.get("granularity", "per_token") == "per_token":
+            return topk_mask(score, kept_count(score.shape[-1], s))
+        return group_channel_mask(score, s, kw.get("group_size", 32))
+
+    def _think_mask(self, n: int) -> torch.Tensor:
+        if self.think_keep is None:
+            raise RuntimeError("ThinK channel set not computed: the cache saw no multi-token call with queries "
+                               "(a one-token prompt); prefill at least two tokens")
+        b, h, d = self.think_keep.shape
+        return self.think_keep[:, :, None, :].expand(b, h, n, d)
+
+    def masks(self, k_rows, v_rows, qsum, asum):
+        """Keep-masks of ``k_rows, v_rows [B, H, n, D]`` (``None`` for a side without queries)."""
+        km = vm = None
+        n = k_rows.shape[2]
+        if self.k_oa:
+            km = self._select("k", k_rows.abs().float() * qsum.float())
+        elif self.k_think:
+            km = self._think_mask(n)
+        if self.v_oa:
+            vm = self._select("v", v_rows.abs().float() * asum.float()[..., None])
+        return km, vm
+
+    # -- multi-token call
+    def bulk(self, tail_k, tail_v, n_old, query, key_full, mask, scaling, n_comp):
+        """Masks of the first ``n_comp`` tail rows; keeps the accumulators of the rest.
+
+        ``tail_k, tail_v [B, H, t, D]`` = ``[old window rows (n_old) ; this call's tokens]``; ``query
+        [B, H_q, t - n_old, D]`` this call's queries; ``key_full [B, H, T_k, D]`` every key they attended
+        (its last ``t`` columns are the tail).
+        """
+        B, H, t, D = tail_k.shape
+        qn = query.shape[2]
+        qsum = asum = None
+        if self.k_oa:
+            w = self.k_window
+            G = query.shape[1] // H
+            # same arithmetic as mustafar.pruning.output_aware.key_scores
+            qa = query.abs().to(torch.float64).reshape(B, H, G, qn, D).sum(2)  # [B, H, q, D]
+            cs = torch.nn.functional.pad(qa.cumsum(2), (0, 0, 1, 0))  # [B, H, q+1, D]
+            j = torch.arange(qn, device=query.device)
+            new = cs[:, :, torch.clamp(j + w, max=qn)] - cs[:, :, j]  # [B, H, q, D]
+            i = torch.arange(n_old, device=query.device)
+            old = cs[:, :, torch.clamp(i - n_old + w, min=0, max=qn)] - cs[:, :, :1]  # [B, H, n_old, D]
+            qsum = torch.cat([self.qacc[:, :, :n_old] + old, new], dim=2)  # [B, H, t, D]
+        if self.k_think:
+            kt, qt = tail_k, query
+            valid = _valid_keys(mask, key_full.shape[2])  # [B, T_k] bool or None (no padding info)
+            if valid is not None:  # padding tokens' keys / queries do not vote
+                kt = tail_k * valid[:, None, -t:, None].to(tail_k.dtype)
+                qt = query * valid[:, None, -qn:, None].to(query.dtype)
+            sc = think_channel_scores(kt, qt, self.obs_window)  # [B, H, D]
+            self.think_keep = topk_mask(sc, kept_count(D, self.cfg.k_sparsity))
+        if self.v_oa:
+            asum = _attention_received(query, key_full, mask, scaling, 0, t)  # [B, H, t]
+            asum[:, :, :n_old] += self.vacc[:, :, :n_old]
+        km, vm = self.masks(tail_k[:, :, :n_comp], tail_v[:, :, :n_comp],
+                            None if qsum is None else qsum[:, :, :n_comp],
+                            None if asum is None else asum[:, :, :n_comp])
+        rest = t - n_comp
+        if self.k_oa:
+            self.qacc[:, :, :rest] = qsum[:, :, n_comp:]
+            self.qacc[:, :, rest:] = 0
+        if self.v_oa:
+            self.vacc[:, :, :rest] = asum[:, :, n_comp:]
+            self.vacc[:, :, rest:] = 0
+        return km, vm
+
+    # -- decode step
+    def observe(self, query, key, mask, scaling, key_pos0, n_c, n_w) -> None:
+        """Add one decode query ``[B, H_q, 1, D]`` (position ``n_c + n_w - 1``) to the window accumulators.
+
+        ``key [B, H, T_k, D]`` are the keys the attention read, starting at position ``key_pos0`` (the
+        full sequence, or only the dense window in the compressed fast path).
+        """
+        if self.k_oa:
+            B, H = key.shape[:2]
+            qa = query.abs().to(torch.float64).reshape(B, H, -1, self.head_dim).sum(2)  # [B, H, D]
+            lo = max(0, n_w - self.k_window)
+            self.qacc[:, :, lo:n_w] += qa[:, :, None]
+        if self.v_oa:
+            self.vacc[:, :, :n_w] += _attention_received(query, key, mask, scaling, key_pos0, n_w)
+
+    def shift(self, n: int, n_w: int) -> None:
+        """Drop the first ``n`` window rows' accumulators (they were compressed)."""
+        for acc in (self.qacc, self.vacc):
+            if acc is not None:
+                acc[:, :, : n_w - n] = acc[:, :, n:n_w].clone()
+                acc[:, :, n_w - n :] = 0  # invariant: rows >= n_w are 0 (a new window row starts empty)
 
 # ---------------------------------------------------------------------------------------------------------------------
 class _DecodeContext:
@@ -209,6 +471,9 @@ class _MustafarLayerBase(CacheLayerMixin):
         self.n_c = 0  # tokens pruned (compressed)
         self.n_w = 0  # tokens in the dense window
         self.counts: torch.Tensor | None = None  # int64 [2] = (n_c, n_w), the on-device bookkeeping
+        # query-driven strategies: scoring state, and a multi-token call's K/V awaiting its queries
+        self._qs = _QueryState(cfg, head_dim) if (cfg.needs_queries("k") or cfg.needs_queries("v")) else None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -216,6 +481,8 @@ class _MustafarLayerBase(CacheLayerMixin):
         self.batch_size = key_states.shape[0]
         self.counts = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._allocate(key_states.shape[0], key_states.device)
+        if self._qs is not None:
+            self._qs.allocate(key_states.shape[0], self.num_kv_heads, key_states.device)
         self.is_initialized = True
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -247,6 +514,20 @@ class _MustafarLayerBase(CacheLayerMixin):
             )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Add ``key_states, value_states [B, H_kv, q_len, D]``; return the K/V attention should read.
+
+        Query-driven strategies: a multi-token call's pruning waits for its queries, which the
+        ``"mustafar"`` attention function hands over (:meth:`consume_queries`). Code that calls
+        ``update`` without running attention (e.g. replaying a captured prefill) passes them instead as
+        ``cache_kwargs={"query_states": q}`` (``q [B, H_q, q_len, D]`` post-RoPE): the tokens are pruned
+        at once, with causal attention over ``[past ; these tokens]`` for value scores.
+        """
+        if self._pending is not None:
+            raise RuntimeError(
+                "MustafarCache layer: the previous multi-token call never received its queries (query-driven "
+                f"k_strategy={self.cfg.k_strategy!r} / v_strategy={self.cfg.v_strategy!r}); run attention through "
+                "the 'mustafar' attention implementation or pass cache_kwargs={'query_states': q} to update()"
+            )
         self._check(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -257,19 +538,87 @@ class _MustafarLayerBase(CacheLayerMixin):
             if self.n_w > cfg.local_window + cfg.compress_chunk:
                 self._compress_window_head(cfg.compress_chunk)
             out = self._decode_view()
+            if self._qs is not None:
+                out = (self._tag(out[0]), out[1])
         else:
             out = self._dense_with(key_states, value_states)
-            # everything but the last `local_window` tokens leaves the window
-            self._append_bulk(key_states, value_states)
+            if self._qs is None:
+                # everything but the last `local_window` tokens leaves the window
+                self._append_bulk(key_states, value_states)
+            else:
+                ck = kwargs.get("cache_kwargs", args[0] if args else None)
+                q = ck.get("query_states") if isinstance(ck, dict) else None
+                self._pending = (key_states, value_states)
+                if q is not None:
+                    self.consume_queries(q, out[0], None, None)
+                else:
+                    out = (self._tag(out[0]), out[1])
         self.counts[0] = self.n_c
         self.counts[1] = self.n_w
         return out
+
+    def _tag(self, keys: torch.Tensor) -> torch.Tensor:
+        """A fresh view of ``keys`` carrying this layer, for the attention function to hand the queries back."""
+        ctx = getattr(keys, "_mustafar_ctx", None)
+        keys = keys.view_as(keys)
+        if ctx is not None:
+            keys._mustafar_ctx = ctx
+        keys._mustafar_layer = self
+        return keys
+
+    def consume_queries(self, query: torch.Tensor, key: torch.Tensor, attention_mask=None,
+                        scaling: float | None = None, key_pos0: int | None = None) -> None:
+        """Receive the queries of the call that just ran (called by :mod:`mustafar.attention`).
+
+        Parameters
+        ----------
+        query : ``[B, H_q, q_len, D]`` post-RoPE queries of this call.
+        key : ``[B, H_kv, T_k, D]`` the keys attention read: the whole sequence (multi-token call, slow
+            path, simulate mode), or only the dense window (compressed decode fast path).
+        attention_mask : ``None`` | int32 ``kv_start [B]`` | 4D sdpa mask, as given to attention.
+        scaling : softmax scale (default ``D**-0.5``).
+        key_pos0 : cache position of ``key``'s first row (default: ``get_seq_length() - T_k``).
+        """
+        if scaling is None:
+            scaling = self.head_dim ** -0.5
+        b, h = key.shape[:2]
+        if (query.dim() != 4 or query.shape[0] != b or query.shape[1] % h or query.shape[-1] != self.head_dim):
+            raise ValueError(f"query_states shape {tuple(query.shape)} does not fit keys {tuple(key.shape)} "
+                             f"(expected [B={b}, H_q (multiple of {h}), q_len, D={self.head_dim}])")
+        if self._pending is not None:
+            k, v = self._pending
+            if query.shape[2] != k.shape[2]:
+                raise ValueError(f"query_states has q_len={query.shape[2]}, the pending call added {k.shape[2]} tokens")
+            self._pending = None
+            wk, wv = self._window_rows()
+            tail_k = torch.cat([wk, k], dim=2)  # [B, H, n_w + q, D]
+            tail_v = torch.cat([wv, v], dim=2)
+            n_comp = max(0, tail_k.shape[2] - self.cfg.local_window)
+            km, vm = self._qs.bulk(tail_k, tail_v, self.n_w, query, key, attention_mask, scaling, n_comp)
+            self._append_bulk(k, v, km, vm)
+            self.counts[0] = self.n_c
+            self.counts[1] = self.n_w
+        elif query.shape[2] == 1:
+            if key_pos0 is None:
+                key_pos0 = self.get_seq_length() - key.shape[2]
+            self._qs.observe(query, key, attention_mask, scaling, key_pos0, self.n_c, self.n_w)
+
+    def _chunk_masks(self, n: int):
+        """Keep-masks of the ``n`` oldest window rows (query-driven sides; ``None`` otherwise); shifts the state."""
+        if self._qs is None:
+            return None, None
+        wk, wv = self._window_rows()
+        qs = self._qs
+        km, vm = qs.masks(wk[:, :, :n], wv[:, :, :n], None if qs.qacc is None else qs.qacc[:, :, :n],
+                          None if qs.vacc is None else qs.vacc[:, :, :n])
+        qs.shift(n, self.n_w)
+        return km, vm
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.n_c + self.n_w
+        return self.n_c + self.n_w + (self._pending[0].shape[2] if self._pending is not None else 0)
 
     def get_max_length(self) -> int:
         return -1
@@ -278,6 +627,9 @@ class _MustafarLayerBase(CacheLayerMixin):
         self.n_c = self.n_w = 0
         self.is_initialized = False
         self.counts = None
+        self._pending = None
+        if self._qs is not None:
+            self._qs.free()
         self._free()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -311,7 +663,8 @@ class _MustafarLayerBase(CacheLayerMixin):
     def _compress_window_head(self, n: int) -> None: ...
     def _decode_view(self): ...
     def _dense_with(self, k, v): ...
-    def _append_bulk(self, k, v) -> None: ...
+    def _append_bulk(self, k, v, km=None, vm=None) -> None: ...
+    def _window_rows(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the layer holds, by role."""
@@ -351,7 +704,8 @@ class MustafarLayer(_MustafarLayerBase):
         if not self.is_initialized:
             return {}
         return {"k_bitmap": self.k_bitmap, "v_bitmap": self.v_bitmap, "k_values": self.k_vals,
-                "v_values": self.v_vals, "k_window": self.k_win, "v_window": self.v_win, "counts": self.counts}
+                "v_values": self.v_vals, "k_window": self.k_win, "v_window": self.v_win, "counts": self.counts,
+                **(self._qs.tensors() if self._qs is not None else {})}
 
     def _reserve(self, n_new: int):
         """Make room for ``n_new`` more compressed rows (geometric growth copies the used rows once)."""
@@ -368,14 +722,14 @@ class MustafarLayer(_MustafarLayerBase):
             setattr(self, name, new)
         self.cap = cap
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor):
-        """Prune + encode ``k, v [B, H, n, D]`` and write them after the last used row."""
+    def _store(self, k: torch.Tensor, v: torch.Tensor, km=None, vm=None):
+        """Prune + encode ``k, v [B, H, n, D]`` (with keep-masks ``km``/``vm`` where given) after the last used row."""
         n = k.shape[2]
         if n == 0:
             return
         self._reserve(n)
-        kb, kvals = self.cfg.encode("k", k)
-        vb, vvals = self.cfg.encode("v", v)
+        kb, kvals = self.cfg.encode("k", k) if km is None else ops.encode_bitmap(k.contiguous(), km, self.kk)
+        vb, vvals = self.cfg.encode("v", v) if vm is None else ops.encode_bitmap(v.contiguous(), vm, self.kv)
         sl = slice(self.n_c, self.n_c + n)
         self.k_bitmap[:, :, sl] = kb
         self.k_vals[:, :, sl] = kvals
@@ -389,8 +743,12 @@ class MustafarLayer(_MustafarLayerBase):
         self.n_w += 1
         self._sync_kv()
 
+    def _window_rows(self):
+        return self.k_win[:, :, : self.n_w], self.v_win[:, :, : self.n_w]
+
     def _compress_window_head(self, n):
-        self._store(self.k_win[:, :, :n], self.v_win[:, :, :n])
+        km, vm = self._chunk_masks(n)
+        self._store(self.k_win[:, :, :n], self.v_win[:, :, :n], km, vm)
         rest = self.n_w - n
         # shift the remaining (<= local_window + 1) window rows to the front: a small copy
         self.k_win[:, :, :rest] = self.k_win[:, :, n : self.n_w].clone()
@@ -421,13 +779,13 @@ class MustafarLayer(_MustafarLayerBase):
         return (torch.cat([pk, self.k_win[:, :, : self.n_w], k], dim=2),
                 torch.cat([pv, self.v_win[:, :, : self.n_w], v], dim=2))
 
-    def _append_bulk(self, k, v):
+    def _append_bulk(self, k, v, km=None, vm=None):
         lw = self.cfg.local_window
         tail_k = torch.cat([self.k_win[:, :, : self.n_w], k], dim=2)  # [B, H, n_w + q, D]
         tail_v = torch.cat([self.v_win[:, :, : self.n_w], v], dim=2)
         t = tail_k.shape[2]
         n_comp = max(0, t - lw)
-        self._store(tail_k[:, :, :n_comp], tail_v[:, :, :n_comp])
+        self._store(tail_k[:, :, :n_comp], tail_v[:, :, :n_comp], km, vm)
         rest = t - n_comp
         self.k_win[:, :, :rest] = tail_k[:, :, n_comp:]
         self.v_win[:, :, :rest] = tail_v[:, :, n_comp:]
@@ -457,7 +815,8 @@ class MustafarSimulatedLayer(_MustafarLayerBase):
     def tensors(self):
         if not self.is_initialized:
             return {}
-        return {"k_dense": self.k_buf, "v_dense": self.v_buf, "counts": self.counts}
+        return {"k_dense": self.k_buf, "v_dense": self.v_buf, "counts": self.counts,
+                **(self._qs.tensors() if self._qs is not None else {})}
 
     def _reserve(self, n_new):
         n = self.n_c + self.n_w
@@ -471,12 +830,18 @@ class MustafarSimulatedLayer(_MustafarLayerBase):
             setattr(self, name, new)
         self.cap = cap
 
-    def _prune_rows(self, start, n):
+    def _prune_rows(self, start, n, km=None, vm=None):
         if n <= 0:
             return
         sl = slice(start, start + n)
-        self.k_buf[:, :, sl] = self.cfg.prune_dense("k", self.k_buf[:, :, sl].clone())
-        self.v_buf[:, :, sl] = self.cfg.prune_dense("v", self.v_buf[:, :, sl].clone())
+        zero = torch.zeros((), dtype=self.dtype, device=self.k_buf.device)
+        for buf, which, m in ((self.k_buf, "k", km), (self.v_buf, "v", vm)):
+            rows = buf[:, :, sl].clone()
+            buf[:, :, sl] = self.cfg.prune_dense(which, rows) if m is None else torch.where(m, rows, zero)
+
+    def _window_rows(self):
+        sl = slice(self.n_c, self.n_c + self.n_w)
+        return self.k_buf[:, :, sl], self.v_buf[:, :, sl]
 
     def _append_window(self, k, v):
         self._reserve(1)
@@ -487,7 +852,8 @@ class MustafarSimulatedLayer(_MustafarLayerBase):
         self._sync_kv()
 
     def _compress_window_head(self, n):
-        self._prune_rows(self.n_c, n)
+        km, vm = self._chunk_masks(n)
+        self._prune_rows(self.n_c, n, km, vm)
         self.n_c += n
         self.n_w -= n
 
@@ -501,7 +867,7 @@ class MustafarSimulatedLayer(_MustafarLayerBase):
             return k, v
         return torch.cat([self.k_buf[:, :, :n], k], dim=2), torch.cat([self.v_buf[:, :, :n], v], dim=2)
 
-    def _append_bulk(self, k, v):
+    def _append_bulk(self, k, v, km=None, vm=None):
         q = k.shape[2]
         self._reserve(q)
         n = self.n_c + self.n_w
@@ -509,7 +875,7 @@ class MustafarSimulatedLayer(_MustafarLayerBase):
         self.v_buf[:, :, n : n + q] = v
         t = self.n_w + q
         n_comp = max(0, t - self.cfg.local_window)
-        self._prune_rows(self.n_c, n_comp)
+        self._prune_rows(self.n_c, n_comp, km, vm)
         self.n_c += n_comp
         self.n_w = t - n_comp
         self._sync_kv()

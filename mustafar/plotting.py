@@ -266,14 +266,19 @@ def plot_speed_bars(ax, df, x: str, y: str, hue: str, title: str = "", ylabel: s
         vals = [sub[sub[x].astype(str) == g][y].mean() for g in groups]
         ax.bar(xs + (i - (len(hues) - 1) / 2) * width, vals, width, label=h, color=_color(h, i))
     ax.set_xticks(xs)
-    ax.set_xticklabels(groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    crowded = len(groups) > 4 or sum(len(g) for g in groups) > 45  # labels would overlap side by side
+    rotation = (45 if len(groups) > 8 else 20) if crowded else 0
+    ax.set_xticklabels(groups, rotation=rotation, ha="right" if crowded else "center")
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or y)
     if logy:
         ax.set_yscale("log")
     if title:
         ax.set_title(title)
-    ax.legend()
+    if len(hues) > 3:  # many bars per group: keep the legend off the bars
+        ax.legend(bbox_to_anchor=(1.01, 1.0), loc="upper left")
+    else:
+        ax.legend()
     return ax
 
 
@@ -321,9 +326,10 @@ def plot_pareto(ax, df, x: str, y: str, label: str, title: str = "", xlabel=None
 
 
 def annotate_provenance(fig, meta: dict | None, keys: Sequence[str] = ("device", "commit", "date")) -> None:
-    """Write ``key: value`` provenance (e.g. device, commit, date of a recorded result) under a figure."""
+    """Write ``key: value`` provenance (e.g. device, commit, date of a recorded result) above a figure."""
     if not meta:
         return
     parts = [f"{k}: {meta[k]}" for k in keys if meta.get(k) not in (None, "")]
     if parts:
-        fig.text(0.01, -0.02, " | ".join(str(p) for p in parts), fontsize=8, color="0.35", ha="left", va="top")
+        # at the top edge: below the axes the tick labels would collide with it
+        fig.text(0.01, 1.0, " | ".join(str(p) for p in parts), fontsize=8, color="0.35", ha="left", va="bottom")

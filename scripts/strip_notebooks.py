@@ -3,7 +3,7 @@
 
 Every code cell loses its outputs and execution count, except cells marked ``# NBVAL_CHECK_OUTPUT``:
 those keep their ``stdout`` stream outputs (nothing else), which ``pytest --nbval-lax`` compares
-against a fresh run. Notebook metadata keeps only the kernelspec and language info; cell metadata
+against a fresh run, and a fixed execution count (nbval ignores cells whose count is empty). Notebook metadata keeps only the kernelspec and language info; cell metadata
 keeps only ``tags``. Files are written only when they change (1-space JSON indent, trailing newline,
 the layout nbformat writes).
 
@@ -55,12 +55,16 @@ def strip(nb: dict) -> dict:
     if not isinstance(nb, dict) or "cells" not in nb:
         raise ValueError("not a notebook: no 'cells'")
     nb["metadata"] = {k: v for k, v in nb.get("metadata", {}).items() if k in KEEP_NB_METADATA}
+    n_code = 0
     for cell in nb["cells"]:
         cell["metadata"] = {k: v for k, v in cell.get("metadata", {}).items() if k in KEEP_CELL_METADATA}
         cell.pop("id", None)
         if cell.get("cell_type") == "code":
+            n_code += 1
             cell["outputs"] = _kept_outputs(cell.get("outputs", [])) if is_checked(cell) else []
-            cell["execution_count"] = None
+            # nbval skips (and rejects) a reference cell whose execution_count is None, so a checked
+            # cell with a stored output gets a fixed count: its ordinal among the code cells.
+            cell["execution_count"] = n_code if cell["outputs"] else None
         else:
             cell.pop("outputs", None)
             cell.pop("execution_count", None)

@@ -49,7 +49,9 @@ def _prompt(model, b=1, t=40, seed=0):
     (dict(k_sparsity=1.0), "k_sparsity"), (dict(v_sparsity=-0.1), "v_sparsity"), (dict(k_sparsity="a"), "k_sparsity"),
     (dict(local_window=-1), "local_window"), (dict(compress_chunk=0), "compress_chunk"), (dict(mode="dense"), "mode"),
     (dict(k_strategy="nope"), "k_strategy"), (dict(v_strategy="per_channel_magnitude"), "v_strategy"),
-    (dict(k_strategy="think"), "k_strategy"),
+    (dict(v_strategy="think", mode="simulate"), "v_strategy"),
+    (dict(k_strategy="output_aware", k_strategy_kwargs={"q": None}), "k_strategy_kwargs"),
+    (dict(v_strategy="output_aware", v_strategy_kwargs={"kind": "key"}), "kind"),
     (dict(k_strategy="semi_structured_2_4", k_sparsity=0.7), "k_sparsity"),
 ])
 def test_config_rejects_bad_values(kw, bad):
@@ -309,3 +311,244 @@ def test_smollm2_long_prompt_compressed_equals_simulate():
         tok0, lg0 = _generate(model, ids, mask, cache, n=16)
         assert torch.equal(tok0, ref[0])
         torch.testing.assert_close(lg0, ref[1], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------ query-driven strategies
+OA, THINK = "output_aware", "think"
+_CHAN6 = {"granularity": "per_channel", "group_size": 6}
+# (k_strategy, k_kwargs, v_strategy, v_kwargs, modes it can run in)
+QUERY_CASES = {
+    "oa-tok": (OA, {}, OA, {}, ("compressed", "simulate")),
+    "think+oa-tok": (THINK, {}, OA, {}, ("compressed", "simulate")),
+    "think+mag": (THINK, {"obs_window": 8}, "per_token_magnitude", {}, ("compressed", "simulate")),
+    "oa-chan": (OA, _CHAN6, OA, _CHAN6, ("simulate",)),
+}
+
+
+def _qcfg(case, mode, sp=0.7, **over):
+    ks, kkw, vs, vkw, _ = QUERY_CASES[case]
+    kw = dict(k_sparsity=sp, v_sparsity=sp, k_strategy=ks, v_strategy=vs, k_strategy_kwargs=dict(kkw),
+              v_strategy_kwargs=dict(vkw), mode=mode, **SMALL)
+    kw.update(over)
+    return MustafarConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(k_strategy="output_aware", k_strategy_kwargs={"granularity": "per_channel"}),
+    dict(v_strategy="output_aware", v_strategy_kwargs={"granularity": "per_channel"}),
+    dict(k_strategy="per_channel_magnitude"),
+])
+def test_config_compressed_rejects_variable_budget(kw):
+    side = next(iter(kw))[:1]
+    with pytest.raises(ValueError, match=rf"{side}_strategy='{kw[side + '_strategy']}'.*mode='simulate'"):
+        MustafarConfig(mode="compressed", **kw)
+    assert MustafarConfig(mode="simulate", **kw).mode == "simulate"
+
+
+@pytest.mark.parametrize("case", list(QUERY_CASES))
+def test_query_driven_generate(case):
+    """Every query-driven strategy runs end to end in its modes; where both exist they agree (ATOL)."""
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model)
+    ref = _generate(model, ids, mask, DynamicCache(), n=12)
+    out = {}
+    for mode in QUERY_CASES[case][-1]:
+        cache = MustafarCache(model, _qcfg(case, mode))
+        out[mode] = _generate(model, ids, mask, cache, n=12)  # 40 + 12 tokens: prefill + decode-time chunks
+        layer = cache.layers[0]
+        assert layer.n_c == 40 + 11 - layer.n_w and layer.n_c > 40 - 4  # decode chunks were compressed
+        assert (out[mode][1] - ref[1]).abs().max() > 1e-3  # pruning is real
+    if len(out) == 2:
+        assert torch.equal(out["compressed"][0], out["simulate"][0])
+        torch.testing.assert_close(out["compressed"][1], out["simulate"][1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case, sp", [("oa-tok", 0.5), ("think+oa-tok", 0.5), ("think+oa-tok", 0.6)])
+def test_query_driven_compressed_equals_simulate_sparsities(case, sp):
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model, seed=3)
+    out = {m: _generate(model, ids, mask, MustafarCache(model, _qcfg(case, m, sp)), n=8)
+           for m in ("compressed", "simulate")}
+    assert torch.equal(out["compressed"][0], out["simulate"][0])
+    torch.testing.assert_close(out["compressed"][1], out["simulate"][1], atol=ATOL, rtol=0)
+
+
+def _prefill(model, cache, ids):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("case", list(QUERY_CASES))
+def test_query_driven_prefill_matches_prune(case):
+    """Simulate-mode rows pruned at prefill == mustafar.prune on the captured K/V with the captured queries."""
+    from mustafar.capture import capture_qkv
+    from mustafar.pruning import prune
+
+    model, _ = _model("tiny-llama")
+    ids, _ = _prompt(model)  # T = 40, local_window 4 -> 36 rows pruned (6 groups of 6 for per-channel)
+    cap = capture_qkv(model, ids)
+    ks, kkw, vs, vkw, _ = QUERY_CASES[case]
+    cache = MustafarCache(model, _qcfg(case, "simulate"))
+    _prefill(model, cache, ids)
+    for i, layer in enumerate(cache.layers):
+        q, k, v = cap[i]["q"], cap[i]["k"], cap[i]["v"]
+        n = layer.n_c
+        assert n == 36 and layer.n_w == 4
+        kq = dict(q=q) if ks in (OA, THINK) else {}
+        vq = dict(q=q, k=k, kind="value") if vs == OA else {}
+        want_k = prune(k, 0.7, ks, **kq, **kkw)[:, :, :n]
+        want_v = prune(v, 0.7, vs, **vq, **vkw)[:, :, :n]
+        assert torch.equal(layer.k_buf[:, :, :n], want_k), (i, "K")
+        assert torch.equal(layer.v_buf[:, :, :n], want_v), (i, "V")
+        assert torch.equal(layer.k_buf[:, :, n:40], k[:, :, n:])  # the window stays dense
+        # the compressed store encodes the same rows (per-token cases)
+        if "compressed" in QUERY_CASES[case][-1]:
+            cc = MustafarCache(model, _qcfg(case, "compressed"))
+            _prefill(model, cc, ids)
+            cl = cc.layers[i]
+            torch.testing.assert_close(ops.decode_bitmap(cl.k_bitmap[:, :, :n], cl.k_vals[:, :, :n], 64), want_k,
+                                       atol=1e-5, rtol=0)
+
+
+def test_query_driven_replay_with_query_states():
+    """cache.update(k, v, i, {"query_states": q}) (no attention call) == the model's own prefill."""
+    from mustafar.capture import capture_qkv
+
+    model, _ = _model("tiny-llama")
+    ids, _ = _prompt(model)
+    cap = capture_qkv(model, ids)
+    for case in ("oa-tok", "think+oa-tok"):
+        real = MustafarCache(model, _qcfg(case, "compressed"))
+        _prefill(model, real, ids)
+        replay = MustafarCache(model, _qcfg(case, "compressed"))
+        for i in range(len(replay.layers)):
+            replay.update(cap[i]["k"], cap[i]["v"], i, {"query_states": cap[i]["q"]})
+        for a, b in zip(real.layers, replay.layers):
+            assert (a.n_c, a.n_w) == (b.n_c, b.n_w)
+            for name, t in a.tensors().items():
+                torch.testing.assert_close(b.tensors()[name], t, atol=1e-5, rtol=0, msg=name)
+    # without queries and without attention, the next call says what is missing
+    cache = MustafarCache(model, _qcfg("oa-tok", "compressed"))
+    cache.update(cap[0]["k"], cap[0]["v"], 0)
+    assert cache.get_seq_length(0) == 40
+    with pytest.raises(RuntimeError, match="query_states"):
+        cache.update(cap[0]["k"][:, :, :1], cap[0]["v"][:, :, :1], 0)
+
+
+def test_output_aware_key_scores_at_decode_time():
+    """Rows compressed during decode are scored with |Q| summed over their `window` following queries.
+
+    Layer 0's queries and keys do not depend on the cache, so a dense capture of the generated sequence
+    gives them; window=3 <= local_window + 1, so every decode-compressed row has seen all its queries.
+    """
+    from mustafar.capture import capture_qkv
+    from mustafar.pruning import prune
+
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model, t=30)
+    cfg = MustafarConfig(k_strategy=OA, k_strategy_kwargs={"window": 3}, v_sparsity=0.0, mode="simulate", **SMALL)
+    cache = MustafarCache(model, cfg)
+    seq, _ = _generate(model, ids, mask, cache, n=15)
+    layer = cache.layers[0]
+    n = layer.n_c
+    assert n > 30  # rows were compressed during decode
+    cap = capture_qkv(model, seq[:, :-1], layers=[0])[0]
+    want = prune(cap["k"], 0.7, OA, q=cap["q"], window=3)[:, :, :n]
+    assert torch.equal(layer.k_buf[:, :, :n] != 0, want != 0)
+    torch.testing.assert_close(layer.k_buf[:, :, :n], want, atol=1e-5, rtol=0)
+
+
+def test_output_aware_value_scores_at_decode_time(monkeypatch):
+    """Rows compressed during decode: |V| x attention received from every query seen before compression.
+
+    K is kept dense (k_sparsity 0), so layer 0's attention probabilities equal the dense ones of a
+    capture of the generated sequence; per-channel granularity makes the ranking depend on them.
+    """
+    from mustafar.capture import capture_qkv
+    from mustafar.cache import _MustafarLayerBase
+    from mustafar.pruning._common import group_channel_mask
+
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model, t=30, seed=7)
+    cfg = MustafarConfig(k_sparsity=0.0, v_strategy=OA, v_strategy_kwargs=_CHAN6, mode="simulate", **SMALL)
+    cache = MustafarCache(model, cfg)
+    events = []  # (first row, rows, sequence length) of every decode-time chunk of layer 0
+    real = _MustafarLayerBase._chunk_masks
+
+    def spy(self, n):
+        if self is cache.layers[0]:
+            events.append((self.n_c, n, self.n_c + self.n_w))
+        return real(self, n)
+
+    monkeypatch.setattr(_MustafarLayerBase, "_chunk_masks", spy)
+    seq, _ = _generate(model, ids, mask, cache, n=12)
+    assert len(events) >= 2
+    cap = capture_qkv(model, seq[:, :-1], layers=[0])[0]
+    q, k, v = cap["q"], cap["k"], cap["v"]
+    B, H, T, D = k.shape
+    G = q.shape[1] // H
+    s = (q.reshape(B, H, G, T, D) @ k[:, :, None].transpose(-1, -2)) * D**-0.5  # [B, H, G, T_q, T]
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, -1).sum(2)  # [B, H, T_q, T]
+    layer = cache.layers[0]
+    for start, n, length in events:
+        a = p[:, :, : length - 1, start : start + n].sum(2)  # queries before this step's (not yet seen)
+        rows = v[:, :, start : start + n]
+        keep = group_channel_mask(rows.abs() * a[..., None], 0.7, 6)
+        torch.testing.assert_close(layer.v_buf[:, :, start : start + n], torch.where(keep, rows, 0.0),
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["think+oa-tok"])
+def test_query_driven_left_padding_equals_single(case):
+    """Padding tokens neither vote in ThinK's channel scores nor receive/give attention in V scores."""
+    model, _ = _model("tiny-llama")
+    lens = [40, 29]
+    prompts = [_prompt(model, t=n, seed=10 + i)[0][0] for i, n in enumerate(lens)]
+    t = max(lens)
+    ids = torch.zeros(len(lens), t, dtype=torch.long)
+    mask = torch.zeros(len(lens), t, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = p
+        mask[i, t - len(p):] = 1
+    cfg = _qcfg(case, "compressed")
+    b_tok, b_logits = _generate(model, ids, mask, MustafarCache(model, cfg), n=8)
+    for i, p in enumerate(prompts):
+        s_tok, s_logits = _generate(model, p[None], torch.ones_like(p)[None], MustafarCache(model, cfg), n=8)
+        assert torch.equal(b_tok[i, t:], s_tok[0, len(p):])
+        torch.testing.assert_close(b_logits[i], s_logits[0], atol=ATOL, rtol=0)
+
+
+def test_query_driven_chunked_prefill_matches_reference():
+    """Two multi-token calls (20 + 20 tokens): window rows of call 1 get call 2's queries added (layer 0)."""
+    from mustafar.capture import capture_qkv
+    from mustafar.pruning import prune
+    from mustafar.pruning._common import group_channel_mask
+
+    model, _ = _model("tiny-llama")
+    ids, _ = _prompt(model, seed=4)
+    cap = capture_qkv(model, ids, layers=[0])[0]
+    q, k, v = cap["q"], cap["k"], cap["v"]
+    B, H, T, D = k.shape
+    G = q.shape[1] // H
+    caches = {}
+    for side, cfg in (("k", MustafarConfig(k_strategy=OA, k_strategy_kwargs={"window": 3}, v_sparsity=0.0,
+                                           mode="simulate", **SMALL)),
+                      ("v", MustafarConfig(k_sparsity=0.0, v_strategy=OA, v_strategy_kwargs=_CHAN6, mode="simulate",
+                                           **SMALL))):
+        caches[side] = MustafarCache(model, cfg)
+        _prefill(model, caches[side], ids[:, :20])
+        _prefill(model, caches[side], ids[:, 20:])
+    layer = caches["k"].layers[0]
+    assert layer.n_c == 36
+    want_k = prune(k, 0.7, OA, q=q, window=3)  # every row's 3 following queries exist by the time it is pruned
+    assert torch.equal(layer.k_buf[:, :, :36], want_k[:, :, :36])
+    s = (q.reshape(B, H, G, T, D) @ k[:, :, None].transpose(-1, -2)) * D**-0.5  # [B, H, G, T, T]
+    p = torch.softmax(s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1).sum(2)
+    layer = caches["v"].layers[0]
+    for lo, hi, n_q in ((0, 16, 20), (16, 36, 40)):  # rows pruned by call 1 / call 2, queries seen by then
+        a = p[:, :, :n_q, lo:hi].sum(2)  # [B, H, rows]
+        rows = v[:, :, lo:hi]
+        keep = group_channel_mask(rows.abs() * a[..., None], 0.7, 6)
+        torch.testing.assert_close(layer.v_buf[:, :, lo:hi], torch.where(keep, rows, 0.0), atol=1e-5, rtol=0)

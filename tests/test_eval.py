@@ -173,3 +173,14 @@ def test_sweep_resumable(tiny, tmp_path):
     assert "avg" in t.columns and ("dense", "K=dense,V=dense") in t.index
     p = pareto(r2)
     assert p["pareto"].any() and "smallest_keeping" in p.attrs
+
+
+def test_longbench_runner_plumbing(tiny, tmp_path):
+    model, tok = tiny
+    recs = [{"input": "Q?", "context": "word " * 200, "answers": ["Paragraph 3"], "all_classes": None,
+             "length": 200, "_id": str(i)} for i in range(2)]
+    out = lb.run_longbench(model, tok, {"passage_retrieval_en": recs}, [CacheSpec(), CacheSpec(k_sparsity=0.5, v_sparsity=0.5)],
+                           max_length=256, max_new_tokens_cap=3, progress=False)
+    assert set(out) == {("passage_retrieval_en", "K=dense,V=dense"), ("passage_retrieval_en", "K=tok50,V=tok50")}
+    for r in out.values():
+        assert len(r["preds"]) == 2 and 0.0 <= r["score"] <= 100.0 and r["max_new_tokens"] == 3

@@ -233,3 +233,24 @@ def test_fake_impls_under_opcheck():
     torch.library.opcheck(torch.ops.mustafar.decode_bitmap.default, (kb, kv, 64), test_utils=tests)
     torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
                           (q, kb, kv, vb, vv, kw, vw, None, 0.125), test_utils=tests)
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch):
+    import mustafar._build as build
+
+    def broken(verbose=False):
+        raise RuntimeError("simulated compiler error")
+
+    monkeypatch.setattr(build, "load_extension", broken)
+    monkeypatch.setattr(ops, "_state", {"tried": False, "ok": False, "error": None, "warned": False})
+    monkeypatch.setenv("MUSTAFAR_BACKEND", "auto")
+    with pytest.warns(RuntimeWarning, match="simulated compiler error"):
+        assert ops.backend() == "reference"
+    x = torch.randn(2, 64)
+    b, v = ops.prune_encode_topk(x, 5)  # served by the reference, no second warning
+    assert torch.equal(b, ref.prune_encode_topk(x, 5)[0])
+    monkeypatch.setenv("MUSTAFAR_BACKEND", "compiled")
+    with pytest.raises(RuntimeError, match="MUSTAFAR_BACKEND=compiled"):
+        ops.backend()
+    monkeypatch.setenv("MUSTAFAR_BACKEND", "reference")
+    assert ops.backend() == "reference"

@@ -346,8 +346,35 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   const int nchunk = (int)(G / GT);
   const int64_t ntiles = (T + kTile - 1) / kTile;
   const int64_t nbh = B * Hkv * nchunk;
-  int64_t nsplit = (4 * (int64_t)g_num_sms + nbh - 1) / nbh;
-  nsplit = std::max<int64_t>(1, std::min<int64_t>(nsplit, (ntiles + 3) / 4));
+  // shared memory per CTA (depends only on k_k, k_v, D and the dtype)
+  const int64_t isz0 = q.element_size();
+  auto r16_ = [](int64_t x) { return (int64_t)((x + 15) / 16 * 16); };
+  const int smem_need = (int)(kStages * (r16_(kTile * kk * isz0 + 16) + r16_(kTile * kv * isz0 + 16) + 2 * kTile * W * 8) +
+                              2 * kTile * (D / 32) * 8);
+  // splits: whole waves of resident CTAs (flash-decoding; batch 1 fills the GPU), >= 2 tiles per split
+  int per_sm = 1;
+  dispatch_float(q.scalar_type(), [&](auto tag) {
+    using scalar = decltype(tag);
+    per_sm = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_need);
+  });
+  const int64_t cap = (int64_t)per_sm * g_num_sms;
+  int64_t nsplit = 1;
+  {
+    const int64_t max_split = std::max<int64_t>(1, std::min<int64_t>(ntiles / 2, 512));
+    double best = -1.0;
+    for (int64_t n = 1; n <= max_split; ++n) {
+      const int64_t tps_n = (ntiles + n - 1) / n;
+      const int64_t ne = (ntiles + tps_n - 1) / tps_n;
+      const int64_t total = nbh * ne;
+      const int64_t waves = (total + cap - 1) / cap;
+      // fraction of CTA slots busy over the whole run, counting each CTA's tiles
+      const double eff = (double)(nbh * ntiles) / (double)(waves * cap * tps_n);
+      if (eff > best + 0.03) {
+        best = eff;
+        nsplit = ne;
+      }
+    }
+  }
   const int64_t tps = (ntiles + nsplit - 1) / nsplit;
   nsplit = (ntiles + tps - 1) / tps;
   TORCH_CHECK(nsplit < 65536 && Hkv * nchunk < 65536 && B < 65536, op, "grid too large");
@@ -406,6 +433,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.stage_bytes = p.off_vbm + (int)(kTile * W * 8);
   p.off_tab = kStages * p.stage_bytes;
   const int smem_bytes = p.off_tab + 2 * kTile * (int)(D / 32) * 8;
+  TORCH_CHECK(smem_bytes == smem_need, op, "internal: shared memory size mismatch");
 
   dim3 grid((unsigned)nsplit, (unsigned)(Hkv * nchunk), (unsigned)B);
   dispatch_float(q.scalar_type(), [&](auto tag) {

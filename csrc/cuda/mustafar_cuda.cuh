@@ -539,6 +539,21 @@ template <typename T>
 void launch_sparse_decode(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
                           int NP, int64_t BHq);
 
+// resident CTAs per SM of the fused kernel (for choosing the number of splits)
+template <typename T>
+int sparse_decode_blocks_per_sm(int D, int GT, int smem_bytes);
+
+template <typename T, int D, int GT>
+int sd_occ_one(int smem_bytes) {
+  auto kern = sparse_decode_kernel<T, D, GT>;
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kWarps * 32, smem_bytes));
+  return n > 0 ? n : 1;
+}
+
 template <typename T, int D, int GT>
 void launch_sd_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
   auto kern = sparse_decode_kernel<T, D, GT>;
@@ -550,6 +565,13 @@ void launch_sd_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t st
 }
 
 #define MUSTAFAR_DEFINE_SD_LAUNCHER(TYPE)                                                                     \
+  template <>                                                                                               \
+  int sparse_decode_blocks_per_sm<TYPE>(int D, int GT, int smem_bytes) {                                    \
+    if (D == 64) return GT == 4 ? sd_occ_one<TYPE, 64, 4>(smem_bytes)                                       \
+                      : GT == 2 ? sd_occ_one<TYPE, 64, 2>(smem_bytes) : sd_occ_one<TYPE, 64, 1>(smem_bytes);  \
+    return GT == 4 ? sd_occ_one<TYPE, 128, 4>(smem_bytes)                                                   \
+         : GT == 2 ? sd_occ_one<TYPE, 128, 2>(smem_bytes) : sd_occ_one<TYPE, 128, 1>(smem_bytes);           \
+  }                                                                                                         \
   template <>                                                                                               \
   void launch_sparse_decode<TYPE>(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid,              \
                                   cudaStream_t stream, void* out, int NP, int64_t BHq) {                    \

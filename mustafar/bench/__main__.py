@@ -1,4 +1,4 @@
-"""``python -m mustafar.bench {cpu,kernel,e2e} [options]``: dispatch to ``mustafar.bench.<name>.main``."""
+"""``python -m mustafar.bench {cpu,kernel,e2e,generate} [options]``: dispatch to ``mustafar.bench.<name>.main``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ _COMMANDS = {
     "cpu": ("mustafar.bench.cpu", "encoder + sparse decode attention vs dense SDPA on this CPU"),
     "kernel": ("mustafar.bench.kernel", "CUDA decode kernels vs dense SDPA (GPU)"),
     "e2e": ("mustafar.bench.e2e", "end-to-end generation throughput (GPU)"),
+    "generate": ("mustafar.bench.generate_cpu", "SmolLM2 decode tokens/s, MustafarCache vs DynamicCache (CPU)"),
 }
 
 

@@ -66,12 +66,22 @@ def _step(model, cache, token) -> tuple[float, torch.Tensor]:
 
 
 @torch.no_grad()
-def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, sparsity: float = 0.7) -> dict:
-    model, tok = mustafar.load_model("smollm2-135m")
+def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, sparsity: float = 0.7,
+        random_weights: Path | None = None) -> dict:
+    if random_weights is None:
+        model, tok = mustafar.load_model("smollm2-135m")
+        model_name = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
+    else:  # same architecture from its config.json, random weights: same cost per step, meaningless tokens
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig.from_json_file(str(random_weights))).eval()
+        tok = None
+        model_name = f"random weights, architecture of {random_weights} (SmolLM2-135M config)"
     cfg = MustafarConfig(k_sparsity=sparsity, v_sparsity=sparsity)
     rows = []
     for n in tqdm(contexts, desc="contexts"):
-        ids = _prompt_ids(tok, n)
+        ids = _prompt_ids(tok, n) if tok is not None else torch.randint(3, model.config.vocab_size, (1, n))
         dyn = DynamicCache()
         t0 = time.perf_counter()
         out = model(input_ids=ids, past_key_values=dyn, use_cache=True)
@@ -102,7 +112,7 @@ def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, spa
         tqdm.write(f"T={n}: dense {rows[-1]['dense_step_ms_median']:.1f} ms/step, mustafar "
                    f"{rows[-1]['mustafar_step_ms_median']:.1f} ms/step, bytes {mc.nbytes() / mc.dense_nbytes():.3f}")
         del dyn, mc
-    return dict(model="SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)", dtype=str(model.dtype),
+    return dict(model=model_name, dtype=str(model.dtype),
                 head_dim=model.config.head_dim, layers=model.config.num_hidden_layers,
                 kv_heads=model.config.num_key_value_heads, config=dict(vars(cfg)), rows=rows,
                 memory=memory_table(), provenance=_provenance(),
@@ -151,8 +161,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--out", type=Path, default=RESULTS / "generate_cpu.json")
+    p.add_argument("--random-weights", type=Path, default=None, metavar="CONFIG_JSON",
+                   help="build the model from this config.json with random weights (no checkpoint needed)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     a = p.parse_args(argv)
-    res = run(tuple(a.contexts), a.steps, sparsity=a.sparsity)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run(tuple(a.contexts), a.steps, sparsity=a.sparsity, random_weights=a.random_weights)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1, default=str))
     for r in res["rows"]:

@@ -77,7 +77,7 @@ def provenance(argv: list[str]) -> dict:
         except Exception:  # noqa: BLE001
             return ""
 
-    commit = sh(["git", "rev-parse", "HEAD"]) or "unknown (no commit)"
+    commit = sh(["git", "rev-parse", "--verify", "-q", "HEAD"]) or "unknown (no commit yet)"
     dirty = bool(sh(["git", "status", "--porcelain"]))
     return {
         "device": torch.cuda.get_device_name(0),

@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     sw.add_argument("--samples", type=int, default=None, help="override RULER samples per task")
     sw.add_argument("--lengths", default=None, help="override RULER context lengths, e.g. 1024,2048")
     sw.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    sw.add_argument("--tasks", default=None, help="override RULER tasks (comma list), e.g. to shard a sweep")
+    sw.add_argument("--out-name", default=None, help="result file name (default accuracy_<model>.json); "
+                    "shards can be merged with mustafar.eval.sweep.merge_results")
     sm = sub.add_parser("summarize", help="print the summary and Pareto tables of a results JSON")
     sm.add_argument("path")
     sm.add_argument("--profile", default=None, help="cells of this profile (default: the last run's)")
@@ -31,9 +34,11 @@ def main(argv=None) -> int:
         ov = {}
         if a.samples:
             ov["ruler_samples"] = a.samples
+        if a.tasks:
+            ov["ruler_tasks"] = tuple(a.tasks.split(","))
         if a.lengths:
             ov["ruler_lengths"] = tuple(int(x) for x in a.lengths.split(","))
-        res = run_sweep(a.model, a.profile, out_dir=a.out, longbench_dir=a.longbench_dir, resume=not a.no_resume,
+        res = run_sweep(a.model, a.profile, out_dir=a.out, longbench_dir=a.longbench_dir, resume=not a.no_resume, out_name=a.out_name,
                         suites=tuple(s for s in a.suites.split(",") if s), command=" ".join(["python -m mustafar.eval"] + sys.argv[1:]),
                         **ov)
     else:

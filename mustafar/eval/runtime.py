@@ -87,6 +87,8 @@ class CacheSpec:
                    "think": "think", "semi_structured_2_4": "2:4"}.get(strat, strat)
             if strat == "output_aware":
                 tag += "-" + ("tok" if gran == "per_token" else "chan")
+            if strat == "semi_structured_2_4":
+                return tag
             return f"{tag}{int(round(sp * 100))}"
         return f"K={one(self.k_strategy, self.k_sparsity, self.k_granularity)},V={one(self.v_strategy, self.v_sparsity, self.v_granularity)}"
 

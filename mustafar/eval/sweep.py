@@ -25,14 +25,16 @@ seed, every spec field); finished cells found in the output JSON are skipped. Th
 Cost model (one dense prefill per sample, shared by all configurations; one greedy decode per
 configuration, stopped early once the task's answer items are out): per sample
 ``t_prefill(L) + n_specs * n_tokens * t_step``. Measured on the 2-core CPU machine while other jobs
-loaded it (load average 8-13; 2026-11-28): SmolLM2-135M fp32, 1 thread, 1K-token prompt:
-``t_prefill`` ~ 50 s, ``t_step`` ~ 1.4 s (dense and compressed alike); the quick profile (12 configs,
-7 tasks x 2 samples at 1K, ppl 1K+16) took ~2 min per sample there, i.e. ~30-60 min in total. On an
-idle machine ``t_step`` should be ~10x lower (not measured: the machine was never idle during
-development), which is what the profiles are sized for: quick < 10 min, full (35 configs, 7 tasks x
-{1K, 2K} x 5 samples, ppl 2K+64) < 2 h. Use ``ruler_samples`` / ``ruler_lengths`` overrides (CLI
-``--samples``, ``--lengths``) to trade precision for time: 2 samples per cell is a smoke test, not
-a measurement (a RULER score then moves in steps of 50 / n_answers points).
+loaded it (load average 8-13; 2026-11-28), SmolLM2-135M fp32, 1 thread, 1K-token prompt:
+``t_prefill`` ~ 50 s, ``t_step`` ~ 1.4 s (dense and compressed alike). The quick profile (12
+configs x 7 tasks x 2 samples at 1K, then vt/cwe dropped; ppl 1K+16) ran as two parallel shards in
+~20 min wall (sum of shard times ~38 min; per task group 160-480 s). On an idle machine ``t_step``
+should be several times lower (not measured: the machine was never idle during development);
+the profiles are sized for an idle machine: quick (12 configs, 5 tasks x 2 samples, ppl) < 10 min,
+full (35 configs, 5 tasks x {1K, 2K} x 5 samples, ppl 2K+64) < 2 h -- both unverified. Use
+``ruler_samples`` / ``ruler_lengths`` overrides (CLI ``--samples``, ``--lengths``) and shards
+(``--tasks``, ``--out-name``, :func:`merge_results`) to fit a budget. 2 samples per cell is a
+smoke test, not a measurement (a RULER score then moves in steps of 50 / n_answers points).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from typing import Iterable, Sequence
 from .runtime import CacheSpec, format_bytes_ratio
 
 __all__ = ["PROFILES", "profile_specs", "run_sweep", "summarize", "pareto", "cell_key", "load_results",
-           "save_results"]
+           "save_results", "merge_results"]
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
 TOK, CHAN, OA, THINK, S24 = ("per_token_magnitude", "per_channel_magnitude", "output_aware", "think",
@@ -85,16 +87,17 @@ def profile_specs(profile: str) -> list[CacheSpec]:
     raise ValueError(f"unknown profile {profile!r}; available: {list(PROFILES)}")
 
 
-# RULER tasks kept for SmolLM2-135M-Instruct (dense clearly above chance at these lengths; see ruler.TASK_NOTES).
+# RULER tasks kept for SmolLM2-135M-Instruct (dense above chance at 1K; vt and cwe dropped: dense at
+# chance, see ruler.TASK_NOTES). Pass ruler_tasks=ruler.TASKS for larger models.
 PROFILES = {
     "tiny": dict(ruler_tasks=("niah_single", "vt"), ruler_lengths=(1600,), ruler_samples=2,
                  ppl=dict(prefill_tokens=96, eval_tokens=8, n_segments=1), longbench_samples=2,
                  longbench_max_length=512, longbench_max_new_tokens=8),
-    "quick": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"),
+    "quick": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "fwe"),
                   ruler_lengths=(1024,), ruler_samples=2,
                   ppl=dict(prefill_tokens=1024, eval_tokens=16, n_segments=1), longbench_samples=2,
                   longbench_max_length=2048, longbench_max_new_tokens=32),
-    "full": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"),
+    "full": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "fwe"),
                  ruler_lengths=(1024, 2048), ruler_samples=5,
                  ppl=dict(prefill_tokens=2048, eval_tokens=64, n_segments=1), longbench_samples=10,
                  longbench_max_length=7500, longbench_max_new_tokens=None),
@@ -152,6 +155,34 @@ def save_results(results: dict, json_path) -> None:
     os.replace(tmp, json_path)
     rows = [{c: cell.get(c) for c in _SCALAR_COLS} for cell in results["cells"]]
     pd.DataFrame(rows, columns=list(_SCALAR_COLS)).to_csv(json_path.with_suffix(".csv"), index=False)
+
+
+def merge_results(paths, out_path) -> dict:
+    """Union of the cells of several result files (e.g. shards run in parallel), keyed by :func:`cell_key`.
+
+    The first file's provenance/profiles/notes are kept (later files' profiles are added when new);
+    a cell present in several files is taken from the first. Writes ``out_path`` (+ CSV).
+    """
+    merged = None
+    seen = set()
+    for p in paths:
+        r = load_results(p)
+        if merged is None:
+            merged = {k: v for k, v in r.items() if k != "cells"}
+            merged["cells"] = []
+            merged["merged_from"] = []
+        for k, v in r.get("profiles", {}).items():
+            merged.setdefault("profiles", {}).setdefault(k, v)
+        merged["merged_from"].append({"path": str(p), "provenance": r.get("provenance"), "last_run": r.get("last_run")})
+        for c in r["cells"]:
+            key = cell_key(c)
+            if key not in seen:
+                seen.add(key)
+                merged["cells"].append(c)
+    if merged is None:
+        raise ValueError("no result files given")
+    save_results(merged, out_path)
+    return merged
 
 
 def _group(spec: CacheSpec) -> str:
@@ -346,7 +377,10 @@ def _frame(results, profile: str | None = None):
         if prof is None:
             raise ValueError(f"profile {profile!r} not in the results ({list(results.get('profiles', {}))})")
         cells = [c for c in cells if _in_profile(c, prof)]
-    return pd.DataFrame([{c: cell.get(c) for c in _SCALAR_COLS} for cell in cells])
+    df = pd.DataFrame([{c: cell.get(c) for c in _SCALAR_COLS} for cell in cells], columns=list(_SCALAR_COLS))
+    if not df.empty:  # config names from the spec fields (robust to naming changes between runs)
+        df["config"] = [CacheSpec(**{f: cell.get(f) for f in _SPEC_FIELDS}).name for cell in cells]
+    return df
 
 
 def summarize(results, model: str | None = None, profile: str | None = None):
@@ -405,10 +439,11 @@ def pareto(results, keep: float = 0.95, model: str | None = None, profile: str |
     out = t[["group", "config", "mode", "bytes_ratio", "avg"]].copy()
     out["rel"] = out["avg"] / base if base else float("nan")
     out = out.sort_values(["bytes_ratio", "avg"], ascending=[True, False]).reset_index(drop=True)
-    # frontier: no other config has smaller-or-equal bytes and strictly higher avg
+    # frontier: no other config has <= bytes and >= avg with one of them strict
     flags = []
     for _, r in out.iterrows():
-        dominated = ((out["bytes_ratio"] <= r.bytes_ratio) & (out["avg"] > r.avg)).any()
+        dominated = ((out["bytes_ratio"] <= r.bytes_ratio) & (out["avg"] >= r.avg)
+                     & ((out["bytes_ratio"] < r.bytes_ratio) | (out["avg"] > r.avg))).any()
         flags.append(not dominated)
     out["pareto"] = flags
     ok = out[out["avg"] >= keep * base]
