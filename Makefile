@@ -18,7 +18,7 @@ export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv ext test test-fast test-gpu bench reproduce figures check-cuda clean distclean
+.PHONY: all venv ext test test-fast test-gpu bench reproduce figures notebooks-refresh check-cuda clean distclean
 
 all: test
 
@@ -41,6 +41,7 @@ ext: $(STAMP)
 
 # --- tests ----------------------------------------------------------------------------------------
 test: ext
+	$(VPY) scripts/strip_notebooks.py --check
 	$(VPY) -m pytest tests -q -m "not gpu"
 	$(VPY) -m pytest -q --nbval-lax -p no:cacheprovider $(NOTEBOOKS) \
 		--nbval-current-env --nbval-cell-timeout=1800
@@ -70,6 +71,11 @@ reproduce: ext
 	@echo "results (JSON/CSV with provenance): results/"
 
 figures: reproduce
+
+# After a quick-profile `make reproduce`: copy the outputs of the `# NBVAL_CHECK_OUTPUT` cells (the
+# only outputs kept in git) from the executed notebooks back into notebooks/.
+notebooks-refresh: reproduce
+	$(VPY) scripts/strip_notebooks.py --fill-from $(BUILD)/notebooks
 
 clean:
 	rm -rf $(BUILD) .pytest_cache .hypothesis

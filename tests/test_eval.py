@@ -148,9 +148,51 @@ def test_spec_modes_and_bytes():
     assert CacheSpec().mode == "dense"
     assert CacheSpec(k_sparsity=0.7, v_sparsity=0.7).mode == "compressed"
     assert CacheSpec(k_strategy="per_channel_magnitude", k_sparsity=0.7).mode == "simulate"
-    assert CacheSpec(k_strategy="think", k_sparsity=0.7).mode == "offline"
+    assert CacheSpec(k_strategy="think", k_sparsity=0.7).mode == "compressed"
+    assert CacheSpec(k_strategy="output_aware", k_sparsity=0.7).mode == "compressed"
+    assert CacheSpec(v_strategy="output_aware", v_sparsity=0.7, v_granularity="per_channel").mode == "simulate"
+    assert all(s.impl == "mustafar" for s in (CacheSpec(k_sparsity=0.5), CacheSpec(k_strategy="think", k_sparsity=0.5)))
     # D=128 fp16 70%: (16 + 2*38) / 256 = 0.359 (docs/design.md)
     assert format_bytes_ratio(CacheSpec(k_sparsity=0.7, v_sparsity=0.7), 128) == pytest.approx(92 / 256)
+
+
+@pytest.mark.parametrize("spec, mode", [
+    (CacheSpec(k_strategy="think", k_sparsity=0.5), "compressed"),
+    (CacheSpec(k_strategy="output_aware", v_strategy="output_aware", k_sparsity=0.7, v_sparsity=0.5), "compressed"),
+    (CacheSpec(v_strategy="output_aware", v_sparsity=0.7, v_granularity="per_channel"), "simulate"),
+])
+def test_query_driven_spec_builds_mustafar_cache(tiny, spec, mode):
+    """Query-driven specs run in MustafarCache (right mode, strategy kwargs) fed the captured queries."""
+    from mustafar.cache import MustafarCache
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 1000, (1, 80), generator=g)
+    with pytest.raises(ValueError, match="needs queries"):
+        build_cache(model, prefill(model, ids), spec, 4)
+    state = prefill(model, ids, capture_queries=True)
+    cache, got = build_cache(model, state, spec, 4)
+    assert got == mode == spec.mode
+    assert isinstance(cache, MustafarCache)
+    cfg = cache.config
+    assert cfg.mode == mode and (cfg.k_strategy, cfg.v_strategy) == (
+        spec.k_strategy if spec.k_sparsity else "per_token_magnitude",
+        spec.v_strategy if spec.v_sparsity else "per_token_magnitude")
+    if spec.v_strategy == "output_aware":
+        assert cfg.v_strategy_kwargs == {"granularity": spec.v_granularity}
+    toks = greedy_decode(model, cache, state, 4)  # every layer got its queries: decoding works
+    assert len(toks) == 4
+
+
+def test_refresh_cells_drops_stale_offline_and_fixes_labels():
+    from mustafar.eval.sweep import refresh_cells
+
+    think = dict(CacheSpec(k_strategy="think", k_sparsity=0.7).to_dict(), config="K=think70,V=dense", mode="offline")
+    s24 = dict(CacheSpec(k_strategy="semi_structured_2_4", v_strategy="semi_structured_2_4", k_sparsity=0.5,
+                         v_sparsity=0.5).to_dict(), config="K=2:450,V=2:450", mode="compressed")
+    res = {"cells": [think, s24]}
+    dropped = refresh_cells(res)
+    assert dropped == [think] and res["cells"] == [s24] and s24["config"] == "K=2:4,V=2:4"
 
 
 @pytest.mark.slow
@@ -166,7 +208,7 @@ def test_sweep_resumable(tiny, tmp_path):
     assert r1["last_run"]["new_cells"] == n
     assert (tmp_path / "accuracy_tiny-llama.csv").is_file()
     modes = {c["config"]: c["mode"] for c in r1["cells"]}
-    assert set(modes.values()) == {"dense", "compressed", "offline"}
+    assert set(modes.values()) == {"dense", "compressed"}
     r2 = run_sweep(**kw)
     assert r2["last_run"]["new_cells"] == 0 and len(r2["cells"]) == n
     t = summarize(r2)

@@ -220,9 +220,9 @@ def run_longbench(model, tokenizer, records_by_dataset: dict, specs, max_length:
     from tqdm.auto import tqdm
 
     from .ruler import eos_ids
-    from .runtime import build_cache, greedy_decode, prefill
+    from .runtime import build_cache, greedy_decode, needs_queries, prefill
 
-    need_q = any(s.impl == "offline" for s in specs)
+    need_q = needs_queries(specs)
     eos = eos_ids(tokenizer)
     out = {}
     for ds, records in records_by_dataset.items():

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .runtime import CacheSpec, build_cache, prefill, teacher_forced_nll
+from .runtime import CacheSpec, build_cache, needs_queries, prefill, teacher_forced_nll
 from .texts import prose_text
 
 __all__ = ["text_segments", "run_perplexity", "perplexity"]
@@ -48,7 +48,7 @@ def run_perplexity(model, tokenizer, specs: Sequence[CacheSpec], prefill_tokens:
     """
     from tqdm.auto import tqdm
 
-    need_q = any(s.impl == "offline" for s in specs)
+    need_q = needs_queries(specs)
     res = {s.name: dict(nll=[], mode=s.mode, seconds_decode=0.0, bytes_measured=0, bytes_dense=0) for s in specs}
     for seg in tqdm(text_segments(tokenizer, prefill_tokens, eval_tokens, n_segments), desc="ppl",
                     leave=False, disable=not progress):

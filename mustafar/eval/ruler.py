@@ -416,9 +416,9 @@ def run_samples(model, tokenizer, samples: Sequence[RulerSample], specs, chat: b
     import torch
     from tqdm.auto import tqdm
 
-    from .runtime import build_cache, greedy_decode, prefill
+    from .runtime import build_cache, greedy_decode, needs_queries, prefill
 
-    need_q = any(s.impl == "offline" for s in specs)
+    need_q = needs_queries(specs)
     eos = eos_ids(tokenizer)
     res = {s.name: dict(sample_scores=[], preds=[], mode=s.mode, bytes_measured=0, bytes_dense=0,
                         seconds_decode=0.0, seconds_prefill_shared=0.0) for s in specs}

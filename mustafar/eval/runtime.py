@@ -8,15 +8,16 @@ same for every configuration: :func:`prefill` runs it **once** per prompt (with 
 :func:`build_cache` replays its K/V into a fresh cache per configuration:
 
 - ``impl="dense"``: a ``DynamicCache`` (the dense baseline).
-- ``impl="mustafar"``: :class:`mustafar.cache.MustafarCache` with ``mode="compressed"`` (bitmap
-  store, sparse decode attention) where the strategy has a compressed path (per-token magnitude,
-  2:4) and ``mode="simulate"`` otherwise. Replaying = calling ``cache.update(k, v, layer)`` with the
-  prefill's K/V, which is exactly what the model's own prefill call does (its prefill attention is
-  dense); ``tests/test_eval.py`` checks replay == real prefill token for token.
-- ``impl="offline"``: query-driven strategies (``output_aware``, ``think``) the cache cannot run
-  (it never sees queries): the prompt's K/V are pruned here with the captured post-RoPE queries
-  (all but the last ``local_window`` tokens), put in a ``DynamicCache``, and the generated tokens
-  stay dense (a short answer adds few tokens).
+- ``impl="mustafar"`` (every non-dense spec): :class:`mustafar.cache.MustafarCache`, with
+  ``mode="compressed"`` (bitmap store, sparse decode attention) when each pruned side has a fixed
+  kept count per token vector (per-token magnitude, 2:4, ThinK, output-aware per-token) and
+  ``mode="simulate"`` (dense twin, pruned entries zeroed) otherwise (per-channel magnitude,
+  output-aware per-channel). Replaying = calling ``cache.update(k, v, layer, {"query_states": q})``
+  with the prefill's K/V and its captured post-RoPE queries ``q [1, H_q, T, D]``, which is exactly
+  what the model's own prefill call does (its prefill attention is dense; the query-driven
+  strategies ``output_aware`` / ``think`` score the prompt's tokens with those queries, window 32);
+  ``tests/test_eval.py`` checks replay == real prefill token for token. Generated tokens are pruned
+  too once they leave the local window (decode-time chunks of 256 tokens).
 
 Decoding is greedy.
 """
@@ -29,10 +30,12 @@ from typing import Sequence
 import torch
 
 __all__ = ["CacheSpec", "PrefillState", "prefill", "build_cache", "greedy_decode", "format_bytes_ratio",
-           "ByteTokenizer", "QUERY_STRATEGIES", "COMPRESSED_STRATEGIES"]
+           "ByteTokenizer", "QUERY_STRATEGIES", "COMPRESSED_STRATEGIES", "needs_queries"]
 
 QUERY_STRATEGIES = ("output_aware", "think")
-COMPRESSED_STRATEGIES = ("per_token_magnitude", "semi_structured_2_4")
+# Strategies with a fixed kept count per token vector (MustafarCache mode="compressed"); output_aware
+# only with granularity "per_token" (see CacheSpec.mode).
+COMPRESSED_STRATEGIES = ("per_token_magnitude", "semi_structured_2_4", "think", "output_aware")
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,28 @@ class CacheSpec:
 
     @property
     def impl(self) -> str:
-        """``"dense"``, ``"mustafar"`` or ``"offline"`` (see the module docstring)."""
-        if self.is_dense:
-            return "dense"
-        if self.k_strategy in QUERY_STRATEGIES or self.v_strategy in QUERY_STRATEGIES:
-            return "offline"
-        return "mustafar"
+        """``"dense"`` (``DynamicCache``) or ``"mustafar"`` (``MustafarCache``; see the module docstring)."""
+        return "dense" if self.is_dense else "mustafar"
+
+    @property
+    def needs_queries(self) -> bool:
+        """Whether a pruned side is query-driven (the replay then needs the prefill's queries)."""
+        return any(s in QUERY_STRATEGIES and sp > 0.0
+                   for s, sp in ((self.k_strategy, self.k_sparsity), (self.v_strategy, self.v_sparsity)))
 
     @property
     def mode(self) -> str:
-        """The cache mode used: ``"dense"``, ``"compressed"``, ``"simulate"`` or ``"offline"``."""
-        impl = self.impl
-        if impl != "mustafar":
-            return impl
-        ok = all(s in COMPRESSED_STRATEGIES or sp == 0.0
-                 for s, sp in ((self.k_strategy, self.k_sparsity), (self.v_strategy, self.v_sparsity)))
+        """The cache mode used: ``"dense"``, ``"compressed"`` or ``"simulate"``.
+
+        ``"compressed"`` when every side with sparsity > 0 is ``per_token_magnitude``,
+        ``semi_structured_2_4``, ``think`` or ``output_aware`` with granularity ``per_token``;
+        ``"simulate"`` otherwise (``per_channel_magnitude``, ``output_aware`` per-channel).
+        """
+        if self.is_dense:
+            return "dense"
+        ok = all(sp == 0.0 or (s in COMPRESSED_STRATEGIES and (s != "output_aware" or g == "per_token"))
+                 for s, sp, g in ((self.k_strategy, self.k_sparsity, self.k_granularity),
+                                  (self.v_strategy, self.v_sparsity, self.v_granularity)))
         return "compressed" if ok else "simulate"
 
     @property
@@ -99,6 +109,16 @@ class CacheSpec:
 def _strategy_for_cache(strat: str, sp: float) -> str:
     # A dense side of a half-pruned config: per-token at 0 is stored unpruned (cache fast path).
     return "per_token_magnitude" if sp == 0.0 else strat
+
+
+def _strategy_kwargs(strat: str, sp: float, gran: str) -> dict:
+    # output_aware: the granularity; its window (32) and ThinK's obs_window (32) keep the cache defaults.
+    return {"granularity": gran} if strat == "output_aware" and sp > 0.0 else {}
+
+
+def needs_queries(specs) -> bool:
+    """Whether any spec of ``specs`` needs the prefill's queries (``prefill(capture_queries=True)``)."""
+    return any(s.needs_queries for s in specs if not s.is_dense)
 
 
 class ByteTokenizer:
@@ -210,30 +230,11 @@ def prefill(model, input_ids: torch.Tensor, capture_queries: bool = False) -> Pr
 
 
 # --------------------------------------------------------------------------------- caches
-def _offline_prune(x, q, k_full, sp, strat, gran, kind, window):
-    from mustafar.pruning import prune
-
-    if sp == 0.0:
-        return x
-    T = x.shape[2]
-    n = max(0, T - window)
-    if n == 0:
-        return x
-    kw = {}
-    if strat == "output_aware":
-        kw = dict(kind=kind, granularity=gran, q=q)
-        if kind == "value":
-            kw["k"] = k_full
-    elif strat == "think":
-        kw = dict(q=q, kind=kind)
-    pruned = prune(x, sp, strat, **kw)
-    out = x.clone()
-    out[:, :, :n] = pruned[:, :, :n]  # [1, H_kv, T, D]; last `window` tokens stay dense
-    return out
-
-
 def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int = 64):
     """A fresh cache for ``spec`` holding the (pruned) prefill K/V of ``state``.
+
+    Dense specs get a ``DynamicCache``; every other spec a ``MustafarCache`` in ``spec.mode``, fed
+    the prefill's K/V (and, for query-driven strategies, its captured queries) layer by layer.
 
     Returns
     -------
@@ -242,29 +243,28 @@ def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int
     """
     from transformers import DynamicCache
 
-    impl = spec.impl
-    if impl == "mustafar":
-        from mustafar.cache import MustafarCache, MustafarConfig
-
-        cfg = MustafarConfig(
-            k_sparsity=spec.k_sparsity, v_sparsity=spec.v_sparsity,
-            k_strategy=_strategy_for_cache(spec.k_strategy, spec.k_sparsity),
-            v_strategy=_strategy_for_cache(spec.v_strategy, spec.v_sparsity),
-            local_window=spec.local_window, mode=spec.mode)
-        cache = MustafarCache(model, cfg, max_cache_len=state.n_tokens + max_new_tokens + 1)
+    if spec.is_dense:
+        cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(zip(state.keys, state.values)):
-            cache.update(k, v, i)
+            cache.update(k.clone(), v.clone(), i)
         return cache, spec.mode
-    cache = DynamicCache(config=model.config)
+    from mustafar.cache import MustafarCache, MustafarConfig
+
+    if spec.needs_queries and state.queries is None:
+        raise ValueError(f"{spec.name} is query-driven and needs queries: prefill(..., capture_queries=True)")
+    cfg = MustafarConfig(
+        k_sparsity=spec.k_sparsity, v_sparsity=spec.v_sparsity,
+        k_strategy=_strategy_for_cache(spec.k_strategy, spec.k_sparsity),
+        v_strategy=_strategy_for_cache(spec.v_strategy, spec.v_sparsity),
+        k_strategy_kwargs=_strategy_kwargs(spec.k_strategy, spec.k_sparsity, spec.k_granularity),
+        v_strategy_kwargs=_strategy_kwargs(spec.v_strategy, spec.v_sparsity, spec.v_granularity),
+        local_window=spec.local_window, mode=spec.mode)
+    cache = MustafarCache(model, cfg, max_cache_len=state.n_tokens + max_new_tokens + 1)
     for i, (k, v) in enumerate(zip(state.keys, state.values)):
-        if impl == "offline":
-            q = state.queries[i] if state.queries is not None else None
-            if q is None:
-                raise ValueError(f"{spec.name} needs queries: prefill(..., capture_queries=True)")
-            k2 = _offline_prune(k, q, k, spec.k_sparsity, spec.k_strategy, spec.k_granularity, "key", spec.local_window)
-            v2 = _offline_prune(v, q, k, spec.v_sparsity, spec.v_strategy, spec.v_granularity, "value", spec.local_window)
-            k, v = k2, v2
-        cache.update(k.clone() if impl == "dense" else k, v.clone() if impl == "dense" else v, i)
+        if spec.needs_queries:
+            cache.update(k, v, i, {"query_states": state.queries[i]})  # q [1, H_q, T, D] post-RoPE
+        else:
+            cache.update(k, v, i)
     return cache, spec.mode
 
 
@@ -313,8 +313,6 @@ def _side_ratio(strat: str, sp: float, D: int, itemsize: int) -> float:
     if sp == 0.0:
         return 1.0
     W = D // 64 if D % 64 == 0 else -(-D // 64)
-    if strat == "think":  # whole channels dropped per head: no bitmap needed
-        return kept_count(D, sp) / D
     if strat == "semi_structured_2_4":
         k = D // 2
     else:
@@ -325,8 +323,9 @@ def _side_ratio(strat: str, sp: float, D: int, itemsize: int) -> float:
 def format_bytes_ratio(spec: CacheSpec, head_dim: int, itemsize: int = 2) -> float:
     """Asymptotic cache bytes per token relative to dense (long context, window ignored).
 
-    Bitmap format of docs/design.md: ``8*W + k*itemsize`` bytes per token vector (fp16 by default);
-    ThinK stores the kept channels only. For per-channel / output-aware strategies the mean kept
+    Bitmap format of docs/design.md: ``8*W + k*itemsize`` bytes per token vector (fp16 by default),
+    as ``MustafarCache`` stores it for every compressed strategy, ThinK included (a ThinK-specific
+    store of the kept channels only would need ``k*itemsize``). For per-channel / output-aware strategies the mean kept
     count per token vector is the same budget as per-token pruning (their per-row counts vary, so
     the fixed-stride layout would pad to the maximum: this is the ideal variable-stride figure).
     """

@@ -12,14 +12,17 @@ profile on:
 Configurations: K-only / V-only / joint per-token magnitude at {0.3, 0.5, 0.7, 0.8, 0.9},
 per-channel magnitude, output-aware (per-token and per-channel), ThinK (K only), 2:4 and the
 asymmetric pairs K 50% with V 70/80%, plus dense. Each cell records the cache mode used
-(``compressed`` where a compressed path exists, ``simulate`` otherwise, ``offline`` for the
-query-driven strategies the cache cannot run; see :mod:`mustafar.eval.runtime`), the measured
+(every pruned spec runs in :class:`mustafar.cache.MustafarCache`: ``compressed`` where each pruned
+side has a fixed kept count per token vector, ``simulate`` otherwise; query-driven strategies get
+the prefill's captured queries; see :mod:`mustafar.eval.runtime`), the measured
 cache bytes relative to dense (``bytes_ratio_measured``: ``MustafarCache.nbytes() /
 dense_nbytes()`` at the end of decoding, includes the dense window; 1.0 for dense-stored modes)
 and the format's asymptotic fp16 bytes relative to dense (``bytes_ratio``, used by :func:`pareto`).
 
 Resumable: a cell is keyed by all of its parameters (model, suite, task, context length, samples,
-seed, every spec field); finished cells found in the output JSON are skipped. The file is rewritten
+seed, every spec field); finished cells found in the output JSON are skipped, except cells whose
+stored ``mode`` differs from the spec's current mode (e.g. old ``offline`` cells), which are
+dropped and recomputed (:func:`refresh_cells`). The file is rewritten
 (atomically) after every (task, length) group.
 
 Cost model (one dense prefill per sample, shared by all configurations; one greedy decode per
@@ -48,7 +51,7 @@ from typing import Iterable, Sequence
 from .runtime import CacheSpec, format_bytes_ratio
 
 __all__ = ["PROFILES", "profile_specs", "run_sweep", "summarize", "pareto", "cell_key", "load_results",
-           "save_results", "merge_results"]
+           "save_results", "merge_results", "refresh_cells"]
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
 TOK, CHAN, OA, THINK, S24 = ("per_token_magnitude", "per_channel_magnitude", "output_aware", "think",
@@ -143,10 +146,36 @@ _SCALAR_COLS = ("model", "suite", "task", "context_length", "n_samples", "seed",
                 "mean_prompt_tokens", "seconds_decode", "seconds_prefill_shared", "eval_tokens", "n_segments")
 
 
+def refresh_cells(results: dict) -> list[dict]:
+    """Bring stored cells up to date with the current :class:`CacheSpec` (in place).
+
+    Each cell's ``config`` label is rebuilt from its spec fields (older runs wrote e.g.
+    ``"K=2:450,V=2:450"`` for 2:4), and cells whose stored ``mode`` is no longer the mode the spec
+    runs in (e.g. ``"offline"`` from before ``MustafarCache`` ran the query-driven strategies) are
+    dropped, so a resumed sweep recomputes them.
+
+    Returns
+    -------
+    list of the dropped cells.
+    """
+    keep, dropped = [], []
+    for c in results.get("cells", []):
+        if all(f in c for f in _SPEC_FIELDS):
+            spec = CacheSpec(**{f: c[f] for f in _SPEC_FIELDS})
+            if c.get("mode") != spec.mode:
+                dropped.append(c)
+                continue
+            c["config"] = spec.name
+        keep.append(c)
+    results["cells"] = keep
+    return dropped
+
+
 def save_results(results: dict, json_path) -> None:
     """Write the JSON (atomically) and the tidy CSV next to it (one row per cell, scalar columns)."""
     import pandas as pd
 
+    refresh_cells(results)
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_suffix(".json.tmp")
@@ -167,6 +196,7 @@ def merge_results(paths, out_path) -> dict:
     seen = set()
     for p in paths:
         r = load_results(p)
+        refresh_cells(r)
         if merged is None:
             merged = {k: v for k, v in r.items() if k != "cells"}
             merged["cells"] = []
@@ -252,19 +282,27 @@ def run_sweep(model: str = "smollm2-135m", profile: str = "quick", out_dir="resu
     safe = model.replace("/", "_")
     json_path = Path(out_dir) / (out_name or f"accuracy_{safe}.json")
     results = load_results(json_path) if resume else load_results("/nonexistent")
+    stale = refresh_cells(results)
+    if stale and progress:
+        print(f"[sweep] dropped {len(stale)} stale cells (mode changed, e.g. 'offline'): recomputing them", flush=True)
     done = {cell_key(c) for c in results["cells"]}
     results["provenance"] = _provenance(command)
     results.setdefault("profiles", {})[profile] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()}
+    old_notes = results.get("notes") or {}
     results["notes"] = {
         "ruler_tasks": ruler.TASK_NOTES,
         "haystack": "natural English prose of the Python Language Reference (stdlib pydoc_data/topics.py)",
         "bytes_ratio": "format fp16 bytes per token vs dense, asymptotic (mustafar.eval.runtime.format_bytes_ratio)",
         "bytes_ratio_measured": "MustafarCache.nbytes()/dense_nbytes() after decoding (incl. dense window buffer); "
                                 "null for dense-stored modes",
-        "modes": "compressed: bitmap store + sparse decode; simulate: MustafarCache dense twin; offline: query-driven "
-                 "strategy applied to the prompt's K/V with captured queries (DynamicCache); dense: DynamicCache",
+        "modes": "compressed: MustafarCache bitmap store + sparse decode (per-token magnitude, 2:4, ThinK, "
+                 "output-aware per-token); simulate: MustafarCache dense twin with pruned entries zeroed (per-channel "
+                 "magnitude, output-aware per-channel); query-driven strategies get the prefill's captured post-RoPE "
+                 "queries through cache.update(..., {'query_states': q}); dense: DynamicCache",
         "longbench": "English 16 datasets only",
     }
+    if "wall_time" in old_notes:  # measured wall times of whole profile runs (written by hand / scripts)
+        results["notes"]["wall_time"] = old_notes["wall_time"]
     n_new = 0
     t_start = time.perf_counter()
 
