@@ -241,6 +241,18 @@ def plot_bytes_vs_sparsity(ax, df, x: str = "sparsity", y: str = "bytes_ratio", 
     plot_lines(ax, df, x, y, hue, title=title, xlabel="sparsity (fraction pruned per token)",
                ylabel="bytes / dense bytes")
     ax.axhline(1.0, color=COLORS["dense"], lw=1, ls="--", label="dense")
+    # layouts that sit exactly on another one (ours == floor) would hide it: restyle later lines
+    # that coincide with an earlier one as dashed, wider, and say so in the legend
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in set(df[hue].astype(str))]
+    for i, ln in enumerate(lines):
+        for other in lines[:i]:
+            if (len(ln.get_ydata()) == len(other.get_ydata())
+                    and all(abs(a - b) < 1e-9 for a, b in zip(ln.get_ydata(), other.get_ydata()))):
+                ln.set_linestyle((0, (4, 3)))
+                ln.set_linewidth(3)
+                ln.set_zorder(other.get_zorder() + 1)
+                ln.set_label(f"{ln.get_label()} (= {other.get_label()})")
+                break
     ax.set_ylim(0, max(1.1, float(df[y].max()) * 1.05))
     ax.legend()
     return ax

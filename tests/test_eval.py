@@ -226,3 +226,18 @@ def test_longbench_runner_plumbing(tiny, tmp_path):
     assert set(out) == {("passage_retrieval_en", "K=dense,V=dense"), ("passage_retrieval_en", "K=tok50,V=tok50")}
     for r in out.values():
         assert len(r["preds"]) == 2 and 0.0 <= r["score"] <= 100.0 and r["max_new_tokens"] == 3
+
+
+def test_merge_results_unions_shard_profiles(tmp_path):
+    """Shards run with --tasks store partial profiles; the merged file lists every task (summarize filters on it)."""
+    from mustafar.eval.sweep import load_results, merge_results, save_results
+
+    base = dict(ruler_lengths=[1024], ruler_samples=2, ppl={"prefill_tokens": 1024})
+    cell = dict(CacheSpec().to_dict(), model="m", suite="ruler", context_length=1024, n_samples=2, seed=0,
+                mode="dense", config="K=dense,V=dense", score=50.0)
+    for name, tasks in (("a", ["t1", "t2"]), ("b", ["t3"])):
+        save_results({"provenance": {}, "notes": {}, "profiles": {"quick": dict(base, ruler_tasks=tasks)},
+                      "cells": [dict(cell, task=t) for t in tasks]}, tmp_path / f"{name}.json")
+    merge_results([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "m.json")
+    m = load_results(tmp_path / "m.json")
+    assert m["profiles"]["quick"]["ruler_tasks"] == ["t1", "t2", "t3"] and len(m["cells"]) == 3

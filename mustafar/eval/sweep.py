@@ -16,7 +16,8 @@ asymmetric pairs K 50% with V 70/80%, plus dense. Each cell records the cache mo
 side has a fixed kept count per token vector, ``simulate`` otherwise; query-driven strategies get
 the prefill's captured queries; see :mod:`mustafar.eval.runtime`), the measured
 cache bytes relative to dense (``bytes_ratio_measured``: ``MustafarCache.nbytes() /
-dense_nbytes()`` at the end of decoding, includes the dense window; 1.0 for dense-stored modes)
+dense_nbytes()`` at the end of decoding, includes the dense window; null for ``dense`` /
+``simulate`` cells, whose cache is stored dense)
 and the format's asymptotic fp16 bytes relative to dense (``bytes_ratio``, used by :func:`pareto`).
 
 Resumable: a cell is keyed by all of its parameters (model, suite, task, context length, samples,
@@ -27,17 +28,42 @@ dropped and recomputed (:func:`refresh_cells`). The file is rewritten
 
 Cost model (one dense prefill per sample, shared by all configurations; one greedy decode per
 configuration, stopped early once the task's answer items are out): per sample
-``t_prefill(L) + n_specs * n_tokens * t_step``. Measured on the 2-core CPU machine while other jobs
-loaded it (load average 8-13; 2026-11-28), SmolLM2-135M fp32, 1 thread, 1K-token prompt:
-``t_prefill`` ~ 50 s, ``t_step`` ~ 1.4 s (dense and compressed alike). The quick profile (12
-configs x 7 tasks x 2 samples at 1K, then vt/cwe dropped; ppl 1K+16) ran as two parallel shards in
-~20 min wall (sum of shard times ~38 min; per task group 160-480 s). On an idle machine ``t_step``
-should be several times lower (not measured: the machine was never idle during development);
-the profiles are sized for an idle machine: quick (12 configs, 5 tasks x 2 samples, ppl) < 10 min,
-full (35 configs, 5 tasks x {1K, 2K} x 5 samples, ppl 2K+64) < 2 h -- both unverified. Use
-``ruler_samples`` / ``ruler_lengths`` overrides (CLI ``--samples``, ``--lengths``) and shards
-(``--tasks``, ``--out-name``, :func:`merge_results`) to fit a budget. 2 samples per cell is a
-smoke test, not a measurement (a RULER score then moves in steps of 50 / n_answers points).
+``t_prefill(L) + n_specs * t_decode(task)``. Measured on this 2-core CPU machine (2026-11-28, other
+jobs running alongside: load average ~2-4), SmolLM2-135M fp32, 1 thread per process, 1K-token
+prompts, all 12 quick configs through the current code (query-driven ones in ``MustafarCache``):
+
+===============  ====================  ==========================================
+task             prefill / sample (s)  decode / config / sample (s): mean (min-max)
+===============  ====================  ==========================================
+niah_single      10.2                  2.9 (1.2-5.0)
+niah_multikey    6.5                   1.7 (0.9-3.5)
+niah_multivalue  13.2                  9.8 (1.7-16.7)
+niah_multiquery  9.2                   9.6 (0.8-14.3)
+fwe              13.4                  5.6 (2.7-9.0)
+prose_ppl        (1K + 16 tokens)      4.7 (2.5-5.9)
+===============  ====================  ==========================================
+
+A decode step costs ~0.13-0.16 s at 1K and ~1.1x that at 2K; a 2K prefill ~2.1x a 1K one
+(measured alone: 6.0 s -> 12.6 s). **Quick profile** (12 configs, 5 tasks x 2 samples at 1K, ppl
+1K+16): measured **488 s wall** (8.1 min) as two parallel 1-thread shards (sum of the shards
+931 s; the model above predicts 870 s), see ``notes["wall_time"]`` in the results JSON.
+**Full profile** (35 configs, 5 tasks x {1K, 2K} x 3 samples, ppl 2K+64) estimated with the
+same per-task means (2K: prefill x2.1, decode x1.15): ~7650 s of single-process time = **~2.1 h
+as one process, ~1.1 h wall as two parallel 1-thread shards** (the largest shard ~4200 s), so run
+it sharded (it was sized down from 5 samples at {1K, 2K}, estimated 3.5 h / 1.8 h)::
+
+    python -m mustafar.eval sweep --profile full --threads 1 --suites ruler \
+        --tasks niah_multivalue,fwe,niah_multikey --out-name accuracy_smollm2-135m.fa.json &
+    python -m mustafar.eval sweep --profile full --threads 1 --suites ruler,ppl \
+        --tasks niah_multiquery,niah_single --out-name accuracy_smollm2-135m.fb.json &
+    wait; python -c "from mustafar.eval.sweep import merge_results as m; m(['results/accuracy_smollm2-135m.fa.json',
+        'results/accuracy_smollm2-135m.fb.json', 'results/accuracy_smollm2-135m.json'], 'results/accuracy_smollm2-135m.json')"
+
+Estimates assume the load seen here; an idle machine is faster, a busier one slower (the earlier
+``offline`` runs under load 8-13 took ~2x longer). Use ``ruler_samples`` / ``ruler_lengths``
+overrides (CLI ``--samples``, ``--lengths``) and shards (``--tasks``, ``--out-name``,
+:func:`merge_results`) to fit another budget. 2-3 samples per cell is a smoke test, not a
+measurement (a RULER score then moves in steps of 33-50 / n_answers points).
 """
 from __future__ import annotations
 
@@ -101,7 +127,7 @@ PROFILES = {
                   ppl=dict(prefill_tokens=1024, eval_tokens=16, n_segments=1), longbench_samples=2,
                   longbench_max_length=2048, longbench_max_new_tokens=32),
     "full": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "fwe"),
-                 ruler_lengths=(1024, 2048), ruler_samples=5,
+                 ruler_lengths=(1024, 2048), ruler_samples=3,  # ~1.1 h as 2 shards: see the module docstring
                  ppl=dict(prefill_tokens=2048, eval_tokens=64, n_segments=1), longbench_samples=10,
                  longbench_max_length=7500, longbench_max_new_tokens=None),
 }
@@ -186,10 +212,26 @@ def save_results(results: dict, json_path) -> None:
     pd.DataFrame(rows, columns=list(_SCALAR_COLS)).to_csv(json_path.with_suffix(".csv"), index=False)
 
 
+_UNION_KEYS = ("ruler_tasks", "ruler_lengths")
+
+
+def _union_profile(old: dict | None, new: dict) -> dict:
+    """Profile settings stored in a results file: ``new``, with ``ruler_tasks`` / ``ruler_lengths``
+    the ordered union of ``old``'s and ``new``'s (shards run with ``--tasks`` / ``--lengths`` add up
+    to the whole profile; :func:`summarize` filters cells with these settings)."""
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.items()}
+    if old:
+        for k in _UNION_KEYS:
+            if k in old and k in out:
+                out[k] = list(dict.fromkeys(list(old[k]) + list(out[k])))
+    return out
+
+
 def merge_results(paths, out_path) -> dict:
     """Union of the cells of several result files (e.g. shards run in parallel), keyed by :func:`cell_key`.
 
-    The first file's provenance/profiles/notes are kept (later files' profiles are added when new);
+    The first file's provenance/profiles/notes are kept (later files' profiles are added when new;
+    the ``ruler_tasks`` / ``ruler_lengths`` of a profile are the union over the files);
     a cell present in several files is taken from the first. Writes ``out_path`` (+ CSV).
     """
     merged = None
@@ -202,7 +244,14 @@ def merge_results(paths, out_path) -> dict:
             merged["cells"] = []
             merged["merged_from"] = []
         for k, v in r.get("profiles", {}).items():
-            merged.setdefault("profiles", {}).setdefault(k, v)
+            profs = merged.setdefault("profiles", {})
+            if k not in profs:
+                profs[k] = v
+            else:  # earlier files' settings win; task / length lists are unioned
+                u = _union_profile(profs[k], v)
+                profs[k] = dict(profs[k], **{x: u[x] for x in _UNION_KEYS if x in u})
+        for k, v in (r.get("notes") or {}).get("wall_time", {}).items():  # measured profile wall times
+            merged.setdefault("notes", {}).setdefault("wall_time", {}).setdefault(k, v)
         merged["merged_from"].append({"path": str(p), "provenance": r.get("provenance"), "last_run": r.get("last_run")})
         for c in r["cells"]:
             key = cell_key(c)
@@ -287,14 +336,17 @@ def run_sweep(model: str = "smollm2-135m", profile: str = "quick", out_dir="resu
         print(f"[sweep] dropped {len(stale)} stale cells (mode changed, e.g. 'offline'): recomputing them", flush=True)
     done = {cell_key(c) for c in results["cells"]}
     results["provenance"] = _provenance(command)
-    results.setdefault("profiles", {})[profile] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.items()}
+    profs = results.setdefault("profiles", {})
+    profs[profile] = _union_profile(profs.get(profile), prof)
     old_notes = results.get("notes") or {}
     results["notes"] = {
         "ruler_tasks": ruler.TASK_NOTES,
         "haystack": "natural English prose of the Python Language Reference (stdlib pydoc_data/topics.py)",
         "bytes_ratio": "format fp16 bytes per token vs dense, asymptotic (mustafar.eval.runtime.format_bytes_ratio)",
-        "bytes_ratio_measured": "MustafarCache.nbytes()/dense_nbytes() after decoding (incl. dense window buffer); "
-                                "null for dense-stored modes",
+        "bytes_ratio_measured": "MustafarCache.nbytes()/dense_nbytes() after decoding, buffers at capacity: incl. the "
+                                "dense window buffer (local_window + compress_chunk + 1 rows) and strategy bookkeeping "
+                                "(output-aware keeps a query accumulator as large as the window buffer), so at 1K it "
+                                "sits far above bytes_ratio; null for dense / simulate cells",
         "modes": "compressed: MustafarCache bitmap store + sparse decode (per-token magnitude, 2:4, ThinK, "
                  "output-aware per-token); simulate: MustafarCache dense twin with pruned entries zeroed (per-channel "
                  "magnitude, output-aware per-channel); query-driven strategies get the prefill's captured post-RoPE "
