@@ -49,7 +49,8 @@ Query-driven strategies (``output_aware``, ``think``; mustafar.pruning for the s
 
 Memory layout of one compressed layer (``B`` batch, ``H`` KV heads, ``W = D // 64``):
 ``k_bitmap``/``v_bitmap`` int64 ``[B, H, cap, W]``, ``k_values [B, H, cap, k_k]``,
-``v_values [B, H, cap, k_v]``, dense window ``[B, H, local_window + compress_chunk + 1, D]`` for K and V,
+``v_values [B, H, cap, k_v]``, dense window ``[B, H, <= local_window + compress_chunk + 1, D]`` (grown on demand
+unless ``max_cache_len`` preallocates it) for K and V,
 and an int64 ``[2]`` counter tensor. Appends write rows after the last used row; nothing stored is
 rewritten. ``cap`` is ``max_cache_len`` when given; otherwise it grows geometrically (x2), and each
 growth copies the used rows once into the new buffer (amortised O(1) per token, but a real copy:
@@ -672,7 +673,7 @@ class _MustafarLayerBase(CacheLayerMixin):
 
 
 class MustafarLayer(_MustafarLayerBase):
-    """Compressed layer: bitmap store ``[B, H, cap, *]`` + dense window ``[B, H, local_window + compress_chunk + 1, D]``."""
+    """Compressed layer: bitmap store ``[B, H, cap, *]`` + dense window ``[B, H, <= local_window + compress_chunk + 1, D]``."""
 
     def _allocate(self, batch, device):
         d, h = self.head_dim, self.num_kv_heads
@@ -685,10 +686,29 @@ class MustafarLayer(_MustafarLayerBase):
         self.v_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
         self.k_vals = torch.zeros(batch, h, cap, self.kk, dtype=self.dtype, device=device)
         self.v_vals = torch.zeros(batch, h, cap, self.kv, dtype=self.dtype, device=device)
-        wcap = self.cfg.local_window + self.cfg.compress_chunk + 1
-        self.k_win = torch.zeros(batch, h, wcap, d, dtype=self.dtype, device=device)
-        self.v_win = torch.zeros(batch, h, wcap, d, dtype=self.dtype, device=device)
+        # The dense window holds at most local_window + compress_chunk + 1 rows. With max_cache_len it is
+        # preallocated at that size; otherwise it starts at local_window + 1 rows and doubles up to it
+        # (a copy of at most a few hundred window rows, never of the compressed store), so a short
+        # conversation does not pay for a 289-row buffer per layer.
+        self.wcap = self.cfg.local_window + self.cfg.compress_chunk + 1
+        w0 = self.wcap if self.max_cache_len else min(self.wcap, self.cfg.local_window + 1)
+        self.k_win = torch.zeros(batch, h, w0, d, dtype=self.dtype, device=device)
+        self.v_win = torch.zeros(batch, h, w0, d, dtype=self.dtype, device=device)
         self._sync_kv()
+
+    def _grow_window(self, needed: int):
+        """Make the window buffers hold ``needed`` rows (doubling, capped at ``wcap``; copies used rows)."""
+        cur = self.k_win.shape[2]
+        if needed <= cur:
+            return
+        if needed > self.wcap:
+            raise RuntimeError(f"mustafar: window of {needed} rows exceeds its capacity {self.wcap} (internal error)")
+        cap = min(self.wcap, max(needed, 2 * cur))
+        for name in ("k_win", "v_win"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])  # [B, H, cap, D]
+            new[:, :, : self.n_w] = old[:, :, : self.n_w]
+            setattr(self, name, new)
 
     def _free(self):
         for n in ("k_bitmap", "v_bitmap", "k_vals", "v_vals", "k_win", "v_win"):
@@ -738,6 +758,7 @@ class MustafarLayer(_MustafarLayerBase):
         self.n_c += n
 
     def _append_window(self, k, v):
+        self._grow_window(self.n_w + 1)
         self.k_win[:, :, self.n_w : self.n_w + 1] = k
         self.v_win[:, :, self.n_w : self.n_w + 1] = v
         self.n_w += 1
@@ -787,6 +808,7 @@ class MustafarLayer(_MustafarLayerBase):
         n_comp = max(0, t - lw)
         self._store(tail_k[:, :, :n_comp], tail_v[:, :, :n_comp], km, vm)
         rest = t - n_comp
+        self._grow_window(rest)
         self.k_win[:, :, :rest] = tail_k[:, :, n_comp:]
         self.v_win[:, :, :rest] = tail_v[:, :, n_comp:]
         self.n_w = rest

@@ -162,6 +162,27 @@ def test_decode_reads_compressed_store(monkeypatch):
     assert torch.equal(layer.k_vals[:, :, : stored.shape[2]], stored)  # nothing stored was rewritten
 
 
+def test_window_buffer_grows_on_demand_and_matches_simulate():
+    """Without max_cache_len the dense window starts at local_window + 1 rows and doubles up to
+    local_window + compress_chunk + 1; the tokens equal simulate mode across the growth."""
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model, t=6)  # shorter than the window: nothing compressed at prefill
+    cfg = dict(k_sparsity=0.7, v_sparsity=0.7, local_window=8, compress_chunk=16)
+    outs = {}
+    for mode in ("compressed", "simulate"):
+        cache = MustafarCache(model, MustafarConfig(mode=mode, **cfg))
+        tok, lg = _generate(model, ids, mask, cache, n=1)
+        if mode == "compressed":
+            layer = cache.layers[0]
+            assert layer.k_win.shape[2] == 8 + 1  # short prompt: small buffer, not 8 + 16 + 1
+        tok2, lg2 = _generate(model, tok, torch.ones_like(tok), cache, n=30)  # grows, then compresses
+        if mode == "compressed":
+            assert layer.k_win.shape[2] == 8 + 16 + 1 and layer.n_c > 0
+        outs[mode] = (tok2, torch.cat([lg, lg2], dim=1))
+    assert torch.equal(outs["compressed"][0], outs["simulate"][0])
+    torch.testing.assert_close(outs["compressed"][1], outs["simulate"][1], atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_attention_detects_lost_compressed_store():
     """A model that replaced the keys between cache.update and attention must not silently drop the store."""
