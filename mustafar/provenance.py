@@ -13,18 +13,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["collect", "git_commit"]
+__all__ = ["collect", "commit_of", "git_commit"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> dict:
-    """Commit hash of the working tree and whether it had uncommitted changes ("dirty")."""
+    """Commit hash of the working tree and whether it had uncommitted changes ("dirty").
+
+    Where the tree is a copy without ``.git`` (the GPU machine gets a copy of the working tree), the
+    caller passes the commit in the environment: ``MUSTAFAR_GIT_COMMIT=$(git rev-parse HEAD)``.
+    """
+    env = os.environ.get("MUSTAFAR_GIT_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None, "source": "MUSTAFAR_GIT_COMMIT"}
     def _git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip()
     try:
-        commit = _git("rev-parse", "HEAD") or None
+        commit = _git("rev-parse", "--verify", "-q", "HEAD") or None
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
@@ -90,3 +97,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+def commit_of(prov: dict) -> str | None:
+    """The git commit recorded in a provenance block, in either layout this project has written
+    (``{"git": {"commit": ...}}`` from :func:`collect`, or a flat ``"git_commit"``)."""
+    git = prov.get("git")
+    if isinstance(git, dict) and git.get("commit"):
+        return git["commit"]
+    return prov.get("git_commit", prov.get("commit"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: build, check, sanitize, time. Run from the repo root on the GPU machine.
 #   STAGES="build test sanitize sass bench e2e" bash scripts/gpu_all.sh      (default: all but e2e)
-# Logs and JSON land in $OUT (or ./gpu_out when OUT is unset).
+# Logs and JSON land in $OUT (or ./gpu_out when OUT is unset). The device copy has no .git: pass the
+# commit for the results' provenance, e.g. run "MUSTAFAR_GIT_COMMIT=<git rev-parse HEAD here> bash scripts/gpu_all.sh".
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" results

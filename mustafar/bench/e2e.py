@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = run(args.models, args.prompts, args.gen, args.batches, args.sparsities, args.kv_budget_gib,
               args.check_tokens)
-    prov = provenance(argv)
-    prov["command"] = "python -m mustafar.bench.e2e " + " ".join(argv)
-    res["provenance"] = prov
+    res["provenance"] = provenance(argv, module="mustafar.bench.e2e")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -23,12 +23,9 @@ one decode step. Results go to JSON with provenance (device, versions, commit, d
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 
 import torch
@@ -70,27 +67,13 @@ def copy_bandwidth() -> float:
     return 2 * n / (ms * 1e-3)
 
 
-def provenance(argv: list[str]) -> dict:
-    def sh(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return ""
+def provenance(argv: list[str], module: str = "mustafar.bench.kernel") -> dict:
+    """:func:`mustafar.provenance.collect` plus the GPU's multiprocessor count."""
+    from mustafar.provenance import collect
 
-    commit = sh(["git", "rev-parse", "--verify", "-q", "HEAD"]) or "unknown (no commit yet)"
-    dirty = bool(sh(["git", "status", "--porcelain"]))
-    return {
-        "device": torch.cuda.get_device_name(0),
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m mustafar.bench.kernel " + " ".join(argv),
-    }
+    prov = collect(command=f"python -m {module} " + " ".join(argv))
+    prov["sm_count"] = torch.cuda.get_device_properties(0).multi_processor_count
+    return prov
 
 
 def _k_of(s: float, d: int) -> int:
