@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from mustafar.pruning import topk_mask as _pruning_topk_mask
+
 __all__ = [
     "topk_mask",
     "encode_bitmap",
@@ -35,52 +37,13 @@ def _check_head_dim(d: int) -> int:
     return d // _BITS
 
 
-def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
-    """float64 sort key with the contract's order: finite |x| < inf < NaN (all NaNs equal)."""
-    key = x.detach().to(torch.float64).abs()  # [..., D]
-    key = torch.where(torch.isinf(key), torch.full_like(key, torch.finfo(torch.float64).max), key)
-    key = torch.where(torch.isnan(key), torch.full_like(key, math.inf), key)
-    return key
-
-
-def _local_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest-magnitude entries of every row along the last dim.
-
-    Parameters
-    ----------
-    x : Tensor ``[..., D]`` (any floating dtype)
-    k : int, ``0 <= k <= D``: entries kept per row.
-
-    Returns
-    -------
-    Tensor bool ``[..., D]`` with exactly ``k`` True per row. Ties in ``|x|`` prune the lower
-    channel index first (stable ascending sort of ``|x|``); NaN is the largest magnitude.
-    """
-    d = x.shape[-1]
-    if not 0 <= int(k) <= d:
-        raise ValueError(f"k={k} out of range [0, {d}] for head_dim {d}")
-    n_prune = d - int(k)
-    order = torch.sort(_magnitude_key(x), dim=-1, stable=True).indices  # [..., D] ascending
-    mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    mask.scatter_(-1, order[..., :n_prune], False)
-    return mask
-
-
-try:  # one implementation of the tie rule in the package: the pruning module's, when present
-    from mustafar.pruning import topk_mask as _pruning_topk_mask
-except ImportError:  # pragma: no cover - pruning is built in parallel
-    _pruning_topk_mask = None
-
-
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest-magnitude entries of every row along the last dim.
 
-    Delegates to :func:`mustafar.pruning.topk_mask` when available (same contract), else to a
-    local implementation. Ties: lower channel index pruned first; NaN is the largest magnitude.
+    The package's one implementation of the tie rule, :func:`mustafar.pruning.topk_mask`: ties prune
+    the lower channel index first; NaN is the largest magnitude.
     """
-    if _pruning_topk_mask is not None:
-        return _pruning_topk_mask(x, int(k))
-    return _local_topk_mask(x, k)
+    return _pruning_topk_mask(x, int(k))
 
 
 def popcount(bitmap: torch.Tensor) -> torch.Tensor:

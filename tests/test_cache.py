@@ -38,6 +38,17 @@ def _generate(model, ids, mask, cache, n=10):
     return out.sequences, torch.stack(out.scores, dim=1)  # [B, T_total], [B, n, V]
 
 
+def _left_pad(prompts):
+    """Batch 1-D token tensors with left padding: ``ids, mask [B, max_len]``."""
+    t = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), t, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = p
+        mask[i, t - len(p):] = 1
+    return ids, mask
+
+
 def _prompt(model, b=1, t=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (b, t), generator=g)
@@ -96,12 +107,8 @@ def test_batched_left_padding_equals_single(mode):
     model, _ = _model("tiny-llama")
     lens = [40, 23, 31]
     prompts = [_prompt(model, t=n, seed=i)[0][0] for i, n in enumerate(lens)]
-    t = max(lens)
-    ids = torch.zeros(len(lens), t, dtype=torch.long)
-    mask = torch.zeros(len(lens), t, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = p
-        mask[i, t - len(p):] = 1
+    ids, mask = _left_pad(prompts)
+    t = ids.shape[1]
     cfg = MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, mode=mode, **SMALL)
     b_tok, b_logits = _generate(model, ids, mask, MustafarCache(model, cfg))
     for i, p in enumerate(prompts):
@@ -527,12 +534,8 @@ def test_query_driven_left_padding_equals_single(case):
     model, _ = _model("tiny-llama")
     lens = [40, 29]
     prompts = [_prompt(model, t=n, seed=10 + i)[0][0] for i, n in enumerate(lens)]
-    t = max(lens)
-    ids = torch.zeros(len(lens), t, dtype=torch.long)
-    mask = torch.zeros(len(lens), t, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = p
-        mask[i, t - len(p):] = 1
+    ids, mask = _left_pad(prompts)
+    t = ids.shape[1]
     cfg = _qcfg(case, "compressed")
     b_tok, b_logits = _generate(model, ids, mask, MustafarCache(model, cfg), n=8)
     for i, p in enumerate(prompts):

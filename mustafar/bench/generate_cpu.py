@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,16 +29,9 @@ RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 def _provenance() -> dict:
-    try:
-        from mustafar import provenance  # helper-2 owns it; optional
+    from mustafar.provenance import collect
 
-        return provenance.collect() if hasattr(provenance, "collect") else dict(vars(provenance).get("INFO", {}))
-    except Exception:  # noqa: BLE001
-        import transformers
-
-        return dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                    machine=platform.machine(), processor=platform.processor(), threads=torch.get_num_threads(),
-                    backend=mustafar.ops.backend(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return {**collect(), "threads": torch.get_num_threads(), "backend": mustafar.ops.backend()}
 
 
 def _prompt_ids(tok, n: int) -> torch.Tensor:

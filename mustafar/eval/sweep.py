@@ -142,19 +142,9 @@ def cell_key(cell: dict) -> str:
 
 
 def _provenance(command: str | None) -> dict:
-    try:
-        from mustafar.provenance import collect
-        return collect(command)
-    except Exception:  # noqa: BLE001  (fallback when mustafar.provenance is missing or fails)
-        import datetime
-        import platform
-        import sys
+    from mustafar.provenance import collect
 
-        import torch
-        import transformers
-        return {"fallback": True, "python": sys.version.split()[0], "torch": torch.__version__,
-                "transformers": transformers.__version__, "host": platform.node(), "device": platform.processor(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": command}
+    return collect(command)
 
 
 def load_results(path) -> dict:
