@@ -144,30 +144,60 @@ __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes
   for (int i = tid; i < rem; i += kWarps * 32) d[i] = s[i];
 }
 
-// Expand the lane's CPL channels of one packed row into floats.
-//   vw: word view of the stage's value tile; a: absolute half index (row*k + rank); nib: the lane's bits
+// Nibble lookup table (16 entries, in shared memory): for the lane's 4 channels with stored-bit
+// pattern n (bit j = channel j stored) and the compact values c0..c3 starting at the lane's rank,
+//   channels 0,1 = prmt(c01, 0, x & 0xffff)           (selector bytes 4..7 read the zero register)
+//   channels 2,3 = prmt(c01, c23, x >> 16) & y         (c_{s2}, c_{s3}; y zeroes unstored channels)
+// with s2 = b0 + b1, s3 = s2 + b2. One LDS.64 replaces ~12 integer instructions of selector and mask
+// arithmetic per nibble (v4; see docs/kernel_notes.md).
+__host__ __device__ constexpr uint32_t nib_sel_lo(uint32_t n) {
+  return ((n & 1u) ? 0x10u : 0x44u) | (((n & 2u) ? ((n & 1u) ? 0x32u : 0x10u) : 0x44u) << 8);
+}
+__host__ __device__ constexpr uint32_t nib_sel_hi(uint32_t n) {
+  return (0x10u + 0x22u * ((n & 1u) + ((n >> 1) & 1u))) |
+         ((0x10u + 0x22u * ((n & 1u) + ((n >> 1) & 1u) + ((n >> 2) & 1u))) << 8);
+}
+__host__ __device__ constexpr uint32_t nib_mask_hi(uint32_t n) {
+  return ((n & 4u) ? 0x0000ffffu : 0u) | ((n & 8u) ? 0xffff0000u : 0u);
+}
+__device__ __forceinline__ void init_nib_lut(uint2* lut) {
+  if (threadIdx.x < 16) {
+    const uint32_t n = threadIdx.x;
+    lut[n] = make_uint2(nib_sel_lo(n) | (nib_sel_hi(n) << 16), nib_mask_hi(n));
+  }
+}
+
+// 16-bit types: the lane's CPL channels of one packed row as CPL/2 packed pairs (unstored channels
+// are +0). vbase: the stage's value tile; a: absolute half index of the lane's first stored value
+// (row * k + rank); nib: the lane's stored bits.
+template <int CPL>
+__device__ __forceinline__ void expand_raw16(const void* vbase, uint32_t a, uint32_t nib, const uint2* lut,
+                                             uint32_t (&h)[CPL / 2]) {
+  const uint32_t* vw = reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(vbase) + ((a * 2u) & ~3u));
+  const uint32_t sh = a << 4;  // the funnel shift takes the amount mod 32: (a & 1) * 16
+  const uint32_t w0 = vw[0], w1 = vw[1];
+  const uint32_t c01 = __funnelshift_r(w0, w1, sh);
+  const uint2 e = lut[nib];
+  h[0] = prmt(c01, 0u, e.x);
+  if constexpr (CPL == 4) {
+    const uint32_t w2 = vw[2];
+    const uint32_t c23 = __funnelshift_r(w1, w2, sh);
+    h[1] = prmt(c01, c23, e.x >> 16) & e.y;
+  }
+}
+
+// Expand the lane's CPL channels of one packed row into floats (16-bit types through expand_raw16).
 template <typename T, int CPL>
-__device__ __forceinline__ void expand_row(const void* vbase, uint32_t a, uint32_t nib, float (&f)[CPL]) {
+__device__ __forceinline__ void expand_row(const void* vbase, uint32_t a, uint32_t nib, const uint2* lut,
+                                           float (&f)[CPL]) {
   if constexpr (sizeof(T) == 2) {
-    const uint32_t* vw = reinterpret_cast<const uint32_t*>(vbase);
-    const uint32_t wi = a >> 1;
-    const uint32_t sh = (a & 1u) << 4;
-    const uint32_t w0 = vw[wi], w1 = vw[wi + 1];
-    const uint32_t c01 = __funnelshift_r(w0, w1, sh);  // compact halves c0, c1
-    const uint32_t y = nib * 0x10204080u;               // byte j's msb = bit j of nib
-    const uint32_t b0 = nib & 1u;
-    const uint32_t d01 = prmt(c01, c01, 0x1010u + b0 * 0x2200u) & prmt(y, y, 0x9988u);
-    const float2 f01 = unpack2<T>(d01);
-    f[0] = f01.x;
-    f[1] = f01.y;
-    if constexpr (CPL == 4) {
-      const uint32_t w2 = vw[wi + 2];
-      const uint32_t c23 = __funnelshift_r(w1, w2, sh);
-      const uint32_t s2 = __popc(nib & 3u), s3 = __popc(nib & 7u);
-      const uint32_t d23 = prmt(c01, c23, 0x1010u + s2 * 0x22u + s3 * 0x2200u) & prmt(y, y, 0xBBAAu);
-      const float2 f23 = unpack2<T>(d23);
-      f[2] = f23.x;
-      f[3] = f23.y;
+    uint32_t h[CPL / 2];
+    expand_raw16<CPL>(vbase, a, nib, lut, h);
+#pragma unroll
+    for (int j = 0; j < CPL / 2; ++j) {
+      const float2 f2 = unpack2<T>(h[j]);
+      f[2 * j] = f2.x;
+      f[2 * j + 1] = f2.y;
     }
   } else {
     const float* vf = reinterpret_cast<const float*>(vbase);
@@ -176,25 +206,6 @@ __device__ __forceinline__ void expand_row(const void* vbase, uint32_t a, uint32
       const uint32_t s = __popc(nib & ((1u << j) - 1u));
       f[j] = ((nib >> j) & 1u) ? vf[a + s] : 0.f;
     }
-  }
-}
-
-// 16-bit types: the lane's CPL channels as CPL/2 packed pairs (unstored channels are 0)
-template <int CPL>
-__device__ __forceinline__ void expand_raw16(const void* vbase, uint32_t a, uint32_t nib, uint32_t (&h)[CPL / 2]) {
-  const uint32_t* vw = reinterpret_cast<const uint32_t*>(vbase);
-  const uint32_t wi = a >> 1;
-  const uint32_t sh = (a & 1u) << 4;
-  const uint32_t w0 = vw[wi], w1 = vw[wi + 1];
-  const uint32_t c01 = __funnelshift_r(w0, w1, sh);
-  const uint32_t y = nib * 0x10204080u;
-  const uint32_t b0 = nib & 1u;
-  h[0] = prmt(c01, c01, 0x1010u + b0 * 0x2200u) & prmt(y, y, 0x9988u);
-  if constexpr (CPL == 4) {
-    const uint32_t w2 = vw[wi + 2];
-    const uint32_t c23 = __funnelshift_r(w1, w2, sh);
-    const uint32_t s2 = __popc(nib & 3u), s3 = __popc(nib & 7u);
-    h[1] = prmt(c01, c23, 0x1010u + s2 * 0x22u + s3 * 0x2200u) & prmt(y, y, 0xBBAAu);
   }
 }
 
@@ -213,6 +224,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
   constexpr int LPW = 32 / CPL;       // lanes per 32-bit word
   constexpr int W = D / 64;
   extern __shared__ __align__(16) char smem[];
+  __shared__ uint2 lut[16];
+  init_nib_lut(lut);  // first read after the __syncthreads at the top of the tile loop
 
   const int split = blockIdx.x;
   const int hk = blockIdx.y / p.nchunk;
@@ -332,7 +345,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
           if constexpr (kHalfMath) {
             // fp16 products of the lane's CPL channels (one half2 FMA per pair), summed in fp32
             uint32_t h[CPL / 2];
-            expand_raw16<CPL>(kv_s, a, nib, h);
+            expand_raw16<CPL>(kv_s, a, nib, lut, h);
 #pragma unroll
             for (int g = 0; g < GT; ++g) {
               __half2 acc = __hmul2(as_h2(h[0]), qh[g][0]);
@@ -343,7 +356,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
             }
           } else {
             float f[CPL];
-            expand_row<T, CPL>(kv_s, a, nib, f);
+            expand_row<T, CPL>(kv_s, a, nib, lut, f);
 #pragma unroll
             for (int g = 0; g < GT; ++g) {
               float s = 0.f;
@@ -362,7 +375,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
             const uint2 e = tab[(r0 + r) * NW32 + word_of_lane];
             const uint32_t nib = (e.x >> shift_of_lane) & ((1u << CPL) - 1u);
             const uint32_t a = (uint32_t)((r0 + r) * p.kk) + e.y + __popc(e.x & lowmask);
-            expand_row<T, CPL>(kv_s, a, nib, f);
+            expand_row<T, CPL>(kv_s, a, nib, lut, f);
           } else if (t < Tall) {
             load_dense<T, CPL>(kwin_g + (int64_t)(t - p.Tc) * p.kwin_st + lane * CPL, f);
           } else {
@@ -437,7 +450,7 @@ if constexpr (kHalfMath) {
             const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
             const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e[r].y + __popc(e[r].x & lowmask);
             uint32_t h[CPL / 2];
-            expand_raw16<CPL>(vv_s, a, nib, h);
+            expand_raw16<CPL>(vv_s, a, nib, lut, h);
 #pragma unroll
             for (int g = 0; g < GT; ++g) {
               const __half2 pg = __float2half2_rn(__shfl_sync(0xffffffffu, pr[g], r * 4));
@@ -459,7 +472,7 @@ if constexpr (kHalfMath) {
           float f[CPL];
           const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
           const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e[r].y + __popc(e[r].x & lowmask);
-          expand_row<T, CPL>(vv_s, a, nib, f);
+          expand_row<T, CPL>(vv_s, a, nib, lut, f);
 #pragma unroll
           for (int g = 0; g < GT; ++g) {
             const float pg = __shfl_sync(0xffffffffu, pr[g], r * 4);
@@ -478,7 +491,7 @@ if constexpr (kHalfMath) {
             const uint2 e = tab[(kTile + r0 + r) * NW32 + word_of_lane];
             const uint32_t nib = (e.x >> shift_of_lane) & ((1u << CPL) - 1u);
             const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e.y + __popc(e.x & lowmask);
-            expand_row<T, CPL>(vv_s, a, nib, f);
+            expand_row<T, CPL>(vv_s, a, nib, lut, f);
           } else {
             load_dense<T, CPL>(vwin_g + (int64_t)(t - p.Tc) * p.vwin_st + lane * CPL, f);
           }
