@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
     if (i < nt) issue(i);
     cp_async_commit();
   }
-  uint2* tab = reinterpret_cast<uint2*>(smem + p.off_tab);  // [2][kTile][NW32] (word, prefix)
+  uint2* tab = reinterpret_cast<uint2*>(smem + p.off_tab);  // [2][kTile][NW32] (word, row*k + prefix)
   const int word_of_lane = lane / LPW;
   const int shift_of_lane = (lane % LPW) * CPL;
   const uint32_t lowmask = (1u << shift_of_lane) - 1u;
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
       if (r < nc) {
         const uint32_t* bw = reinterpret_cast<const uint32_t*>(st + (isv ? p.off_vbm : p.off_kbm)) + r * NW32;
         uint2* tr = tab + ((isv ? kTile : 0) + r) * NW32;
-        uint32_t pre = 0;
+        uint32_t pre = (uint32_t)(r * (isv ? p.kv : p.kk));  // row base folded into the prefix
 #pragma unroll
         for (int w = 0; w < NW32; ++w) {
           const uint32_t x = bw[w];
@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
 #pragma unroll
         for (int r = 0; r < kBatch; ++r) {
           const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
-          const uint32_t a = (uint32_t)((r0 + r) * p.kk) + e[r].y + __popc(e[r].x & lowmask);
+          const uint32_t a = e[r].y + __popc(e[r].x & lowmask);
           if constexpr (kHalfMath) {
             // fp16 products of the lane's CPL channels (one half2 FMA per pair), summed in fp32
             uint32_t h[CPL / 2];
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
           if (t < p.Tc) {
             const uint2 e = tab[(r0 + r) * NW32 + word_of_lane];
             const uint32_t nib = (e.x >> shift_of_lane) & ((1u << CPL) - 1u);
-            const uint32_t a = (uint32_t)((r0 + r) * p.kk) + e.y + __popc(e.x & lowmask);
+            const uint32_t a = e.y + __popc(e.x & lowmask);
             expand_row<T, CPL>(kv_s, a, nib, lut, f);
           } else if (t < Tall) {
             load_dense<T, CPL>(kwin_g + (int64_t)(t - p.Tc) * p.kwin_st + lane * CPL, f);
@@ -448,7 +448,7 @@ if constexpr (kHalfMath) {
 #pragma unroll
           for (int r = 0; r < kBatch; ++r) {
             const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
-            const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e[r].y + __popc(e[r].x & lowmask);
+            const uint32_t a = e[r].y + __popc(e[r].x & lowmask);
             uint32_t h[CPL / 2];
             expand_raw16<CPL>(vv_s, a, nib, lut, h);
 #pragma unroll
@@ -471,7 +471,7 @@ if constexpr (kHalfMath) {
         for (int r = 0; r < kBatch; ++r) {
           float f[CPL];
           const uint32_t nib = (e[r].x >> shift_of_lane) & ((1u << CPL) - 1u);
-          const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e[r].y + __popc(e[r].x & lowmask);
+          const uint32_t a = e[r].y + __popc(e[r].x & lowmask);
           expand_row<T, CPL>(vv_s, a, nib, lut, f);
 #pragma unroll
           for (int g = 0; g < GT; ++g) {
@@ -490,7 +490,7 @@ if constexpr (kHalfMath) {
           if (t < p.Tc) {
             const uint2 e = tab[(kTile + r0 + r) * NW32 + word_of_lane];
             const uint32_t nib = (e.x >> shift_of_lane) & ((1u << CPL) - 1u);
-            const uint32_t a = (uint32_t)((r0 + r) * p.kv) + e.y + __popc(e.x & lowmask);
+            const uint32_t a = e.y + __popc(e.x & lowmask);
             expand_row<T, CPL>(vv_s, a, nib, lut, f);
           } else {
             load_dense<T, CPL>(vwin_g + (int64_t)(t - p.Tc) * p.vwin_st + lane * CPL, f);

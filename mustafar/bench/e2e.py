@@ -92,8 +92,11 @@ def token_check(model, n_new: int, sparsity: float = 0.7, prompt: int = 600, bat
             "leading_tokens_equal": agree, "fraction_equal": float(same.float().mean()), "first_difference": first}
 
 
-def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int) -> float:
-    """Median milliseconds of one decode step after a ``prompt``-token prefill (see module doc)."""
+def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int, profile_log=None) -> float:
+    """Median milliseconds of one decode step after a ``prompt``-token prefill (see module doc).
+
+    With ``profile_log`` (a print-like callable), three more steps run under ``torch.profiler`` and
+    the operators with the largest total CPU time are logged."""
     vocab, dev = model.config.vocab_size, next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, vocab, (batch, prompt), device=dev, generator=g)
@@ -115,13 +118,25 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int)
             nxt = out.logits[:, -1:].argmax(-1)
             sync()
             times.append((time.perf_counter() - t) * 1e3)
+        if profile_log is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for i in range(3):
+                    pos = torch.full((batch, 1), prompt + steps + i, device=dev, dtype=torch.long)
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                sync()
+            profile_log(f"profile of 3 decode steps ({kind}, B={batch}, P={prompt}):\n"
+                        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))
     times.sort()
     return times[len(times) // 2]
 
 
 def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batches=(1, 4, 8, 16),
         sparsities=(0.5, 0.7), kv_budget_gib=40.0, check_tokens=128, check_dtypes=("float32", "float16"),
-        step_steps=0, log=print) -> dict:
+        step_steps=0, profile_steps=False, log=print) -> dict:
     import mustafar
 
     rows, checks, steps = [], [], []
@@ -146,7 +161,8 @@ def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batch
         if step_steps:
             for b in (1, 8):
                 for kind, s in [("dense", 0.0)] + [("compressed", s) for s in sparsities]:
-                    ms = step_timing(model, kind, s, b, prompts[0], step_steps)
+                    ms = step_timing(model, kind, s, b, prompts[0], step_steps,
+                                     profile_log=log if (profile_steps and b == 1) else None)
                     steps.append({"model": name, "prompt": prompts[0], "batch": b, "cache": kind, "sparsity": s,
                                   "step_ms_median": ms, "tok_per_s": b * 1e3 / ms, "steps": step_steps})
                     log(f"{name} P={prompts[0]} B={b} {kind} s={s}: one decode step {ms:.2f} ms "
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-tokens", type=int, default=128)
     ap.add_argument("--check-dtypes", nargs="+", default=["float32", "float16"])
     ap.add_argument("--step-timing", type=int, default=0, metavar="N", help="time N single decode steps")
+    ap.add_argument("--profile-steps", action="store_true", help="torch.profiler table of 3 steps at B=1")
     ap.add_argument("--out", default=os.path.join("results", "e2e_h200.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -204,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from mustafar.bench.kernel import provenance
 
     res = run(args.models, args.prompts, args.gen, args.batches, args.sparsities, args.kv_budget_gib,
-              args.check_tokens, args.check_dtypes, args.step_timing)
+              args.check_tokens, args.check_dtypes, args.step_timing,
+              args.profile_steps)
     res["provenance"] = provenance(argv, module="mustafar.bench.e2e")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
