@@ -17,6 +17,10 @@ the rounding difference between the fused kernel and SDPA can flip a greedy choi
 therefore also records, at the first differing position, the simulate run's top-1 minus top-2 logit
 margin and the largest logit difference between the two runs over the agreeing prefix (the
 numerical noise level): a flip whose margin is within that noise is rounding, not a cache bug.
+All runs exclude PyTorch's cuDNN SDPA backend (``sdpa_kernel`` with flash, memory-efficient and
+math only): it builds a new cuDNN graph whenever the key length changes, i.e. at every decode step,
+which costs ~1.2-1.8 ms of CPU per attention call (measured with ``--profile-steps`` on the H200:
+~60 ms per step for a 32-layer model) and would make the dense baseline CPU-bound.
 With ``--step-timing N`` it also times N single decode steps (``model(next_token, past_key_values=
 cache)``, synchronised, median) after a prefill for dense and MustafarCache, which separates the
 attention and cache cost from ``generate``'s per-token overhead.
@@ -33,6 +37,13 @@ import time
 import torch
 
 __all__ = ["main", "run"]
+
+
+def _sdpa_backends():
+    """Flash, memory-efficient and math SDPA backends (no cuDNN: see the module docstring)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _sync_time(fn):
@@ -220,9 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mustafar.bench.kernel import provenance
 
-    res = run(args.models, args.prompts, args.gen, args.batches, args.sparsities, args.kv_budget_gib,
-              args.check_tokens, args.check_dtypes, args.step_timing,
-              args.profile_steps)
+    with _sdpa_backends():
+        res = run(args.models, args.prompts, args.gen, args.batches, args.sparsities, args.kv_budget_gib,
+                  args.check_tokens, args.check_dtypes, args.step_timing, args.profile_steps)
+    res["sdpa_backends"] = "flash, efficient, math (cuDNN excluded)"
     res["provenance"] = provenance(argv, module="mustafar.bench.e2e")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
