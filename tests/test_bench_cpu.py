@@ -34,3 +34,20 @@ def test_bench_dispatcher_usage_and_unknown(capsys):
 def test_bench_cpu_rejects_bad_dtype(tmp_path):
     with pytest.raises(ValueError, match="float64"):
         cpu.main(["--quick", "--dtypes", "float64", "--out", str(tmp_path / "x.json")])
+
+
+def test_e2e_token_check_and_step_timing_on_cpu():
+    """The GPU end-to-end helpers run on any device: compressed == simulate greedy tokens in fp32
+    (tiny random model), the first-difference diagnostics are empty, step timing is positive, and the
+    profiler table is produced."""
+    from mustafar.bench.e2e import _sdpa_backends, step_timing, token_check
+    from mustafar.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    with _sdpa_backends():
+        chk = token_check(model, 8, prompt=70, batch=2)
+        logged = []
+        ms = step_timing(model, "compressed", 0.7, 2, 70, 3, profile_log=logged.append)
+    assert chk["leading_tokens_equal"] == [8, 8] and chk["first_difference"] == [None, None]
+    assert chk["dtype"] == "float32" and chk["fraction_equal"] == 1.0
+    assert ms > 0 and len(logged) == 1 and "profile of 3 decode steps" in logged[0]

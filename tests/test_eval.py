@@ -241,3 +241,45 @@ def test_merge_results_unions_shard_profiles(tmp_path):
     merge_results([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "m.json")
     m = load_results(tmp_path / "m.json")
     assert m["profiles"]["quick"]["ruler_tasks"] == ["t1", "t2", "t3"] and len(m["cells"]) == 3
+
+
+def test_shard_tasks_cover_profile_once():
+    from mustafar.eval.sweep import PROFILES, shard_tasks
+
+    for prof in ("quick", "full", "tiny"):
+        for jobs in (1, 2, 3):
+            shards = shard_tasks(prof, jobs)
+            flat = [t for sh in shards for t in sh]
+            assert sorted(flat) == sorted(PROFILES[prof]["ruler_tasks"]) and len(shards) <= jobs
+    assert shard_tasks("full", 2)[0] == ("niah_multivalue", "fwe", "niah_multikey")
+
+
+def test_run_sharded_launches_shards_and_merges(tmp_path, monkeypatch):
+    """--jobs N: one one-thread process per shard (the last also runs ppl/LongBench), then a merge."""
+    import subprocess
+
+    from mustafar.eval.sweep import load_results, run_sharded, save_results
+
+    launched = []
+    cell = dict(CacheSpec().to_dict(), model="m", suite="ruler", context_length=1024, n_samples=2, seed=0,
+                mode="dense", config="K=dense,V=dense", score=50.0)
+
+    class FakePopen:
+        def __init__(self, cmd):
+            launched.append(cmd)
+            tasks = cmd[cmd.index("--tasks") + 1].split(",")
+            out = tmp_path / cmd[cmd.index("--out-name") + 1]
+            save_results({"provenance": {"command": " ".join(cmd)}, "notes": {},
+                          "profiles": {"quick": {"ruler_tasks": tasks, "ruler_lengths": [1024]}},
+                          "cells": [dict(cell, task=t) for t in tasks]}, out)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    merged = run_sharded("m", "quick", 2, out_dir=tmp_path, log=lambda *a: None)
+    assert len(launched) == 2 and all(c[c.index("--threads") + 1] == "1" for c in launched)
+    assert [c[c.index("--suites") + 1] for c in launched] == ["ruler", "ruler,ppl,longbench"]
+    m = load_results(tmp_path / "accuracy_m.json")
+    assert len(m["cells"]) == 5 == len(merged["cells"])
+    assert m["notes"]["wall_time"]["quick_last_sharded_run"]["shards"] == 2

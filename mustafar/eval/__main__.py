@@ -21,11 +21,22 @@ def main(argv=None) -> int:
     sw.add_argument("--tasks", default=None, help="override RULER tasks (comma list), e.g. to shard a sweep")
     sw.add_argument("--out-name", default=None, help="result file name (default accuracy_<model>.json); "
                     "shards can be merged with mustafar.eval.sweep.merge_results")
+    sw.add_argument("--jobs", type=int, default=1,
+                    help="run as N parallel one-thread shard processes and merge them (2 on this 2-core CPU)")
     sm = sub.add_parser("summarize", help="print the summary and Pareto tables of a results JSON")
     sm.add_argument("path")
     sm.add_argument("--profile", default=None, help="cells of this profile (default: the last run's)")
     a = ap.parse_args(argv)
-    if a.cmd == "sweep":
+    if a.cmd == "sweep" and a.jobs > 1:
+        if a.tasks or a.out_name:
+            ap.error("--jobs picks the shards' tasks and file names itself; drop --tasks / --out-name")
+        from .sweep import run_sharded
+        extra = [x for x in ("--no-resume",) if a.no_resume]
+        for flag, val in (("--samples", a.samples), ("--lengths", a.lengths), ("--longbench-dir", a.longbench_dir)):
+            if val:
+                extra += [flag, str(val)]
+        res = run_sharded(a.model, a.profile, a.jobs, out_dir=a.out, extra_args=extra)
+    elif a.cmd == "sweep":
         import torch
 
         from .sweep import pareto, run_sweep, summarize
@@ -42,8 +53,9 @@ def main(argv=None) -> int:
                         suites=tuple(s for s in a.suites.split(",") if s), command=" ".join(["python -m mustafar.eval"] + sys.argv[1:]),
                         **ov)
     else:
-        from .sweep import load_results, pareto, summarize
+        from .sweep import load_results
         res = load_results(a.path)
+    from .sweep import pareto, summarize
     prof = getattr(a, "profile", None) if a.cmd == "summarize" else a.profile
     import pandas as pd
     with pd.option_context("display.width", 250, "display.max_columns", 40):

@@ -47,17 +47,17 @@ A decode step costs ~0.13-0.16 s at 1K and ~1.1x that at 2K; a 2K prefill ~2.1x 
 (measured alone: 6.0 s -> 12.6 s). **Quick profile** (12 configs, 5 tasks x 2 samples at 1K, ppl
 1K+16): measured **488 s wall** (8.1 min) as two parallel 1-thread shards (sum of the shards
 931 s; the model above predicts 870 s), see ``notes["wall_time"]`` in the results JSON.
-**Full profile** (35 configs, 5 tasks x {1K, 2K} x 3 samples, ppl 2K+64) estimated with the
-same per-task means (2K: prefill x2.1, decode x1.15): ~7650 s of single-process time = **~2.1 h
-as one process, ~1.1 h wall as two parallel 1-thread shards** (the largest shard ~4200 s), so run
-it sharded (it was sized down from 5 samples at {1K, 2K}, estimated 3.5 h / 1.8 h)::
+**Full profile** (35 configs, 5 tasks x {1K, 2K} x 3 samples, ppl 2K+64): measured as two
+one-thread shards (``--jobs 2``, the task split of ``SHARDS``): the slower shard's cells sum to
+**5109 s (85 min)**, the other's to 4077 s (1K half on 2026-11-28 under load ~2-4, 2K half +
+perplexity the same day on a quiet machine: 44 and 40 min wall); one process would take ~2.6 h. See
+``notes["wall_time"]["full"]`` in ``results/accuracy_smollm2-135m.json``. One command runs and
+merges the shards (``run_sharded``)::
 
-    python -m mustafar.eval sweep --profile full --threads 1 --suites ruler \
-        --tasks niah_multivalue,fwe,niah_multikey --out-name accuracy_smollm2-135m.fa.json &
-    python -m mustafar.eval sweep --profile full --threads 1 --suites ruler,ppl \
-        --tasks niah_multiquery,niah_single --out-name accuracy_smollm2-135m.fb.json &
-    wait; python -c "from mustafar.eval.sweep import merge_results as m; m(['results/accuracy_smollm2-135m.fa.json',
-        'results/accuracy_smollm2-135m.fb.json', 'results/accuracy_smollm2-135m.json'], 'results/accuracy_smollm2-135m.json')"
+    python -m mustafar.eval sweep --model smollm2-135m --profile full --jobs 2
+
+which writes ``accuracy_<model>.full.shard{0,1}.json`` (resumable) and merges them into
+``accuracy_<model>.json``.
 
 Estimates assume the load seen here; an idle machine is faster, a busier one slower (the earlier
 ``offline`` runs under load 8-13 took ~2x longer). Use ``ruler_samples`` / ``ruler_lengths``
@@ -76,7 +76,7 @@ from typing import Iterable, Sequence
 
 from .runtime import CacheSpec, format_bytes_ratio
 
-__all__ = ["PROFILES", "profile_specs", "run_sweep", "summarize", "pareto", "cell_key", "load_results",
+__all__ = ["PROFILES", "SHARDS", "profile_specs", "run_sweep", "run_sharded", "shard_tasks", "summarize", "pareto", "cell_key", "load_results",
            "save_results", "merge_results", "refresh_cells"]
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)
@@ -127,9 +127,17 @@ PROFILES = {
                   ppl=dict(prefill_tokens=1024, eval_tokens=16, n_segments=1), longbench_samples=2,
                   longbench_max_length=2048, longbench_max_new_tokens=32),
     "full": dict(ruler_tasks=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "fwe"),
-                 ruler_lengths=(1024, 2048), ruler_samples=3,  # ~1.1 h as 2 shards: see the module docstring
+                 ruler_lengths=(1024, 2048), ruler_samples=3,  # 85 min as `--jobs 2`: see the module docstring
                  ppl=dict(prefill_tokens=2048, eval_tokens=64, n_segments=1), longbench_samples=10,
                  longbench_max_length=7500, longbench_max_new_tokens=None),
+}
+
+# Task partitions for ``--jobs N`` (run_sharded): balanced on the measured per-task cost (module
+# docstring); perplexity and LongBench go to the last shard. Profiles without an entry are split
+# round-robin.
+SHARDS = {
+    "full": {2: (("niah_multivalue", "fwe", "niah_multikey"), ("niah_multiquery", "niah_single"))},
+    "quick": {2: (("niah_multivalue", "fwe", "niah_multikey"), ("niah_multiquery", "niah_single"))},
 }
 
 _SPEC_FIELDS = ("k_strategy", "v_strategy", "k_sparsity", "v_sparsity", "local_window", "k_granularity", "v_granularity")
@@ -215,6 +223,57 @@ def _union_profile(old: dict | None, new: dict) -> dict:
             if k in old and k in out:
                 out[k] = list(dict.fromkeys(list(old[k]) + list(out[k])))
     return out
+
+
+def shard_tasks(profile: str, jobs: int, tasks: Sequence[str] | None = None) -> list[tuple[str, ...]]:
+    """The RULER tasks of each of ``jobs`` shards (``SHARDS`` plan, else round-robin)."""
+    tasks = tuple(tasks or PROFILES[profile]["ruler_tasks"])
+    plan = SHARDS.get(profile, {}).get(jobs)
+    if plan and sorted(t for sh in plan for t in sh) == sorted(tasks):
+        return [tuple(sh) for sh in plan]
+    return [tasks[i::jobs] for i in range(jobs) if tasks[i::jobs]]
+
+
+def run_sharded(model: str = "smollm2-135m", profile: str = "full", jobs: int = 2, out_dir="results",
+                extra_args: Sequence[str] = (), log=print) -> dict:
+    """Run a profile as ``jobs`` parallel one-thread processes and merge them (CLI ``--jobs N``).
+
+    Shard ``i`` writes ``accuracy_<model>.<profile>.shard<i>.json`` (resumable like any sweep), the
+    last shard also runs perplexity and LongBench; then every shard is merged into
+    ``accuracy_<model>.json`` (whose cells, e.g. of another profile, are kept). The wall time goes to
+    ``notes["wall_time"][profile]`` of the merged file. On this 2-core machine ``jobs=2`` is right
+    (one thread per process beats two threads in one process for these small matrix products).
+    """
+    import subprocess
+    import sys
+
+    safe = model.replace("/", "_")
+    shards = shard_tasks(profile, jobs)
+    procs, paths = [], []
+    t0 = time.time()
+    for i, tasks in enumerate(shards):
+        name = f"accuracy_{safe}.{profile}.shard{i}.json"
+        suites = "ruler,ppl,longbench" if i == len(shards) - 1 else "ruler"
+        cmd = [sys.executable, "-m", "mustafar.eval", "sweep", "--model", model, "--profile", profile, "--threads", "1",
+               "--out", str(out_dir), "--tasks", ",".join(tasks), "--suites", suites, "--out-name", name, *extra_args]
+        log(f"shard {i}: {' '.join(cmd[1:])}")
+        procs.append(subprocess.Popen(cmd))
+        paths.append(Path(out_dir) / name)
+    codes = [p.wait() for p in procs]
+    wall = time.time() - t0
+    if any(codes):
+        raise RuntimeError(f"sweep shards failed with exit codes {codes}; rerun to resume")
+    main = Path(out_dir) / f"accuracy_{safe}.json"
+    merged = merge_results([*paths, *([main] if main.exists() else [])], main)
+    merged.setdefault("notes", {}).setdefault("wall_time", {})[f"{profile}_last_sharded_run"] = {
+        "wall_s": round(wall), "shards": len(shards), "threads_per_shard": 1,
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "note": "cells already present in the shard files were skipped (resume), so this is the time of the "
+                "missing cells only",
+    }
+    save_results(merged, main)
+    log(f"merged {len(paths)} shards into {main} ({wall / 60:.1f} min)")
+    return merged
 
 
 def merge_results(paths, out_path) -> dict:
