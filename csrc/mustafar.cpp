@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "mf_check.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -63,18 +65,18 @@ inline uint32_t mag_bits(float f) {
 
 // ---------------------------------------------------------------------------- input checks
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "mustafar CPU kernel: ", name, " must be a CPU tensor, got ",
+  MF_CHECK_VALUE(t.device().is_cpu(), "mustafar CPU kernel: ", name, " must be a CPU tensor, got ",
                     t.device());
 }
 
 void check_float(const at::Tensor& t, const char* name) {
   auto st = t.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "mustafar: ", name,
+  MF_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "mustafar: ", name,
                     ".dtype=", st, " not supported (expected float16, bfloat16 or float32)");
 }
 
 int64_t check_head_dim(int64_t d) {
-  TORCH_CHECK_VALUE(d > 0 && d % kBits == 0, "mustafar: head_dim D=", d,
+  MF_CHECK_VALUE(d > 0 && d % kBits == 0, "mustafar: head_dim D=", d,
                     " must be a positive multiple of 64");
   return d / kBits;
 }
@@ -94,14 +96,14 @@ std::tuple<at::Tensor, at::Tensor> encode_bitmap_cpu(const at::Tensor& x_in, con
   check_cpu(x_in, "x");
   check_cpu(mask_in, "mask");
   check_float(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() >= 1, "mustafar.encode_bitmap: x must have rank >= 1");
-  TORCH_CHECK_VALUE(mask_in.scalar_type() == at::kBool, "mustafar.encode_bitmap: mask.dtype=",
+  MF_CHECK_VALUE(x_in.dim() >= 1, "mustafar.encode_bitmap: x must have rank >= 1");
+  MF_CHECK_VALUE(mask_in.scalar_type() == at::kBool, "mustafar.encode_bitmap: mask.dtype=",
                     mask_in.scalar_type(), " (expected bool)");
-  TORCH_CHECK_VALUE(mask_in.sizes() == x_in.sizes(), "mustafar.encode_bitmap: mask shape ",
+  MF_CHECK_VALUE(mask_in.sizes() == x_in.sizes(), "mustafar.encode_bitmap: mask shape ",
                     mask_in.sizes(), " != x shape ", x_in.sizes());
   const int64_t d = x_in.size(-1);
   const int64_t w = check_head_dim(d);
-  TORCH_CHECK_VALUE(k >= 0 && k <= d, "mustafar.encode_bitmap: k=", k, " out of range [0, ", d, "]");
+  MF_CHECK_VALUE(k >= 0 && k <= d, "mustafar.encode_bitmap: k=", k, " out of range [0, ", d, "]");
 
   auto x = x_in.contiguous();
   auto mask = mask_in.contiguous();
@@ -145,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> encode_bitmap_cpu(const at::Tensor& x_in, con
       }
     });
   });
-  TORCH_CHECK_VALUE(bad_row.load() < 0, "mustafar.encode_bitmap: mask row ", bad_row.load(),
+  MF_CHECK_VALUE(bad_row.load() < 0, "mustafar.encode_bitmap: mask row ", bad_row.load(),
                     " keeps more than k=", k, " entries");
   return {bitmap, values};
 }
@@ -155,18 +157,18 @@ at::Tensor decode_bitmap_cpu(const at::Tensor& bitmap_in, const at::Tensor& valu
   check_cpu(bitmap_in, "bitmap");
   check_cpu(values_in, "values");
   check_float(values_in, "values");
-  TORCH_CHECK_VALUE(bitmap_in.scalar_type() == at::kLong, "mustafar.decode_bitmap: bitmap.dtype=",
+  MF_CHECK_VALUE(bitmap_in.scalar_type() == at::kLong, "mustafar.decode_bitmap: bitmap.dtype=",
                     bitmap_in.scalar_type(), " (expected int64)");
   const int64_t w = check_head_dim(head_dim);
-  TORCH_CHECK_VALUE(bitmap_in.dim() >= 1 && bitmap_in.size(-1) == w, "mustafar.decode_bitmap: bitmap shape ",
+  MF_CHECK_VALUE(bitmap_in.dim() >= 1 && bitmap_in.size(-1) == w, "mustafar.decode_bitmap: bitmap shape ",
                     bitmap_in.sizes(), " last dim must be head_dim/64 = ", w);
-  TORCH_CHECK_VALUE(values_in.dim() == bitmap_in.dim() &&
+  MF_CHECK_VALUE(values_in.dim() == bitmap_in.dim() &&
                         values_in.sizes().slice(0, values_in.dim() - 1) ==
                             bitmap_in.sizes().slice(0, bitmap_in.dim() - 1),
                     "mustafar.decode_bitmap: values shape ", values_in.sizes(), " and bitmap shape ",
                     bitmap_in.sizes(), " differ in the leading dims");
   const int64_t k = values_in.size(-1);
-  TORCH_CHECK_VALUE(k <= head_dim, "mustafar.decode_bitmap: values last dim k=", k, " > head_dim=", head_dim);
+  MF_CHECK_VALUE(k <= head_dim, "mustafar.decode_bitmap: values last dim k=", k, " > head_dim=", head_dim);
   auto bitmap = bitmap_in.contiguous();
   auto values = values_in.contiguous();
   const int64_t rows = bitmap.numel() / w;
@@ -198,7 +200,7 @@ at::Tensor decode_bitmap_cpu(const at::Tensor& bitmap_in, const at::Tensor& valu
       }
     });
   });
-  TORCH_CHECK_VALUE(bad_row.load() < 0, "mustafar.decode_bitmap: bitmap row ", bad_row.load(),
+  MF_CHECK_VALUE(bad_row.load() < 0, "mustafar.decode_bitmap: bitmap row ", bad_row.load(),
                     " has more set bits than values slots k=", k);
   return out;
 }
@@ -207,10 +209,10 @@ at::Tensor decode_bitmap_cpu(const at::Tensor& bitmap_in, const at::Tensor& valu
 std::tuple<at::Tensor, at::Tensor> prune_encode_topk_cpu(const at::Tensor& x_in, int64_t k) {
   check_cpu(x_in, "x");
   check_float(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() >= 1, "mustafar.prune_encode_topk: x must have rank >= 1");
+  MF_CHECK_VALUE(x_in.dim() >= 1, "mustafar.prune_encode_topk: x must have rank >= 1");
   const int64_t d = x_in.size(-1);
   const int64_t w = check_head_dim(d);
-  TORCH_CHECK_VALUE(k >= 0 && k <= d, "mustafar.prune_encode_topk: k=", k, " out of range [0, ", d, "]");
+  MF_CHECK_VALUE(k >= 0 && k <= d, "mustafar.prune_encode_topk: k=", k, " out of range [0, ", d, "]");
   auto x = x_in.contiguous();
   const int64_t rows = x.numel() / d;
   std::vector<int64_t> bshape(x.sizes().begin(), x.sizes().end());
@@ -400,30 +402,30 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
   check_cpu(k_window_in, "k_window");
   check_cpu(v_window_in, "v_window");
   check_float(q_in, "q");
-  TORCH_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
+  MF_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t W = check_head_dim(D);
-  TORCH_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
-  TORCH_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
+  MF_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
+  MF_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
                     "bitmaps must be int64, got ", k_bitmap_in.scalar_type(), " / ", v_bitmap_in.scalar_type());
   const int64_t Hkv = k_bitmap_in.size(1), Tc = k_bitmap_in.size(2);
-  TORCH_CHECK_VALUE(k_bitmap_in.size(0) == B && k_bitmap_in.size(3) == W, op, "k_bitmap shape ",
+  MF_CHECK_VALUE(k_bitmap_in.size(0) == B && k_bitmap_in.size(3) == W, op, "k_bitmap shape ",
                     k_bitmap_in.sizes(), " does not match q ", q_in.sizes());
-  TORCH_CHECK_VALUE(v_bitmap_in.sizes() == k_bitmap_in.sizes(), op, "v_bitmap shape ", v_bitmap_in.sizes(),
+  MF_CHECK_VALUE(v_bitmap_in.sizes() == k_bitmap_in.sizes(), op, "v_bitmap shape ", v_bitmap_in.sizes(),
                     " != k_bitmap shape ", k_bitmap_in.sizes());
-  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
+  MF_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
   const int64_t G = Hq / Hkv;
   for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(),
+    MF_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(),
                       " != q.dtype ", q_in.scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ",
+    MF_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ",
                       t->sizes(), " must be [", B, ", ", Hkv, ", T, C]");
   }
-  TORCH_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
+  MF_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
                     "values T dim must equal the bitmaps' T_c=", Tc);
   const int64_t kk = k_values_in.size(3), kv = v_values_in.size(3);
-  TORCH_CHECK_VALUE(kk <= D && kv <= D, op, "values last dim (", kk, ", ", kv, ") > D=", D);
-  TORCH_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
+  MF_CHECK_VALUE(kk <= D && kv <= D, op, "values last dim (", kk, ", ", kv, ") > D=", D);
+  MF_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
                     "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ",
                     v_window_in.sizes());
   const int64_t Tw = k_window_in.size(2);
@@ -433,9 +435,9 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
   if (kv_start_in.has_value() && kv_start_in->defined()) {
     const auto& ks = *kv_start_in;
     check_cpu(ks, "kv_start");
-    TORCH_CHECK_VALUE(ks.scalar_type() == at::kInt || ks.scalar_type() == at::kLong, op,
+    MF_CHECK_VALUE(ks.scalar_type() == at::kInt || ks.scalar_type() == at::kLong, op,
                       "kv_start.dtype=", ks.scalar_type(), " (expected int32)");
-    TORCH_CHECK_VALUE(ks.dim() == 1 && ks.size(0) == B, op, "kv_start shape ", ks.sizes(), " != [", B, "]");
+    MF_CHECK_VALUE(ks.dim() == 1 && ks.size(0) == B, op, "kv_start shape ", ks.sizes(), " != [", B, "]");
     auto ks64 = ks.to(at::kLong).contiguous();
     const int64_t* p = ks64.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) start[b] = std::max<int64_t>(0, p[b]);

@@ -1,6 +1,7 @@
 // CUDA ops of `mustafar`: host wrappers, encode/decode kernels and the CUDA registration.
 // The fused decode kernel is in mustafar_cuda.cuh, instantiated per dtype in sparse_decode_*.cu.
 #include "mustafar_cuda.cuh"
+#include "../mf_check.h"
 
 #include <torch/library.h>
 
@@ -116,18 +117,18 @@ __global__ void __launch_bounds__(256) decode_kernel(const int64_t* __restrict__
 // host side
 // ------------------------------------------------------------------------------------------------
 static void check_cuda_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "mustafar (CUDA): ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), "mustafar (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
+  MF_CHECK(t.defined(), "mustafar (CUDA): ", name, " is undefined");
+  MF_CHECK(t.is_cuda(), "mustafar (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
 }
 
 static void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
-  TORCH_CHECK_VALUE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat, "mustafar (CUDA): ", name,
+  MF_CHECK_VALUE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat, "mustafar (CUDA): ", name,
                     ".dtype=", s, " (expected float16, bfloat16 or float32)");
 }
 
 static int64_t head_dim_words(int64_t D, const char* op) {
-  TORCH_CHECK_VALUE(D == 64 || D == 128 || D == 256, op, "head_dim D=", D, " must be 64, 128 or 256");
+  MF_CHECK_VALUE(D == 64 || D == 128 || D == 256, op, "head_dim D=", D, " must be 64, 128 or 256");
   return D / 64;
 }
 
@@ -157,16 +158,16 @@ static std::tuple<at::Tensor, at::Tensor> encode_impl(const at::Tensor& x_in, co
                                                       const char* op) {
   check_cuda_tensor(x_in, "x");
   check_float_dtype(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() >= 1, op, "x must have a last dim");
+  MF_CHECK_VALUE(x_in.dim() >= 1, op, "x must have a last dim");
   const int64_t D = x_in.size(-1);
   const int64_t W = head_dim_words(D, op);
-  TORCH_CHECK_VALUE(k >= 0 && k <= D, op, "k=", k, " out of range [0, ", D, "]");
+  MF_CHECK_VALUE(k >= 0 && k <= D, op, "k=", k, " out of range [0, ", D, "]");
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous();
   at::Tensor mask;
   if (mask_in) {
     check_cuda_tensor(*mask_in, "mask");
-    TORCH_CHECK_VALUE(mask_in->sizes() == x_in.sizes(), op, "mask shape ", mask_in->sizes(), " != x shape ",
+    MF_CHECK_VALUE(mask_in->sizes() == x_in.sizes(), op, "mask shape ", mask_in->sizes(), " != x shape ",
                       x_in.sizes());
     mask = mask_in->to(at::kBool).contiguous();
   }
@@ -186,7 +187,7 @@ static std::tuple<at::Tensor, at::Tensor> encode_impl(const at::Tensor& x_in, co
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = 256;
   const int64_t blocks = (rows + 7) / 8;
-  TORCH_CHECK(blocks < (1LL << 31), op, "too many rows: ", rows);
+  MF_CHECK(blocks < (1LL << 31), op, "too many rows: ", rows);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_d(D, [&](auto dc) {
@@ -204,7 +205,7 @@ static std::tuple<at::Tensor, at::Tensor> encode_impl(const at::Tensor& x_in, co
     });
   });
   if (mask_in) {
-    TORCH_CHECK(err.item<int>() == 0, op, "mask keeps more than k=", k, " entries in some row");
+    MF_CHECK(err.item<int>() == 0, op, "mask keeps more than k=", k, " entries in some row");
   }
   return {bitmap, values};
 }
@@ -222,18 +223,18 @@ at::Tensor decode_bitmap_cuda(const at::Tensor& bitmap_in, const at::Tensor& val
   check_cuda_tensor(bitmap_in, "bitmap");
   check_cuda_tensor(values_in, "values");
   check_float_dtype(values_in, "values");
-  TORCH_CHECK_VALUE(bitmap_in.scalar_type() == at::kLong, op, "bitmap.dtype=", bitmap_in.scalar_type(),
+  MF_CHECK_VALUE(bitmap_in.scalar_type() == at::kLong, op, "bitmap.dtype=", bitmap_in.scalar_type(),
                     " (expected int64)");
   const int64_t D = head_dim;
   const int64_t W = head_dim_words(D, op);
-  TORCH_CHECK_VALUE(bitmap_in.dim() >= 1 && bitmap_in.size(-1) == W, op, "bitmap last dim ",
+  MF_CHECK_VALUE(bitmap_in.dim() >= 1 && bitmap_in.size(-1) == W, op, "bitmap last dim ",
                     bitmap_in.dim() ? bitmap_in.size(-1) : -1, " != head_dim/64 = ", W);
-  TORCH_CHECK_VALUE(values_in.dim() == bitmap_in.dim() &&
+  MF_CHECK_VALUE(values_in.dim() == bitmap_in.dim() &&
                         values_in.sizes().slice(0, values_in.dim() - 1) ==
                             bitmap_in.sizes().slice(0, bitmap_in.dim() - 1),
                     op, "values shape ", values_in.sizes(), " does not match bitmap shape ", bitmap_in.sizes());
   const int64_t k = values_in.size(-1);
-  TORCH_CHECK_VALUE(k <= D, op, "values last dim k=", k, " > head_dim=", D);
+  MF_CHECK_VALUE(k <= D, op, "values last dim k=", k, " > head_dim=", D);
   c10::cuda::CUDAGuard guard(values_in.device());
   auto bm = bitmap_in.contiguous();
   auto vals = values_in.contiguous();
@@ -280,43 +281,43 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   check_cuda_tensor(k_window_in, "k_window");
   check_cuda_tensor(v_window_in, "v_window");
   check_float_dtype(q_in, "q");
-  TORCH_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
+  MF_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t W = head_dim_words(D, op);
-  TORCH_CHECK_VALUE(D == 64 || D == 128, op, "head_dim D=", D, " not supported by the CUDA decode kernel (64, 128)");
-  TORCH_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
-  TORCH_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
+  MF_CHECK_VALUE(D == 64 || D == 128, op, "head_dim D=", D, " not supported by the CUDA decode kernel (64, 128)");
+  MF_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
+  MF_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
                     "bitmaps must be int64");
   const int64_t Hkv = k_bitmap_in.size(1), Tc = k_bitmap_in.size(2);
-  TORCH_CHECK_VALUE(k_bitmap_in.size(0) == B && k_bitmap_in.size(3) == W, op, "k_bitmap shape ",
+  MF_CHECK_VALUE(k_bitmap_in.size(0) == B && k_bitmap_in.size(3) == W, op, "k_bitmap shape ",
                     k_bitmap_in.sizes(), " does not match q ", q_in.sizes());
-  TORCH_CHECK_VALUE(v_bitmap_in.sizes() == k_bitmap_in.sizes(), op, "v_bitmap shape ", v_bitmap_in.sizes(),
+  MF_CHECK_VALUE(v_bitmap_in.sizes() == k_bitmap_in.sizes(), op, "v_bitmap shape ", v_bitmap_in.sizes(),
                     " != k_bitmap shape ", k_bitmap_in.sizes());
-  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
+  MF_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
   const int64_t G = Hq / Hkv;
   for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(), " != q.dtype ",
+    MF_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(), " != q.dtype ",
                       q_in.scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ", t->sizes(),
+    MF_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ", t->sizes(),
                       " must be [", B, ", ", Hkv, ", T, C]");
   }
-  TORCH_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
+  MF_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
                     "values T dim must equal the bitmaps' T_c=", Tc);
   const int64_t kk = k_values_in.size(3), kv = v_values_in.size(3);
-  TORCH_CHECK_VALUE(kk <= D && kv <= D, op, "values last dim (", kk, ", ", kv, ") > D=", D);
-  TORCH_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
+  MF_CHECK_VALUE(kk <= D && kv <= D, op, "values last dim (", kk, ", ", kv, ") > D=", D);
+  MF_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
                     "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ", v_window_in.sizes());
   const int64_t Tw = k_window_in.size(2);
   const int64_t T = Tc + Tw;
-  TORCH_CHECK_VALUE(T < (1LL << 30), op, "sequence too long: ", T);
+  MF_CHECK_VALUE(T < (1LL << 30), op, "sequence too long: ", T);
   c10::cuda::CUDAGuard guard(q_in.device());
 
   at::Tensor ks;
   if (kv_start_in.has_value() && kv_start_in->defined()) {
     check_cuda_tensor(*kv_start_in, "kv_start");
-    TORCH_CHECK_VALUE(kv_start_in->dim() == 1 && kv_start_in->size(0) == B, op, "kv_start shape ",
+    MF_CHECK_VALUE(kv_start_in->dim() == 1 && kv_start_in->size(0) == B, op, "kv_start shape ",
                       kv_start_in->sizes(), " != [", B, "]");
-    TORCH_CHECK_VALUE(kv_start_in->scalar_type() == at::kInt || kv_start_in->scalar_type() == at::kLong, op,
+    MF_CHECK_VALUE(kv_start_in->scalar_type() == at::kInt || kv_start_in->scalar_type() == at::kLong, op,
                       "kv_start.dtype=", kv_start_in->scalar_type(), " (expected int32)");
     ks = kv_start_in->to(at::kInt).contiguous();
   }
@@ -377,7 +378,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   }
   const int64_t tps = (ntiles + nsplit - 1) / nsplit;
   nsplit = (ntiles + tps - 1) / tps;
-  TORCH_CHECK(nsplit < 65536 && Hkv * nchunk < 65536 && B < 65536, op, "grid too large");
+  MF_CHECK(nsplit < 65536 && Hkv * nchunk < 65536 && B < 65536, op, "grid too large");
   const int NP = (int)nsplit * kWarps;
 
   const int64_t isz = q.element_size();
@@ -433,7 +434,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.stage_bytes = p.off_vbm + (int)(kTile * W * 8);
   p.off_tab = kStages * p.stage_bytes;
   const int smem_bytes = p.off_tab + 2 * kTile * (int)(D / 32) * 8;
-  TORCH_CHECK(smem_bytes == smem_need, op, "internal: shared memory size mismatch");
+  MF_CHECK(smem_bytes == smem_need, op, "internal: shared memory size mismatch");
 
   dim3 grid((unsigned)nsplit, (unsigned)(Hkv * nchunk), (unsigned)B);
   dispatch_float(q.scalar_type(), [&](auto tag) {
