@@ -283,3 +283,21 @@ def test_run_sharded_launches_shards_and_merges(tmp_path, monkeypatch):
     m = load_results(tmp_path / "accuracy_m.json")
     assert len(m["cells"]) == 5 == len(merged["cells"])
     assert m["notes"]["wall_time"]["quick_last_sharded_run"]["shards"] == 2
+
+
+def test_sweep_cli_shards_by_default(monkeypatch):
+    """`python -m mustafar.eval sweep` runs two shards on a >= 2-core machine unless one process is asked for."""
+    import mustafar.eval.sweep as sw
+    from mustafar.eval import __main__ as cli
+
+    calls = []
+    monkeypatch.setattr(sw, "run_sharded", lambda *a, **k: calls.append((a, k)) or {"cells": [], "profiles": {}})
+    monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: calls.append(("single", k)) or {"cells": [], "profiles": {}})
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cli.main(["sweep", "--profile", "full", "--samples", "2"])
+    assert calls[-1] == (("smollm2-135m", "full", 2), {"out_dir": "results", "extra_args": ["--samples", "2"]})
+    cli.main(["sweep", "--profile", "quick", "--tasks", "niah_single"])
+    assert calls[-1][0] == "single"
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    cli.main(["sweep", "--profile", "quick"])
+    assert calls[-1][0] == "single"

@@ -21,12 +21,17 @@ def main(argv=None) -> int:
     sw.add_argument("--tasks", default=None, help="override RULER tasks (comma list), e.g. to shard a sweep")
     sw.add_argument("--out-name", default=None, help="result file name (default accuracy_<model>.json); "
                     "shards can be merged with mustafar.eval.sweep.merge_results")
-    sw.add_argument("--jobs", type=int, default=1,
-                    help="run as N parallel one-thread shard processes and merge them (2 on this 2-core CPU)")
+    sw.add_argument("--jobs", type=int, default=0,
+                    help="run as N parallel one-thread shard processes and merge them; default (0): 2 when "
+                         "the machine has >= 2 cores and neither --tasks nor --out-name is given, else 1")
     sm = sub.add_parser("summarize", help="print the summary and Pareto tables of a results JSON")
     sm.add_argument("path")
     sm.add_argument("--profile", default=None, help="cells of this profile (default: the last run's)")
     a = ap.parse_args(argv)
+    if a.cmd == "sweep" and a.jobs == 0:
+        import os
+
+        a.jobs = 2 if (os.cpu_count() or 1) >= 2 and not a.tasks and not a.out_name and not a.threads else 1
     if a.cmd == "sweep" and a.jobs > 1:
         if a.tasks or a.out_name:
             ap.error("--jobs picks the shards' tasks and file names itself; drop --tasks / --out-name")

@@ -57,7 +57,8 @@ merges the shards (``run_sharded``)::
     python -m mustafar.eval sweep --model smollm2-135m --profile full --jobs 2
 
 which writes ``accuracy_<model>.full.shard{0,1}.json`` (resumable) and merges them into
-``accuracy_<model>.json``.
+``accuracy_<model>.json``. ``--jobs 2`` is the CLI's default on a machine with two or more cores
+(unless ``--tasks``, ``--out-name`` or ``--threads`` ask for a single process).
 
 Estimates assume the load seen here; an idle machine is faster, a busier one slower (the earlier
 ``offline`` runs under load 8-13 took ~2x longer). Use ``ruler_samples`` / ``ruler_lengths``
