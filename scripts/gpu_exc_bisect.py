@@ -1,10 +1,16 @@
 """Bisect the C++-exception crash seen on the GPU image (docs/REQUESTS.md, 2026-11-28 18:05).
 
+Outcome (H200 image, gcc 13.3, torch 2.11+cu130, 2026-11-28): every variant whose TORCH_CHECK_VALUE
+message had a non-literal argument (c10::str's ostringstream path) died with SIGSEGV; `h_plain` /
+`h_O2` (literal-only message) raised. Fixed in csrc/mf_check.h (one std::string message), so
+`full` now raises; the script stays as the regression probe. It replaces the earlier probes
+(gpu_exc_probe*.py, gpu_exc_variants.py, gpu_exc_headers.py), whose known-good op is `h_plain`.
+
 python3 scripts/gpu_exc_bisect.py            # runs every variant in its own process, in parallel
 python3 scripts/gpu_exc_bisect.py VARIANT    # one variant: build (CPU only, -O2), call an op that must raise
 
 Variants (each a translation unit built alone with torch.utils.cpp_extension.load):
-  full        csrc/mustafar.cpp unchanged (the crash reproduces here)
+  full        csrc/mustafar.cpp unchanged
   lib_outside csrc/mustafar.cpp with the TORCH_LIBRARY / TORCH_LIBRARY_IMPL blocks moved out of
               `namespace mustafar`
   no_anon     csrc/mustafar.cpp without the anonymous namespace
@@ -12,6 +18,8 @@ Variants (each a translation unit built alone with torch.utils.cpp_extension.loa
               which raises fine, registered the way csrc/mustafar.cpp registers)
   min_incl    the minimal op with every #include of csrc/mustafar.cpp
   min_sig     the minimal op with decode_bitmap's schema and a TORCH_CHECK_VALUE with int64 arguments
+  h_plain     a one-argument op whose message is a literal (no extra flags); h_O2: the same at -O2;
+  h_msg       the same op with an int in the message
 """
 import os
 import re
@@ -60,7 +68,7 @@ def variant_source(name):
         return (head + "namespace {\n" + MIN_FN + "}\n"
                 f'TORCH_LIBRARY(gx_{name}, m) {{ m.def("{sig}"); }}\n'
                 f'TORCH_LIBRARY_IMPL(gx_{name}, CPU, m) {{ m.impl("boom", &boom); }}\n'), "boom"
-    if name.startswith("h_"):  # the known-good op of scripts/gpu_exc_headers.py, then one change at a time
+    if name.startswith("h_"):  # a known-good op, then one change at a time
         body = 'at::Tensor boom(const at::Tensor& x) { TORCH_CHECK_VALUE(false, "value boom"); return x; }\n'
         if name == "h_msg":
             body = ('at::Tensor boom(const at::Tensor& x) { TORCH_CHECK_VALUE(x.dim() == 5, "value boom dim=", '
@@ -89,6 +97,7 @@ def run_one(name):
     with open(f"{d}/v.cpp", "w") as f:
         f.write(src)
     load(name=f"gx_{name}", sources=[f"{d}/v.cpp"], build_directory=d,
+         extra_include_paths=[os.path.join(ROOT, "csrc")],
          extra_cflags=[] if name == "h_plain" else ["-O2"], is_python_module=False, with_cuda=False)
     print(name, "loaded", flush=True)
     ops = getattr(torch.ops, ns)

@@ -54,9 +54,9 @@ def _sync_time(fn):
     return out, time.perf_counter() - t
 
 
-def _generate(model, ids, n_new, cache):
+def _generate(model, ids, n_new, cache, **extra):
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True,
-              pad_token_id=0, eos_token_id=None)
+              pad_token_id=0, eos_token_id=None, **extra)
     if cache is not None:
         kw["past_key_values"] = cache
     with torch.inference_mode():
@@ -81,10 +81,7 @@ def token_check(model, n_new: int, sparsity: float = 0.7, prompt: int = 600, bat
     outs, scores = {}, {}
     for kind in ("compressed", "simulate"):
         cache = _make_cache(kind, model, sparsity, prompt + n_new + 8)
-        kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0,
-                  eos_token_id=None, past_key_values=cache, output_scores=True, return_dict_in_generate=True)
-        with torch.inference_mode():
-            res = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        res = _generate(model, ids, n_new, cache, output_scores=True, return_dict_in_generate=True)
         outs[kind] = res.sequences[:, prompt:]
         scores[kind] = torch.stack([s.float() for s in res.scores], 1)  # [B, n_new, vocab]
     same = outs["compressed"] == outs["simulate"]
@@ -119,14 +116,16 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
         cache = DynamicCache(config=model.config)
     times = []
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        for i in range(steps):
+        nxt = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+        def step(nxt, i):  # one greedy decode step at position prompt + i
             pos = torch.full((batch, 1), prompt + i, device=dev, dtype=torch.long)
+            return model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos).logits[:, -1:].argmax(-1)
+
+        for i in range(steps):
             sync()
             t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos)
-            nxt = out.logits[:, -1:].argmax(-1)
+            nxt = step(nxt, i)
             sync()
             times.append((time.perf_counter() - t) * 1e3)
         if profile_log is not None:
@@ -134,10 +133,8 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             with profile(activities=acts) as prof:
-                for i in range(3):
-                    pos = torch.full((batch, 1), prompt + steps + i, device=dev, dtype=torch.long)
-                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos)
-                    nxt = out.logits[:, -1:].argmax(-1)
+                for i in range(steps, steps + 3):
+                    nxt = step(nxt, i)
                 sync()
             profile_log(f"profile of 3 decode steps ({kind}, B={batch}, P={prompt}):\n"
                         + prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))

@@ -136,10 +136,8 @@ PROFILES = {
 # Task partitions for ``--jobs N`` (run_sharded): balanced on the measured per-task cost (module
 # docstring); perplexity and LongBench go to the last shard. Profiles without an entry are split
 # round-robin.
-SHARDS = {
-    "full": {2: (("niah_multivalue", "fwe", "niah_multikey"), ("niah_multiquery", "niah_single"))},
-    "quick": {2: (("niah_multivalue", "fwe", "niah_multikey"), ("niah_multiquery", "niah_single"))},
-}
+_TWO_SHARDS = (("niah_multivalue", "fwe", "niah_multikey"), ("niah_multiquery", "niah_single"))
+SHARDS = {"full": {2: _TWO_SHARDS}, "quick": {2: _TWO_SHARDS}}
 
 _SPEC_FIELDS = ("k_strategy", "v_strategy", "k_sparsity", "v_sparsity", "local_window", "k_granularity", "v_granularity")
 
