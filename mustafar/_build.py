@@ -197,11 +197,17 @@ def check_cuda(verbose: bool = True) -> int:
          f"-DTORCH_EXTENSION_NAME={_EXT_NAME}"]
         + list(COMMON_NVCC_FLAGS) + incs
     )
-    failed = 0
-    for src in srcs:
+    def compile_one(src: str):
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-        cmd = base + [src, "-o", obj]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        return subprocess.run(base + [src, "-o", obj], capture_output=True, text=True)
+
+    # one nvcc per file, in parallel (the fp16 / bf16 decode units are the slow ones)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(srcs), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(compile_one, srcs))
+    failed = 0
+    for src, res in zip(srcs, results):
         ok = res.returncode == 0
         failed += not ok
         print(f"{'OK  ' if ok else 'FAIL'} {os.path.relpath(src, repo_root())}")

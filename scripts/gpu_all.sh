@@ -45,13 +45,13 @@ txt = open(sys.argv[1]).read()
 keep = []
 for fn in re.split(r"\n\s*Function : ", txt)[1:]:
     name = fn.split("\n", 1)[0]
-    if "sparse_decode_kernel" not in name:
+    if "sparse_decode_kernel" not in name and "sd_scatter_kernel" not in name:
         continue
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", fn)
     c = collections.Counter(o.split(".")[0] for o in ops)
     print(name[:100], "total", len(ops), dict(c.most_common(12)))
-    if "6__half" in name and "128ELi1E" in name:
-        keep.append(fn)
+    if "6__half" in name and ("Li128ELi1EEEv" in name or "Li128ELi1ELi2EEEv" in name):
+        keep.append(fn)  # v4 and v5 (pair mode), fp16, D=128, one head per KV head
 open(sys.argv[2], "w").write("\n".join(keep))
 PYEOF
   fi

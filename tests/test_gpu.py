@@ -126,6 +126,13 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
     return q, kb, kv, vb, vv, kw, vw
 
 
+# the fused decode kernels: "auto" = v5 (scatter + tensor cores) for fp16/bf16, v4 for fp32; "v4" forced
+@pytest.fixture(params=["auto", "v4"])
+def decode_kernel(request, monkeypatch):
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", request.param)
+    return request.param
+
+
 def _ref64(q, kb, kv, vb, vv, kw, vw, ks, scale):
     return reference.sparse_decode(q.double(), kb, kv.double(), vb, vv.double(), kw.double(), vw.double(),
                                    ks, scale)
@@ -148,7 +155,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_sparse_decode_matches_reference(dtype, case):
+def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
     b, h_kv, g, d, t_c, t_w = case
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, seed=sum(case))
     scale = 1.0 / math.sqrt(d)
@@ -160,7 +167,7 @@ def test_sparse_decode_matches_reference(dtype, case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d", [64, 128])
-def test_sparse_decode_masking_padding_strides(dtype, d):
+def test_sparse_decode_masking_padding_strides(dtype, d, decode_kernel):
     b, h_kv, g = 5, 2, 4
     t_c, t_w = 300, 20
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.6, s_v=0.3, padded=True, strided=True, seed=d)
@@ -171,6 +178,46 @@ def test_sparse_decode_masking_padding_strides(dtype, d):
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert _rel(out[:4], ref[:4]) < tol
     assert torch.equal(out[4], torch.zeros_like(out[4]))  # every position masked -> zeros
+
+
+# v5 reads values in three ways depending on k (sd_scatter.cuh): pairs (k even), 16-byte groups
+# (k % 8 == 0) and single values (any k); each with 1, 2 and 4 query heads per KV head
+V5_MODES = [
+    # d, s_k, s_v, padded            k_k / k_v -> mode
+    (128, 0.7, 0.7, False),  # 38 / 38   pair, k/2 odd (conflict-free)
+    (128, 0.5, 0.5, False),  # 64 / 64   16-byte groups
+    (128, 0.75, 0.5, False),  # 32 / 64  16-byte groups
+    (128, 0.8, 0.3, False),  # 26 / 90   pair
+    (128, 0.6, 0.6, False),  # 51 / 51   any
+    (128, 0.0, 0.0, False),  # 128 / 128 16-byte groups, every channel stored
+    (128, 0.995, 0.99, False),  # 1 / 1  any
+    (64, 0.7, 0.7, False),  # 19 / 19    any
+    (64, 0.5, 0.5, False),  # 32 / 32    16-byte groups
+    (128, 0.7, 0.5, True),  # arbitrary masks (rows with fewer than k values)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", V5_MODES)
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_sparse_decode_v5_value_modes(dtype, mode, g, monkeypatch):
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "auto")
+    d, s_k, s_v, padded = mode
+    b, h_kv, t_c, t_w = 3, 2, 64 * 5 + 23, 41
+    args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=s_k, s_v=s_v, padded=padded,
+                      seed=int(1000 * s_k) + d + g)
+    ks = torch.tensor([0, 5, 100], dtype=torch.int32, device=DEV)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
+    ref = _ref64(*args, ks, scale)
+    assert _rel(out, ref) < 1e-2
+
+
+def test_sparse_decode_bad_kernel_choice_raises(monkeypatch):
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v9")
+    args = _make_case(1, 2, 1, 128, 70, 3, torch.float16)
+    with pytest.raises(ValueError, match="MUSTAFAR_CUDA_DECODE=v9"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1)
 
 
 def test_sparse_decode_public_api_and_window_full():

@@ -1,7 +1,11 @@
 // CUDA ops of `mustafar`: host wrappers, encode/decode kernels and the CUDA registration.
 // The fused decode kernel is in mustafar_cuda.cuh, instantiated per dtype in sparse_decode_*.cu.
 #include "mustafar_cuda.cuh"
+#include "sd_scatter.cuh"
 #include "../mf_check.h"
+
+#include <cstring>
+#include <string>
 
 #include <torch/library.h>
 
@@ -345,18 +349,68 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
 
   const int GT = (G % 4 == 0) ? 4 : (G % 2 == 0) ? 2 : 1;
   const int nchunk = (int)(G / GT);
-  const int64_t ntiles = (T + kTile - 1) / kTile;
   const int64_t nbh = B * Hkv * nchunk;
-  // shared memory per CTA (depends only on k_k, k_v, D and the dtype)
-  const int64_t isz0 = q.element_size();
-  auto r16_ = [](int64_t x) { return (int64_t)((x + 15) / 16 * 16); };
-  const int smem_need = (int)(kStages * (r16_(kTile * kk * isz0 + 16) + r16_(kTile * kv * isz0 + 16) + 2 * kTile * W * 8) +
-                              2 * kTile * (D / 32) * 8);
+  const int64_t isz = q.element_size();
+  auto r16 = [](int64_t x) { return (int)((x + 15) / 16 * 16); };
+  auto al16 = [&](const at::Tensor& t) {
+    return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) && ((t.stride(0) * isz) % 16 == 0 || t.size(0) <= 1) &&
+           ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
+  };
+  const int vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals)) ? 1 : 0;
+
+  // Kernel choice (MUSTAFAR_CUDA_DECODE): "auto" = v5 (sd_scatter.cuh) for fp16/bf16, v4 for fp32;
+  // "v4" forces v4 (for side-by-side timing). v5's value-read mode follows k (see sd_scatter.cuh).
+  const char* sel_env = std::getenv("MUSTAFAR_CUDA_DECODE");
+  const std::string sel = (sel_env && sel_env[0]) ? std::string(sel_env) : std::string("auto");
+  MF_CHECK_VALUE(sel == "auto" || sel == "v4", op, "MUSTAFAR_CUDA_DECODE=", sel, " (expected auto or v4)");
+  const bool v5 = sel == "auto" && q.scalar_type() != at::kFloat;
+  int VM = kVmAny;
+  if (v5) {
+    if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && vec16) VM = kVmOct;
+    else if (kk % 2 == 0 && kv % 2 == 0) VM = kVmPair;
+  }
+
+  SDParams p{};
+  int smem_bytes = 0;
+  int64_t ntiles = 0;
+  if (v5) {
+    auto oct_stride = [](int64_t k) { const int64_t c = k / 8; return (int)(16 * ((c % 2 == 1) ? c : c + 1)); };
+    p.kstride = VM == kVmOct ? oct_stride(kk) : (int)(kk * isz);
+    p.vstride = VM == kVmOct ? oct_stride(kv) : (int)(kv * isz);
+    p.off_kval = 0;
+    p.off_vval = r16((int64_t)kTile * p.kstride);
+    p.off_kbm = p.off_vval + r16((int64_t)kTile * p.vstride);
+    p.off_vbm = p.off_kbm + (int)(kTile * W * 8);
+    p.stage_bytes = p.off_vbm + (int)(kTile * W * 8);
+    p.off_vd = kStages * p.stage_bytes;
+    p.off_s = p.off_vd + (int)((D + 1) * kLS);
+    p.off_q = p.off_s + r16((int64_t)GT * kTile * 4);
+    const int qsz = (q.scalar_type() == at::kHalf && VM != kVmAny) ? 2 : 4;
+    p.off_scr = p.off_q + r16((D + 1) * GT * qsz);
+    smem_bytes = p.off_scr + (int)(D / 32 + 1) * kScrStride;
+    ntiles = (Tc + kTile - 1) / kTile + (Tw + kTile - 1) / kTile;
+  } else {
+    p.off_kval = 0;
+    p.off_vval = r16(kTile * kk * isz + 16);
+    p.off_kbm = p.off_vval + r16(kTile * kv * isz + 16);
+    p.off_vbm = p.off_kbm + (int)(kTile * W * 8);
+    p.stage_bytes = p.off_vbm + (int)(kTile * W * 8);
+    p.off_tab = kStages * p.stage_bytes;
+    smem_bytes = p.off_tab + 2 * kTile * (int)(D / 32) * 8;
+    ntiles = (T + kTile - 1) / kTile;
+  }
+  MF_CHECK(smem_bytes <= 227 * 1024, op, "shared memory per block ", smem_bytes, " B over the 227 KiB limit (k_k=", kk,
+           ", k_v=", kv, ")");
   // splits: whole waves of resident CTAs (flash-decoding; batch 1 fills the GPU), >= 2 tiles per split
   int per_sm = 1;
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using scalar = decltype(tag);
-    per_sm = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_need);
+    if constexpr (std::is_same<scalar, float>::value) {
+      per_sm = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
+    } else {
+      per_sm = v5 ? sd_scatter_blocks_per_sm<scalar>((int)D, GT, VM, smem_bytes)
+                  : sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
+    }
   });
   const int64_t cap = (int64_t)per_sm * g_num_sms;
   int64_t nsplit = 1;
@@ -381,8 +435,6 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK(nsplit < 65536 && Hkv * nchunk < 65536 && B < 65536, op, "grid too large");
   const int NP = (int)nsplit * kWarps;
 
-  const int64_t isz = q.element_size();
-  SDParams p{};
   p.q = q.data_ptr();
   p.kbm = kb.data_ptr<int64_t>();
   p.vbm = vb.data_ptr<int64_t>();
@@ -420,26 +472,18 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.nsplit = (int)nsplit;
   p.tiles_per_split = (int)tps;
   p.nchunk = nchunk;
-  auto al16 = [&](const at::Tensor& t) {
-    return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) && ((t.stride(0) * isz) % 16 == 0 || t.size(0) <= 1) &&
-           ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
-  };
-  p.vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals)) ? 1 : 0;
+  p.vec16 = vec16;
   p.qscale = (float)(scale * 1.4426950408889634);
-  auto r16 = [](int64_t x) { return (int)((x + 15) / 16 * 16); };
-  p.off_kval = 0;
-  p.off_vval = r16(kTile * kk * isz + 16);
-  p.off_kbm = p.off_vval + r16(kTile * kv * isz + 16);
-  p.off_vbm = p.off_kbm + (int)(kTile * W * 8);
-  p.stage_bytes = p.off_vbm + (int)(kTile * W * 8);
-  p.off_tab = kStages * p.stage_bytes;
-  const int smem_bytes = p.off_tab + 2 * kTile * (int)(D / 32) * 8;
-  MF_CHECK(smem_bytes == smem_need, op, "internal: shared memory size mismatch");
 
   dim3 grid((unsigned)nsplit, (unsigned)(Hkv * nchunk), (unsigned)B);
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using scalar = decltype(tag);
-    launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+    if constexpr (std::is_same<scalar, float>::value) {
+      launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+    } else {
+      if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      else launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+    }
   });
   return out;
 }

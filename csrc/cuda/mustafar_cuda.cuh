@@ -112,6 +112,8 @@ struct SDParams {
   float qscale;
   // shared memory layout (bytes)
   int off_kval, off_vval, off_kbm, off_vbm, stage_bytes, off_tab;
+  // v5 (sd_scatter.cuh): bytes per staged value row, dense V tile, scores, q, walk lists
+  int kstride, vstride, off_vd, off_s, off_q, off_scr;
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {

@@ -133,6 +133,14 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         o_u = unfused().squeeze(2).float()
                         rel = float((o_f - o_u).norm() / o_u.norm())
                         t_fused = _bench(fused)
+                        t_v4 = None
+                        if dt != torch.float32:  # the previous kernel (v4) side by side
+                            os.environ["MUSTAFAR_CUDA_DECODE"] = "v4"
+                            try:
+                                rel_v4 = float((fused().float() - o_u).norm() / o_u.norm())
+                                t_v4 = _bench(fused)
+                            finally:
+                                os.environ.pop("MUSTAFAR_CUDA_DECODE", None)
                         t_unf = _bench(unfused)
                         # compression of 256 new tokens (K and V) vs one decode step
                         kn = kd[:, :, :256]
@@ -151,10 +159,13 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                             "fused_floor_ms": comp_bytes / bw * 1e3,
                             "compress_256_ms": t_comp, "compress_256_over_step": t_comp / t_fused,
                             "rel_err_vs_unfused": rel,
+                            "fused_v4_ms": t_v4, "speedup_fused_v4": (t_dense / t_v4) if t_v4 else None,
+                            "rel_err_v4_vs_unfused": rel_v4 if t_v4 else None,
                         }
                         rows.append(row)
                         log(f"H{h_q}/{h_kv} {dt_name:8s} B={b:2d} T={t:6d} s={s:.1f}: dense {t_dense:.4f} ms  "
                             f"fused {t_fused:.4f} ms ({t_dense / t_fused:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw)  "
+                            + (f"v4 {t_v4:.4f} ms ({t_dense / t_v4:.2f}x)  " if t_v4 else "") +
                             f"unfused {t_unf:.4f} ms ({t_dense / t_unf:.2f}x)  comp256 {t_comp:.4f} ms  rel {rel:.1e}")
                         del kb, kv, vb, vv
                     del kd, vd

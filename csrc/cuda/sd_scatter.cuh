@@ -1,0 +1,503 @@
+#pragma once
+// v5 fused sparse decode for fp16 / bf16 ("scatter" kernel; design and numbers in docs/kernel_notes.md).
+//
+// v4 (mustafar_cuda.cuh) expands every row to D lanes and is bound by instruction issue (~88 warp
+// instructions per K+V row pair). v5 spends work per *stored* value instead of per channel:
+//
+//   phase A  one thread per stored row (threads 0-63: K rows of the 64-row tile, 64-127: V rows).
+//            The thread walks its row's bitmap with find-first-set (a per-thread list of the nonzero
+//            32-bit words in shared memory, refilled with one predicated LDS.128), reading its values
+//            in order (k values per row, all threads of a warp at the same value index):
+//              K: gathers q at the channel and accumulates q.k (fp16: half2 FMA on value pairs, flushed
+//                 to fp32 every 8 values; bf16: fp32) -> one score per row, no reductions;
+//              V: scatters the value into a zeroed, channel-major dense tile Vd[channel][token].
+//   phase B  all 4 warps: online softmax of the tile's scores (warp w owns tokens 16w..16w+15) and
+//            O += P V on tensor cores (mma.m16n8k16, query heads padded to 16 rows, B fragments of V with
+//            ldmatrix); then each warp zeroes the part of Vd it read.
+//
+// Splits over T, the per-warp partials and the merge kernel are the same as v4's.
+// Value rows are staged with cp.async; how they are read depends on k (template VM):
+//   kVmPair (k even): 32-bit loads of value pairs from contiguous rows (conflict-free when k/2 is odd);
+//   kVmOct  (k % 8 == 0): rows copied to an odd number of 16-byte chunks, 128-bit loads (conflict-free);
+//   kVmAny  (any k): 16-bit loads, fp32 math (the general path).
+// Rows with fewer than k stored values (arbitrary masks) run the same loop: the exhausted walk points at
+// a dummy slot (a zero q entry for K, a dummy line of Vd for V). The encoder writes zeros into unused
+// value slots; the kernel relies on them being finite.
+
+#include "mustafar_cuda.cuh"
+
+namespace mustafar_cuda {
+
+constexpr int kLS = 144;                      // bytes per channel line of Vd: 64 tokens (128 B) + 16 B pad
+constexpr int kScrStride = kWarps * 32 * 16;  // bytes between the walk-list entries of one thread
+enum : int { kVmAny = 1, kVmPair = 2, kVmOct = 8 };
+
+struct WalkState {
+  uint32_t w, adj, nxt;
+};
+
+// Next stored channel of the row -> the byte address of its slot (adj + ffs * STRIDE). An exhausted
+// list sits on the sentinel entry (w = 0, ffs = 0, adj = the dummy slot).
+template <int STRIDE>
+__device__ __forceinline__ uint32_t walk_next(WalkState& s, const char* smem) {
+  if (s.w == 0u) {
+    const uint4 e = *reinterpret_cast<const uint4*>(smem + s.nxt);
+    s.w = e.x;
+    s.adj = e.y;
+    s.nxt = e.z;
+  }
+  const uint32_t f = (uint32_t)__ffs(s.w);
+  s.w &= s.w - 1u;
+  return s.adj + f * (uint32_t)STRIDE;
+}
+
+// The row's walk list at scr_base (+ n * kScrStride): nonzero words in channel order, each with the
+// address of its channel 0 minus STRIDE, then a sentinel whose next pointer is itself.
+template <int NW, int STRIDE>
+__device__ __forceinline__ WalkState build_walk(char* smem, uint32_t scr_base, const uint32_t (&wd)[NW], bool valid,
+                                                uint32_t addr_ch0, uint32_t dummy) {
+  uint32_t n = 0;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const uint32_t w = valid ? wd[i] : 0u;
+    const uint32_t at = scr_base + n * (uint32_t)kScrStride;
+    *reinterpret_cast<uint4*>(smem + at) =
+        make_uint4(w, addr_ch0 + (uint32_t)((32 * i - 1) * STRIDE), at + (uint32_t)kScrStride, 0u);
+    n += (w != 0u) ? 1u : 0u;
+  }
+  const uint32_t at = scr_base + n * (uint32_t)kScrStride;
+  *reinterpret_cast<uint4*>(smem + at) = make_uint4(0u, dummy, at, 0u);
+  return WalkState{0u, dummy, scr_base};
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  // A rows 8..15 (a1, a3) are zero: at most 8 query heads per CTA
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same<T, __half>::value) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float bits_to_f(uint32_t bits16) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(__ushort_as_half((unsigned short)bits16));
+  } else {
+    return __uint_as_float(bits16 << 16);
+  }
+}
+
+// stage kVmOct rows: kc 16-byte chunks per row into rows of `stride` bytes
+__device__ __forceinline__ void stage_rows16(char* dst, const char* src, int nc, int kc, int stride) {
+  const int tid = threadIdx.x;
+  const int rstep = (kWarps * 32) / kc;
+  const int r0 = tid / kc, c = tid - r0 * kc;
+  if (r0 >= rstep) return;
+  for (int r = r0; r < nc; r += rstep) cp_async16(dst + r * stride + 16 * c, src + (int64_t)r * kc * 16 + 16 * c);
+}
+
+template <typename T, int D, int GT, int VM>
+__global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDParams p) {
+  constexpr int NW32 = D / 32;
+  constexpr int W = D / 64;
+  constexpr bool kHalfMath = std::is_same<T, __half>::value && VM != kVmAny;
+  using QT = typename std::conditional<kHalfMath, __half, float>::type;  // q in shared memory
+  constexpr int QS = GT * (int)sizeof(QT);                                 // bytes per channel of q
+  constexpr int NT = D / 8;                                                 // mma n-tiles of O
+  extern __shared__ __align__(16) char smem[];
+
+  const int split = blockIdx.x;
+  const int hk = blockIdx.y / p.nchunk;
+  const int chunk = blockIdx.y % p.nchunk;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int hq0 = hk * p.G + chunk * GT;
+  const int ks = p.kv_start ? max(0, p.kv_start[b]) : 0;
+  const int ntc = (p.Tc + kTile - 1) / kTile;
+  const int ntiles = ntc + (p.Tw + kTile - 1) / kTile;
+  const int tile0 = split * p.tiles_per_split;
+  const int nt = max(0, min(ntiles, tile0 + p.tiles_per_split) - tile0);
+
+  // ---- q (scaled by scale*log2 e) at qs[c][g], a zero entry at c = D; Vd zeroed
+  QT* qs = reinterpret_cast<QT*>(smem + p.off_q);
+  {
+    const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv * p.G + hq0) * D;
+    for (int i = tid; i < (D + 1) * GT; i += kWarps * 32) {
+      const int c = i / GT, g = i - c * GT;
+      const float x = c < D ? to_f(qp[(int64_t)g * D + c]) * p.qscale : 0.f;
+      if constexpr (kHalfMath) qs[i] = __float2half_rn(x);
+      else qs[i] = x;
+    }
+    for (int i = tid; i < D * 8; i += kWarps * 32)
+      *reinterpret_cast<uint4*>(smem + p.off_vd + (i >> 3) * kLS + 16 * (i & 7)) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  float* S_s = reinterpret_cast<float*>(smem + p.off_s);  // [GT][64] scores of the tile
+
+  const char* kval_g = reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T);
+  const char* vval_g = reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T);
+  const int64_t* kbm_g = p.kbm + b * p.kbm_sb + hk * p.kbm_sh;
+  const int64_t* vbm_g = p.vbm + b * p.vbm_sb + hk * p.vbm_sh;
+  const T* kwin_g = reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh;
+  const T* vwin_g = reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh;
+
+  auto issue = [&](int i) {  // stage tile tile0+i (compressed tiles only) into buffer i % kStages
+    const int t0 = (tile0 + i) * kTile;
+    const int nc = min(kTile, p.Tc - t0);
+    if (nc <= 0) return;
+    char* st = smem + (i % kStages) * p.stage_bytes;
+    if constexpr (VM == kVmOct) {
+      stage_rows16(st + p.off_kval, kval_g + (int64_t)t0 * p.kk * sizeof(T), nc, p.kk / 8, p.kstride);
+      stage_rows16(st + p.off_vval, vval_g + (int64_t)t0 * p.kv * sizeof(T), nc, p.kv / 8, p.vstride);
+    } else {
+      stage_copy<T>(st + p.off_kval, kval_g + (int64_t)t0 * p.kk * sizeof(T), nc * p.kk * (int)sizeof(T), p.vec16);
+      stage_copy<T>(st + p.off_vval, vval_g + (int64_t)t0 * p.kv * sizeof(T), nc * p.kv * (int)sizeof(T), p.vec16);
+    }
+    for (int i8 = tid; i8 < 2 * nc * W; i8 += kWarps * 32) {
+      const bool isv = i8 >= nc * W;
+      const int j = isv ? i8 - nc * W : i8;
+      cp_async8(st + (isv ? p.off_vbm : p.off_kbm) + 8 * j, (isv ? vbm_g : kbm_g) + (int64_t)t0 * W + j);
+    }
+  };
+#pragma unroll 1
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nt) issue(i);
+    cp_async_commit();
+  }
+
+  // ---- per-warp online softmax state and O (lane: head h = lane/4 of the mma rows, 2 channels per n-tile)
+  const int h = lane >> 2, q4 = lane & 3;
+  float m = (h < GT) ? -INFINITY : 0.f, l = 0.f;
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  // ldmatrix row address of this lane: matrix mi = lane/8 -> (channel block mi/2, token half mi%2)
+  const uint32_t vd_s = (uint32_t)__cvta_generic_to_shared(smem + p.off_vd);
+  const uint32_t ldm_addr =
+      vd_s + (uint32_t)((((lane >> 4) << 3) + (lane & 7)) * kLS + (2 * warp + ((lane >> 3) & 1)) * 16);
+
+  const bool is_k = tid < kTile;
+  const int tl = tid & (kTile - 1);  // the thread's row within the tile
+  const uint32_t scr_base = (uint32_t)p.off_scr + (uint32_t)tid * 16u;
+
+#pragma unroll 1
+  for (int it = 0; it < nt; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages - 1 < nt) issue(it + kStages - 1);
+    cp_async_commit();
+    const int tile = tile0 + it;
+    const char* st = smem + (it % kStages) * p.stage_bytes;
+
+    // ================= phase A: one thread per row
+    if (tile < ntc) {
+      const int t0 = tile * kTile;
+      const int nc = min(kTile, p.Tc - t0);
+      const bool valid = tl < nc && t0 + tl >= ks;
+      uint32_t wd[NW32];
+      {
+        const uint32_t* bw = reinterpret_cast<const uint32_t*>(st + (is_k ? p.off_kbm : p.off_vbm)) + tl * NW32;
+        if constexpr (NW32 == 4) {
+          const uint4 x = *reinterpret_cast<const uint4*>(bw);
+          wd[0] = x.x; wd[1] = x.y; wd[2] = x.z; wd[3] = x.w;
+        } else {
+          const uint2 x = *reinterpret_cast<const uint2*>(bw);
+          wd[0] = x.x; wd[1] = x.y;
+        }
+      }
+      if (is_k) {
+        WalkState ws = build_walk<NW32, QS>(smem, scr_base, wd, valid, (uint32_t)p.off_q, (uint32_t)(p.off_q + D * QS));
+        const char* vrow = st + p.off_kval + tl * p.kstride;
+        const int kk = p.kk;
+        float sc[GT];
+#pragma unroll
+        for (int g = 0; g < GT; ++g) sc[g] = 0.f;
+        if constexpr (kHalfMath) {
+          constexpr int GH = GT == 1 ? 1 : GT / 2;
+          __half2 acc[GH];
+#pragma unroll
+          for (int g = 0; g < GH; ++g) acc[g] = __float2half2_rn(0.f);
+          auto pair = [&](uint32_t v) {
+            if constexpr (GT == 1) {
+              const uint32_t a0 = walk_next<QS>(ws, smem);
+              const uint32_t a1 = walk_next<QS>(ws, smem);
+              const uint32_t q0 = *reinterpret_cast<const uint16_t*>(smem + a0);
+              const uint32_t q1 = *reinterpret_cast<const uint16_t*>(smem + a1);
+              acc[0] = __hfma2(as_h2(v), as_h2(__byte_perm(q0, q1, 0x5410)), acc[0]);
+            } else {
+#pragma unroll
+              for (int u = 0; u < 2; ++u) {
+                const uint32_t a = walk_next<QS>(ws, smem);
+                const __half2 bc = as_h2(__byte_perm(v, 0u, u ? 0x3232 : 0x1010));
+#pragma unroll
+                for (int gp = 0; gp < GT / 2; ++gp)
+                  acc[gp] = __hfma2(bc, as_h2(*reinterpret_cast<const uint32_t*>(smem + a + 4 * gp)), acc[gp]);
+              }
+            }
+          };
+          auto flush = [&]() {
+#pragma unroll
+            for (int gp = 0; gp < GH; ++gp) {
+              const float2 f = __half22float2(acc[gp]);
+              if constexpr (GT == 1) {
+                sc[0] += f.x + f.y;
+              } else {
+                sc[2 * gp] += f.x;
+                sc[2 * gp + 1] += f.y;
+              }
+              acc[gp] = __float2half2_rn(0.f);
+            }
+          };
+          int j = 0;
+#pragma unroll 1
+          for (; j + 8 <= kk; j += 8) {
+            uint32_t v[4];
+            if constexpr (VM == kVmOct) {
+              const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
+              v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+            } else {
+#pragma unroll
+              for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const uint32_t*>(vrow + 2 * j + 4 * u);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) pair(v[u]);
+            flush();
+          }
+#pragma unroll 1
+          for (; j < kk; j += 2) pair(*reinterpret_cast<const uint32_t*>(vrow + 2 * j));
+          flush();
+        } else {
+          auto one = [&](uint32_t bits) {
+            const float vf = bits_to_f<T>(bits);
+            const uint32_t a = walk_next<QS>(ws, smem);
+#pragma unroll
+            for (int g = 0; g < GT; ++g) sc[g] = fmaf(vf, *reinterpret_cast<const float*>(smem + a + 4 * g), sc[g]);
+          };
+          if constexpr (VM == kVmAny) {
+#pragma unroll 4
+            for (int j = 0; j < kk; ++j) one(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
+          } else {
+#pragma unroll 2
+            for (int j = 0; j < kk; j += 2) {
+              const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
+              one(v & 0xffffu);
+              one(v >> 16);
+            }
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < GT; ++g) S_s[g * kTile + tl] = valid ? sc[g] : -INFINITY;
+      } else {
+        const uint32_t tok = (uint32_t)p.off_vd + 2u * (uint32_t)tl;
+        WalkState ws = build_walk<NW32, kLS>(smem, scr_base, wd, valid, tok, tok + (uint32_t)(D * kLS));
+        const char* vrow = st + p.off_vval + tl * p.vstride;
+        const int kv = p.kv;
+        auto put = [&](uint32_t bits) {
+          const uint32_t a = walk_next<kLS>(ws, smem);
+          *reinterpret_cast<uint16_t*>(smem + a) = (uint16_t)bits;
+        };
+        if constexpr (VM == kVmAny) {
+#pragma unroll 4
+          for (int j = 0; j < kv; ++j) put(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
+        } else if constexpr (VM == kVmOct) {
+#pragma unroll 1
+          for (int j = 0; j < kv; j += 8) {
+            const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
+            put(x.x); put(x.x >> 16); put(x.y); put(x.y >> 16);
+            put(x.z); put(x.z >> 16); put(x.w); put(x.w >> 16);
+          }
+        } else {
+#pragma unroll 4
+          for (int j = 0; j < kv; j += 2) {
+            const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
+            put(v);
+            put(v >> 16);
+          }
+        }
+      }
+    } else {
+      // dense window rows: K scores in fp32, V rows written into Vd
+      const int w0 = (tile - ntc) * kTile;
+      const int t = p.Tc + w0 + tl;
+      const bool valid = w0 + tl < p.Tw && t >= ks;
+      if (is_k) {
+        float sc[GT];
+#pragma unroll
+        for (int g = 0; g < GT; ++g) sc[g] = 0.f;
+        if (valid) {
+          const T* kr = kwin_g + (int64_t)(w0 + tl) * p.kwin_st;
+#pragma unroll 4
+          for (int c = 0; c < D; ++c) {
+            const float kf = to_f(kr[c]);
+#pragma unroll
+            for (int g = 0; g < GT; ++g) sc[g] = fmaf(kf, to_f(qs[c * GT + g]), sc[g]);
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < GT; ++g) S_s[g * kTile + tl] = valid ? sc[g] : -INFINITY;
+      } else if (valid) {
+        const uint16_t* vr = reinterpret_cast<const uint16_t*>(vwin_g + (int64_t)(w0 + tl) * p.vwin_st);
+#pragma unroll 4
+        for (int c = 0; c < D; ++c) *reinterpret_cast<uint16_t*>(smem + p.off_vd + c * kLS + 2 * tl) = vr[c];
+      }
+    }
+    __syncthreads();
+
+    // ================= phase B: warp w, tokens 16w..16w+15 of the tile
+    {
+      float s[4];
+      if (h < GT) {
+        const float2 x = *reinterpret_cast<const float2*>(S_s + h * kTile + 16 * warp + 2 * q4);
+        const float2 y = *reinterpret_cast<const float2*>(S_s + h * kTile + 16 * warp + 8 + 2 * q4);
+        s[0] = x.x; s[1] = x.y; s[2] = y.x; s[3] = y.y;
+      } else {
+        s[0] = s[1] = s[2] = s[3] = -INFINITY;
+      }
+      float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m, mx);
+      const float mu = (mn == -INFINITY) ? 0.f : mn;
+      const float alpha = exp2f(m - mu);
+      float pr[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pr[i] = exp2f(s[i] - mu);
+      l = l * alpha + ((pr[0] + pr[1]) + (pr[2] + pr[3]));
+      m = mn;
+      if (__any_sync(0xffffffffu, alpha != 1.f)) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          o[n][0] *= alpha;
+          o[n][1] *= alpha;
+        }
+      }
+      const uint32_t a0 = pack2<T>(pr[0], pr[1]);
+      const uint32_t a2 = pack2<T>(pr[2], pr[3]);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b0, b1, b2, b3;
+        ldmatrix_x4(ldm_addr + (uint32_t)(np * 16 * kLS), b0, b1, b2, b3);
+        mma16816<T>(o[2 * np], a0, a2, b0, b1);
+        mma16816<T>(o[2 * np + 1], a0, a2, b2, b3);
+      }
+      __syncwarp();
+      // zero what this warp read: chunks 2w, 2w+1 of every channel line
+#pragma unroll
+      for (int e = lane; e < 2 * D; e += 32)
+        *reinterpret_cast<uint4*>(smem + p.off_vd + (e >> 1) * kLS + (2 * warp + (e & 1)) * 16) =
+            make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- this warp's partial (heads h < GT): O row h from the 4 lanes q4 = 0..3, l summed over them
+  const int NP = p.nsplit * kWarps;
+  const int pidx = split * kWarps + warp;
+  float lt = l;
+  lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+  lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+  if (h < GT) {
+    const int64_t base = ((int64_t)b * p.Hkv * p.G + hq0 + h) * NP + pidx;
+    float* op = p.ws_o + base * D + 2 * q4;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) *reinterpret_cast<float2*>(op + 8 * n) = make_float2(o[n][0], o[n][1]);
+    if (q4 == 0) {
+      p.ws_ml[base * 2] = m;
+      p.ws_ml[base * 2 + 1] = lt;
+    }
+  }
+}
+
+template <typename T, int D, int GT, int VM>
+int sds_occ_one(int smem_bytes) {
+  auto kern = sd_scatter_kernel<T, D, GT, VM>;
+  if (smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kWarps * 32, smem_bytes));
+  return n > 0 ? n : 1;
+}
+
+template <typename T, int D, int GT, int VM>
+void launch_sds_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
+  auto kern = sd_scatter_kernel<T, D, GT, VM>;
+  if (smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kern<<<grid, kWarps * 32, smem_bytes, stream>>>(p);
+  MF_CHECK_LAUNCH();
+}
+
+// run (occupancy query or launch) the instantiation for (D, GT, VM)
+template <typename T, typename F>
+auto sds_dispatch(int D, int GT, int VM, F&& f) {
+  auto by_vm = [&](auto dc, auto gc) {
+    constexpr int DD = decltype(dc)::value, GG = decltype(gc)::value;
+    if (VM == kVmOct) return f(std::integral_constant<int, DD>(), std::integral_constant<int, GG>(),
+                               std::integral_constant<int, kVmOct>());
+    if (VM == kVmPair) return f(std::integral_constant<int, DD>(), std::integral_constant<int, GG>(),
+                                std::integral_constant<int, kVmPair>());
+    return f(std::integral_constant<int, DD>(), std::integral_constant<int, GG>(),
+             std::integral_constant<int, kVmAny>());
+  };
+  auto by_gt = [&](auto dc) {
+    if (GT == 4) return by_vm(dc, std::integral_constant<int, 4>());
+    if (GT == 2) return by_vm(dc, std::integral_constant<int, 2>());
+    return by_vm(dc, std::integral_constant<int, 1>());
+  };
+  if (D == 64) return by_gt(std::integral_constant<int, 64>());
+  return by_gt(std::integral_constant<int, 128>());
+}
+
+template <typename T>
+int sd_scatter_blocks_per_sm(int D, int GT, int VM, int smem_bytes);
+template <typename T>
+void launch_sd_scatter(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid, cudaStream_t stream,
+                       void* out, int NP, int64_t BHq);
+
+#define MUSTAFAR_DEFINE_SDS_LAUNCHER(TYPE)                                                                    \
+  template <>                                                                                               \
+  int sd_scatter_blocks_per_sm<TYPE>(int D, int GT, int VM, int smem_bytes) {                               \
+    return sds_dispatch<TYPE>(D, GT, VM, [&](auto dc, auto gc, auto vc) {                                   \
+      return sds_occ_one<TYPE, decltype(dc)::value, decltype(gc)::value, decltype(vc)::value>(smem_bytes);  \
+    });                                                                                                     \
+  }                                                                                                         \
+  template <>                                                                                               \
+  void launch_sd_scatter<TYPE>(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid,          \
+                               cudaStream_t stream, void* out, int NP, int64_t BHq) {                       \
+    sds_dispatch<TYPE>(D, GT, VM, [&](auto dc, auto gc, auto vc) {                                          \
+      launch_sds_one<TYPE, decltype(dc)::value, decltype(gc)::value, decltype(vc)::value>(p, smem_bytes,     \
+                                                                                          grid, stream);    \
+      return 0;                                                                                             \
+    });                                                                                                     \
+    if (D == 64) sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out); \
+    else sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);       \
+    MF_CHECK_LAUNCH();                                                                                      \
+  }
+
+}  // namespace mustafar_cuda
