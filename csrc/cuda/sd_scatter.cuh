@@ -5,9 +5,10 @@
 // instructions per K+V row pair). v5 spends work per *stored* value instead of per channel:
 //
 //   phase A  one thread per stored row (threads 0-63: K rows of the 64-row tile, 64-127: V rows).
-//            The thread walks its row's bitmap with find-first-set (a per-thread list of the nonzero
-//            32-bit words in shared memory, refilled with one predicated LDS.128), reading its values
-//            in order (k values per row, all threads of a warp at the same value index):
+//            The thread walks its row's bitmap from the top channel down (one FLO per value; the
+//            words in registers when every row of the warp is a complete top-k row with no empty
+//            32-bit word, else a per-thread list in shared memory), reading its values from index
+//            k-1 down to 0 (all threads of a warp at the same value index):
 //              K: gathers q at the channel and accumulates q.k (fp16: half2 FMA on value pairs, flushed
 //                 to fp32 every 8 values; bf16: fp32) -> one score per row, no reductions;
 //              V: scatters the value into a zeroed, channel-major dense tile Vd[channel][token].
@@ -32,42 +33,95 @@ constexpr int kLS = 144;                      // bytes per channel line of Vd: 6
 constexpr int kScrStride = kWarps * 32 * 16;  // bytes between the walk-list entries of one thread
 enum : int { kVmAny = 1, kVmPair = 2, kVmOct = 8 };
 
-struct WalkState {
-  uint32_t w, adj, nxt;
-};
-
-// Next stored channel of the row -> the byte address of its slot (adj + ffs * STRIDE). An exhausted
-// list sits on the sentinel entry (w = 0, ffs = 0, adj = the dummy slot).
-template <int STRIDE>
-__device__ __forceinline__ uint32_t walk_next(WalkState& s, const char* smem) {
-  if (s.w == 0u) {
-    const uint4 e = *reinterpret_cast<const uint4*>(smem + s.nxt);
-    s.w = e.x;
-    s.adj = e.y;
-    s.nxt = e.z;
-  }
-  const uint32_t f = (uint32_t)__ffs(s.w);
-  s.w &= s.w - 1u;
-  return s.adj + f * (uint32_t)STRIDE;
+// Bitmaps are walked from the highest channel down (one FLO per value: c = clz(w) gives the
+// channel 32 i + 31 - c of word i), so values are consumed from index k-1 down to 0. A walk yields
+// the byte address of the channel's slot: adj - c * STRIDE with adj = address of channel 32 i + 31.
+__device__ __forceinline__ uint32_t shr_clamped(uint32_t x, uint32_t n) {  // PTX shr clamps n >= 32 to 0
+  uint32_t d;
+  asm("shr.b32 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(n));
+  return d;
 }
 
-// The row's walk list at scr_base (+ n * kScrStride): nonzero words in channel order, each with the
-// address of its channel 0 minus STRIDE, then a sentinel whose next pointer is itself.
+// General walk (any pattern): a per-thread list in shared memory of the nonzero words (top word first),
+// refilled with one LDS.128 that also loads the next entry's address; an exhausted list sits on a
+// sentinel (w = 0, c = 32) whose adj points 32 slots above a dummy slot.
+struct ListWalk {
+  uint32_t w, adj, nxt;
+  const char* smem;
+  template <int STRIDE>
+  __device__ __forceinline__ uint32_t next() {
+    if (w == 0u) {
+      const uint4 e = *reinterpret_cast<const uint4*>(smem + nxt);
+      w = e.x;
+      adj = e.y;
+      nxt = e.z;
+    }
+    const uint32_t c = (uint32_t)__clz(w);
+    w ^= shr_clamped(0x80000000u, c);
+    return adj - c * (uint32_t)STRIDE;
+  }
+};
+
 template <int NW, int STRIDE>
-__device__ __forceinline__ WalkState build_walk(char* smem, uint32_t scr_base, const uint32_t (&wd)[NW], bool valid,
-                                                uint32_t addr_ch0, uint32_t dummy) {
+__device__ __forceinline__ ListWalk build_list_walk(const char* smem, uint32_t scr_base, const uint32_t (&wd)[NW],
+                                                    bool valid, uint32_t addr_ch0, uint32_t dummy) {
+  char* sm = const_cast<char*>(smem);
   uint32_t n = 0;
 #pragma unroll
-  for (int i = 0; i < NW; ++i) {
+  for (int i = NW - 1; i >= 0; --i) {
     const uint32_t w = valid ? wd[i] : 0u;
     const uint32_t at = scr_base + n * (uint32_t)kScrStride;
-    *reinterpret_cast<uint4*>(smem + at) =
-        make_uint4(w, addr_ch0 + (uint32_t)((32 * i - 1) * STRIDE), at + (uint32_t)kScrStride, 0u);
+    *reinterpret_cast<uint4*>(sm + at) =
+        make_uint4(w, addr_ch0 + (uint32_t)((32 * i + 31) * STRIDE), at + (uint32_t)kScrStride, 0u);
     n += (w != 0u) ? 1u : 0u;
   }
   const uint32_t at = scr_base + n * (uint32_t)kScrStride;
-  *reinterpret_cast<uint4*>(smem + at) = make_uint4(0u, dummy, at, 0u);
-  return WalkState{0u, dummy, scr_base};
+  *reinterpret_cast<uint4*>(sm + at) = make_uint4(0u, dummy + (uint32_t)(32 * STRIDE), at, 0u);
+  return ListWalk{0u, 0u, scr_base, smem};
+}
+
+// Fast walk for rows with exactly k stored values and no empty 32-bit word (per-token top-k): the
+// words stay in registers and a refill is 4 predicated moves (no shared-memory load on the chain).
+template <int NW>
+struct RegWalk {
+  uint32_t w, n1, n2, n3, adj;
+  template <int STRIDE>
+  __device__ __forceinline__ uint32_t next() {
+    const uint32_t c = (uint32_t)__clz(w);
+    const uint32_t a = adj - c * (uint32_t)STRIDE;
+    w ^= shr_clamped(0x80000000u, c);
+    if (w == 0u) {
+      w = n1;
+      n1 = n2;
+      n2 = n3;
+      adj -= 32u * (uint32_t)STRIDE;
+    }
+    return a;
+  }
+};
+
+template <int NW, int STRIDE>
+__device__ __forceinline__ RegWalk<NW> make_reg_walk(const uint32_t (&wd)[NW], uint32_t addr_ch0) {
+  RegWalk<NW> r;
+  r.w = wd[NW - 1];
+  r.n1 = wd[NW - 2];
+  r.n2 = NW > 2 ? wd[NW > 2 ? NW - 3 : 0] : 0u;
+  r.n3 = NW > 3 ? wd[NW > 3 ? NW - 4 : 0] : 0u;
+  r.adj = addr_ch0 + (uint32_t)((32 * (NW - 1) + 31) * STRIDE);
+  return r;
+}
+
+// a row can take the fast walk: exactly k stored values, every 32-bit word nonzero
+template <int NW>
+__device__ __forceinline__ bool reg_walk_ok(const uint32_t (&wd)[NW], int k) {
+  int n = 0;
+  bool nz = true;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    n += __popc(wd[i]);
+    nz = nz && wd[i] != 0u;
+  }
+  return nz && n == k;
 }
 
 template <typename T>
@@ -231,114 +285,136 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
           wd[0] = x.x; wd[1] = x.y;
         }
       }
+      // the warp takes the register walk when all its rows are complete top-k rows (masked rows too:
+      // their scores are replaced by -inf and their V rows get probability 0)
+      const bool fast = __all_sync(0xffffffffu, tl < nc && reg_walk_ok<NW32>(wd, is_k ? p.kk : p.kv));
       if (is_k) {
-        WalkState ws = build_walk<NW32, QS>(smem, scr_base, wd, valid, (uint32_t)p.off_q, (uint32_t)(p.off_q + D * QS));
         const char* vrow = st + p.off_kval + tl * p.kstride;
         const int kk = p.kk;
         float sc[GT];
 #pragma unroll
         for (int g = 0; g < GT; ++g) sc[g] = 0.f;
-        if constexpr (kHalfMath) {
-          constexpr int GH = GT == 1 ? 1 : GT / 2;
-          __half2 acc[GH];
+        // scores of the row; values from index kk-1 down to 0, wk.next() = q address of the next channel
+        auto k_row = [&](auto& wk) {
+          if constexpr (kHalfMath) {
+            constexpr int GH = GT == 1 ? 1 : GT / 2;
+            __half2 acc[GH];
 #pragma unroll
-          for (int g = 0; g < GH; ++g) acc[g] = __float2half2_rn(0.f);
-          auto pair = [&](uint32_t v) {
-            if constexpr (GT == 1) {
-              const uint32_t a0 = walk_next<QS>(ws, smem);
-              const uint32_t a1 = walk_next<QS>(ws, smem);
-              const uint32_t q0 = *reinterpret_cast<const uint16_t*>(smem + a0);
-              const uint32_t q1 = *reinterpret_cast<const uint16_t*>(smem + a1);
-              acc[0] = __hfma2(as_h2(v), as_h2(__byte_perm(q0, q1, 0x5410)), acc[0]);
-            } else {
-#pragma unroll
-              for (int u = 0; u < 2; ++u) {
-                const uint32_t a = walk_next<QS>(ws, smem);
-                const __half2 bc = as_h2(__byte_perm(v, 0u, u ? 0x3232 : 0x1010));
-#pragma unroll
-                for (int gp = 0; gp < GT / 2; ++gp)
-                  acc[gp] = __hfma2(bc, as_h2(*reinterpret_cast<const uint32_t*>(smem + a + 4 * gp)), acc[gp]);
-              }
-            }
-          };
-          auto flush = [&]() {
-#pragma unroll
-            for (int gp = 0; gp < GH; ++gp) {
-              const float2 f = __half22float2(acc[gp]);
+            for (int g = 0; g < GH; ++g) acc[g] = __float2half2_rn(0.f);
+            auto pair = [&](uint32_t v) {  // values (j, j+1) in v's (low, high) half; j+1 comes first
               if constexpr (GT == 1) {
-                sc[0] += f.x + f.y;
+                const uint32_t a1 = wk.template next<QS>();
+                const uint32_t a0 = wk.template next<QS>();
+                const uint32_t q0 = *reinterpret_cast<const uint16_t*>(smem + a0);
+                const uint32_t q1 = *reinterpret_cast<const uint16_t*>(smem + a1);
+                acc[0] = __hfma2(as_h2(v), as_h2(__byte_perm(q0, q1, 0x5410)), acc[0]);
               } else {
-                sc[2 * gp] += f.x;
-                sc[2 * gp + 1] += f.y;
+#pragma unroll
+                for (int u = 1; u >= 0; --u) {
+                  const uint32_t a = wk.template next<QS>();
+                  const __half2 bc = as_h2(__byte_perm(v, 0u, u ? 0x3232 : 0x1010));
+#pragma unroll
+                  for (int gp = 0; gp < GT / 2; ++gp)
+                    acc[gp] = __hfma2(bc, as_h2(*reinterpret_cast<const uint32_t*>(smem + a + 4 * gp)), acc[gp]);
+                }
               }
-              acc[gp] = __float2half2_rn(0.f);
-            }
-          };
-          int j = 0;
+            };
+            auto flush = [&]() {
+#pragma unroll
+              for (int gp = 0; gp < GH; ++gp) {
+                const float2 f = __half22float2(acc[gp]);
+                if constexpr (GT == 1) {
+                  sc[0] += f.x + f.y;
+                } else {
+                  sc[2 * gp] += f.x;
+                  sc[2 * gp + 1] += f.y;
+                }
+                acc[gp] = __float2half2_rn(0.f);
+              }
+            };
+            const int r8 = kk & 7;  // top values not in a group of 8 (pairs; kk is even here)
 #pragma unroll 1
-          for (; j + 8 <= kk; j += 8) {
-            uint32_t v[4];
-            if constexpr (VM == kVmOct) {
-              const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
-              v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-            } else {
-#pragma unroll
-              for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const uint32_t*>(vrow + 2 * j + 4 * u);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) pair(v[u]);
+            for (int j = kk - 2; j >= kk - r8; j -= 2) pair(*reinterpret_cast<const uint32_t*>(vrow + 2 * j));
             flush();
-          }
 #pragma unroll 1
-          for (; j < kk; j += 2) pair(*reinterpret_cast<const uint32_t*>(vrow + 2 * j));
-          flush();
-        } else {
-          auto one = [&](uint32_t bits) {
-            const float vf = bits_to_f<T>(bits);
-            const uint32_t a = walk_next<QS>(ws, smem);
+            for (int j = kk - r8 - 8; j >= 0; j -= 8) {
+              uint32_t v[4];
+              if constexpr (VM == kVmOct) {
+                const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
+                v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+              } else {
 #pragma unroll
-            for (int g = 0; g < GT; ++g) sc[g] = fmaf(vf, *reinterpret_cast<const float*>(smem + a + 4 * g), sc[g]);
-          };
-          if constexpr (VM == kVmAny) {
-#pragma unroll 4
-            for (int j = 0; j < kk; ++j) one(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
+                for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const uint32_t*>(vrow + 2 * j + 4 * u);
+              }
+#pragma unroll
+              for (int u = 3; u >= 0; --u) pair(v[u]);
+              flush();
+            }
           } else {
+            auto one = [&](uint32_t bits) {
+              const float vf = bits_to_f<T>(bits);
+              const uint32_t a = wk.template next<QS>();
+#pragma unroll
+              for (int g = 0; g < GT; ++g) sc[g] = fmaf(vf, *reinterpret_cast<const float*>(smem + a + 4 * g), sc[g]);
+            };
+            if constexpr (VM == kVmAny) {
+#pragma unroll 4
+              for (int j = kk - 1; j >= 0; --j) one(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
+            } else {
 #pragma unroll 2
-            for (int j = 0; j < kk; j += 2) {
-              const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
-              one(v & 0xffffu);
-              one(v >> 16);
+              for (int j = kk - 2; j >= 0; j -= 2) {
+                const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
+                one(v >> 16);
+                one(v & 0xffffu);
+              }
             }
           }
+        };
+        if (fast) {
+          auto wk = make_reg_walk<NW32, QS>(wd, (uint32_t)p.off_q);
+          k_row(wk);
+        } else {
+          auto wk = build_list_walk<NW32, QS>(smem, scr_base, wd, valid, (uint32_t)p.off_q,
+                                              (uint32_t)(p.off_q + D * QS));
+          k_row(wk);
         }
 #pragma unroll
         for (int g = 0; g < GT; ++g) S_s[g * kTile + tl] = valid ? sc[g] : -INFINITY;
       } else {
         const uint32_t tok = (uint32_t)p.off_vd + 2u * (uint32_t)tl;
-        WalkState ws = build_walk<NW32, kLS>(smem, scr_base, wd, valid, tok, tok + (uint32_t)(D * kLS));
         const char* vrow = st + p.off_vval + tl * p.vstride;
         const int kv = p.kv;
-        auto put = [&](uint32_t bits) {
-          const uint32_t a = walk_next<kLS>(ws, smem);
-          *reinterpret_cast<uint16_t*>(smem + a) = (uint16_t)bits;
-        };
-        if constexpr (VM == kVmAny) {
+        // scatter the row into Vd; values from index kv-1 down to 0
+        auto v_row = [&](auto& wk) {
+          auto put = [&](uint32_t bits) {
+            const uint32_t a = wk.template next<kLS>();
+            *reinterpret_cast<uint16_t*>(smem + a) = (uint16_t)bits;
+          };
+          if constexpr (VM == kVmAny) {
 #pragma unroll 4
-          for (int j = 0; j < kv; ++j) put(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
-        } else if constexpr (VM == kVmOct) {
+            for (int j = kv - 1; j >= 0; --j) put(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
+          } else if constexpr (VM == kVmOct) {
 #pragma unroll 1
-          for (int j = 0; j < kv; j += 8) {
-            const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
-            put(x.x); put(x.x >> 16); put(x.y); put(x.y >> 16);
-            put(x.z); put(x.z >> 16); put(x.w); put(x.w >> 16);
-          }
-        } else {
+            for (int j = kv - 8; j >= 0; j -= 8) {
+              const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
+              put(x.w >> 16); put(x.w); put(x.z >> 16); put(x.z);
+              put(x.y >> 16); put(x.y); put(x.x >> 16); put(x.x);
+            }
+          } else {
 #pragma unroll 4
-          for (int j = 0; j < kv; j += 2) {
-            const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
-            put(v);
-            put(v >> 16);
+            for (int j = kv - 2; j >= 0; j -= 2) {
+              const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
+              put(v >> 16);
+              put(v);
+            }
           }
+        };
+        if (fast) {
+          auto wk = make_reg_walk<NW32, kLS>(wd, tok);
+          v_row(wk);
+        } else {
+          auto wk = build_list_walk<NW32, kLS>(smem, scr_base, wd, valid, tok, tok + (uint32_t)(D * kLS));
+          v_row(wk);
         }
       }
     } else {
