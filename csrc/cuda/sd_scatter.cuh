@@ -5,10 +5,10 @@
 // instructions per K+V row pair). v5 spends work per *stored* value instead of per channel:
 //
 //   phase A  one thread per stored row (threads 0-63: K rows of the 64-row tile, 64-127: V rows).
-//            The thread walks its row's bitmap from the top channel down (one FLO per value; the
-//            words in registers when every row of the warp is a complete top-k row with no empty
-//            32-bit word, else a per-thread list in shared memory), reading its values from index
-//            k-1 down to 0 (all threads of a warp at the same value index):
+//            The thread walks its row's bitmap (one FLO per value): when every row of the warp is a
+//            complete top-k row with no empty 32-bit word, from both ends at once with the words in
+//            registers (two independent chains; values 0.. and k-1.. at the same indices in all
+//            lanes), else upward through a per-thread list of the nonzero words in shared memory:
 //              K: gathers q at the channel and accumulates q.k (fp16: half2 FMA on value pairs, flushed
 //                 to fp32 every 8 values; bf16: fp32) -> one score per row, no reductions;
 //              V: scatters the value into a zeroed, channel-major dense tile Vd[channel][token].
@@ -33,18 +33,19 @@ constexpr int kLS = 144;                      // bytes per channel line of Vd: 6
 constexpr int kScrStride = kWarps * 32 * 16;  // bytes between the walk-list entries of one thread
 enum : int { kVmAny = 1, kVmPair = 2, kVmOct = 8 };
 
-// Bitmaps are walked from the highest channel down (one FLO per value: c = clz(w) gives the
-// channel 32 i + 31 - c of word i), so values are consumed from index k-1 down to 0. A walk yields
-// the byte address of the channel's slot: adj - c * STRIDE with adj = address of channel 32 i + 31.
+// A walk yields, per call, the byte address of the slot of the row's next stored channel
+// (adj + channel-in-word * STRIDE). Two directions: up (lowest channel first: values from index 0)
+// and down (highest channel first: values from index k-1).
 __device__ __forceinline__ uint32_t shr_clamped(uint32_t x, uint32_t n) {  // PTX shr clamps n >= 32 to 0
   uint32_t d;
   asm("shr.b32 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(n));
   return d;
 }
+__device__ __forceinline__ uint32_t flo(uint32_t x) { return 31u - (uint32_t)__clz(x); }  // -1 for 0
 
-// General walk (any pattern): a per-thread list in shared memory of the nonzero words (top word first),
+// General walk (any pattern), upward: a per-thread list in shared memory of the nonzero words,
 // refilled with one LDS.128 that also loads the next entry's address; an exhausted list sits on a
-// sentinel (w = 0, c = 32) whose adj points 32 slots above a dummy slot.
+// sentinel (w = 0 -> channel -1) whose adj is one slot above a dummy slot.
 struct ListWalk {
   uint32_t w, adj, nxt;
   const char* smem;
@@ -56,9 +57,10 @@ struct ListWalk {
       adj = e.y;
       nxt = e.z;
     }
-    const uint32_t c = (uint32_t)__clz(w);
-    w ^= shr_clamped(0x80000000u, c);
-    return adj - c * (uint32_t)STRIDE;
+    const uint32_t wn = w & (w - 1u);
+    const uint32_t a = adj + flo(w ^ wn) * (uint32_t)STRIDE;
+    w = wn;
+    return a;
   }
 };
 
@@ -68,22 +70,40 @@ __device__ __forceinline__ ListWalk build_list_walk(const char* smem, uint32_t s
   char* sm = const_cast<char*>(smem);
   uint32_t n = 0;
 #pragma unroll
-  for (int i = NW - 1; i >= 0; --i) {
+  for (int i = 0; i < NW; ++i) {
     const uint32_t w = valid ? wd[i] : 0u;
     const uint32_t at = scr_base + n * (uint32_t)kScrStride;
     *reinterpret_cast<uint4*>(sm + at) =
-        make_uint4(w, addr_ch0 + (uint32_t)((32 * i + 31) * STRIDE), at + (uint32_t)kScrStride, 0u);
+        make_uint4(w, addr_ch0 + (uint32_t)(32 * i * STRIDE), at + (uint32_t)kScrStride, 0u);
     n += (w != 0u) ? 1u : 0u;
   }
   const uint32_t at = scr_base + n * (uint32_t)kScrStride;
-  *reinterpret_cast<uint4*>(sm + at) = make_uint4(0u, dummy + (uint32_t)(32 * STRIDE), at, 0u);
+  *reinterpret_cast<uint4*>(sm + at) = make_uint4(0u, dummy + (uint32_t)STRIDE, at, 0u);
   return ListWalk{0u, 0u, scr_base, smem};
 }
 
-// Fast walk for rows with exactly k stored values and no empty 32-bit word (per-token top-k): the
-// words stay in registers and a refill is 4 predicated moves (no shared-memory load on the chain).
+// Fast walks for rows with exactly k stored values and no empty 32-bit word (per-token top-k): the
+// words stay in registers and a refill is 4 predicated moves. A row is walked from both ends at once
+// (k/2 values each: two independent dependency chains per thread).
 template <int NW>
-struct RegWalk {
+struct RegWalkUp {
+  uint32_t w, n1, n2, n3, adj;
+  template <int STRIDE>
+  __device__ __forceinline__ uint32_t next() {
+    const uint32_t wn = w & (w - 1u);
+    const uint32_t a = adj + flo(w ^ wn) * (uint32_t)STRIDE;
+    w = wn;
+    if (w == 0u) {
+      w = n1;
+      n1 = n2;
+      n2 = n3;
+      adj += 32u * (uint32_t)STRIDE;
+    }
+    return a;
+  }
+};
+template <int NW>
+struct RegWalkDown {
   uint32_t w, n1, n2, n3, adj;
   template <int STRIDE>
   __device__ __forceinline__ uint32_t next() {
@@ -101,8 +121,18 @@ struct RegWalk {
 };
 
 template <int NW, int STRIDE>
-__device__ __forceinline__ RegWalk<NW> make_reg_walk(const uint32_t (&wd)[NW], uint32_t addr_ch0) {
-  RegWalk<NW> r;
+__device__ __forceinline__ RegWalkUp<NW> make_walk_up(const uint32_t (&wd)[NW], uint32_t addr_ch0) {
+  RegWalkUp<NW> r;
+  r.w = wd[0];
+  r.n1 = wd[1];
+  r.n2 = NW > 2 ? wd[NW > 2 ? 2 : 0] : 0u;
+  r.n3 = NW > 3 ? wd[NW > 3 ? 3 : 0] : 0u;
+  r.adj = addr_ch0;
+  return r;
+}
+template <int NW, int STRIDE>
+__device__ __forceinline__ RegWalkDown<NW> make_walk_down(const uint32_t (&wd)[NW], uint32_t addr_ch0) {
+  RegWalkDown<NW> r;
   r.w = wd[NW - 1];
   r.n1 = wd[NW - 2];
   r.n2 = NW > 2 ? wd[NW > 2 ? NW - 3 : 0] : 0u;
@@ -111,7 +141,7 @@ __device__ __forceinline__ RegWalk<NW> make_reg_walk(const uint32_t (&wd)[NW], u
   return r;
 }
 
-// a row can take the fast walk: exactly k stored values, every 32-bit word nonzero
+// a row can take the fast walks: exactly k stored values, every 32-bit word nonzero
 template <int NW>
 __device__ __forceinline__ bool reg_walk_ok(const uint32_t (&wd)[NW], int k) {
   int n = 0;
@@ -294,89 +324,136 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
         float sc[GT];
 #pragma unroll
         for (int g = 0; g < GT; ++g) sc[g] = 0.f;
-        // scores of the row; values from index kk-1 down to 0, wk.next() = q address of the next channel
-        auto k_row = [&](auto& wk) {
-          if constexpr (kHalfMath) {
-            constexpr int GH = GT == 1 ? 1 : GT / 2;
-            __half2 acc[GH];
+        if constexpr (kHalfMath) {
+          // fp16: products of value pairs with the gathered q in half2, flushed to fp32 every 8 values
+          constexpr int GH = GT == 1 ? 1 : GT / 2;
+          __half2 acc[GH];
 #pragma unroll
-            for (int g = 0; g < GH; ++g) acc[g] = __float2half2_rn(0.f);
-            auto pair = [&](uint32_t v) {  // values (j, j+1) in v's (low, high) half; j+1 comes first
+          for (int g = 0; g < GH; ++g) acc[g] = __float2half2_rn(0.f);
+          // values (j, j+1) in v's (low, high) half at slot addresses a0, a1
+          auto fma_pair = [&](uint32_t v, uint32_t a0, uint32_t a1) {
+            if constexpr (GT == 1) {
+              const uint32_t q0 = *reinterpret_cast<const uint16_t*>(smem + a0);
+              const uint32_t q1 = *reinterpret_cast<const uint16_t*>(smem + a1);
+              acc[0] = __hfma2(as_h2(v), as_h2(__byte_perm(q0, q1, 0x5410)), acc[0]);
+            } else {
+              const __half2 lo = as_h2(__byte_perm(v, 0u, 0x1010)), hi = as_h2(__byte_perm(v, 0u, 0x3232));
+#pragma unroll
+              for (int gp = 0; gp < GT / 2; ++gp) {
+                acc[gp] = __hfma2(lo, as_h2(*reinterpret_cast<const uint32_t*>(smem + a0 + 4 * gp)), acc[gp]);
+                acc[gp] = __hfma2(hi, as_h2(*reinterpret_cast<const uint32_t*>(smem + a1 + 4 * gp)), acc[gp]);
+              }
+            }
+          };
+          auto flush = [&]() {
+#pragma unroll
+            for (int gp = 0; gp < GH; ++gp) {
+              const float2 f = __half22float2(acc[gp]);
               if constexpr (GT == 1) {
-                const uint32_t a1 = wk.template next<QS>();
-                const uint32_t a0 = wk.template next<QS>();
-                const uint32_t q0 = *reinterpret_cast<const uint16_t*>(smem + a0);
-                const uint32_t q1 = *reinterpret_cast<const uint16_t*>(smem + a1);
-                acc[0] = __hfma2(as_h2(v), as_h2(__byte_perm(q0, q1, 0x5410)), acc[0]);
+                sc[0] += f.x + f.y;
               } else {
-#pragma unroll
-                for (int u = 1; u >= 0; --u) {
-                  const uint32_t a = wk.template next<QS>();
-                  const __half2 bc = as_h2(__byte_perm(v, 0u, u ? 0x3232 : 0x1010));
-#pragma unroll
-                  for (int gp = 0; gp < GT / 2; ++gp)
-                    acc[gp] = __hfma2(bc, as_h2(*reinterpret_cast<const uint32_t*>(smem + a + 4 * gp)), acc[gp]);
-                }
+                sc[2 * gp] += f.x;
+                sc[2 * gp + 1] += f.y;
               }
-            };
-            auto flush = [&]() {
+              acc[gp] = __float2half2_rn(0.f);
+            }
+          };
+          auto load8 = [&](int j, uint32_t (&v)[4]) {
+            if constexpr (VM == kVmOct) {
+              const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
+              v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+            } else {
 #pragma unroll
-              for (int gp = 0; gp < GH; ++gp) {
-                const float2 f = __half22float2(acc[gp]);
-                if constexpr (GT == 1) {
-                  sc[0] += f.x + f.y;
-                } else {
-                  sc[2 * gp] += f.x;
-                  sc[2 * gp + 1] += f.y;
-                }
-                acc[gp] = __float2half2_rn(0.f);
-              }
-            };
-            const int r8 = kk & 7;  // top values not in a group of 8 (pairs; kk is even here)
+              for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const uint32_t*>(vrow + 2 * j + 4 * u);
+            }
+          };
+          auto ld2 = [&](int j) { return *reinterpret_cast<const uint32_t*>(vrow + 2 * j); };
+          if (fast) {
+            // up: values [0, h), down: values [h, kk), h = kk / 2 (kk is even here)
+            auto up = make_walk_up<NW32, QS>(wd, (uint32_t)p.off_q);
+            auto dn = make_walk_down<NW32, QS>(wd, (uint32_t)p.off_q);
+            const int h = kk >> 1;
+            int j = 0;
 #pragma unroll 1
-            for (int j = kk - 2; j >= kk - r8; j -= 2) pair(*reinterpret_cast<const uint32_t*>(vrow + 2 * j));
-            flush();
-#pragma unroll 1
-            for (int j = kk - r8 - 8; j >= 0; j -= 8) {
-              uint32_t v[4];
-              if constexpr (VM == kVmOct) {
-                const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
-                v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-              } else {
+            for (; j + 8 <= h; j += 8) {
+              uint32_t va[4], vb[4];
+              load8(j, va);
+              load8(kk - j - 8, vb);
 #pragma unroll
-                for (int u = 0; u < 4; ++u) v[u] = *reinterpret_cast<const uint32_t*>(vrow + 2 * j + 4 * u);
+              for (int u = 0; u < 4; ++u) {
+                const uint32_t a0 = up.template next<QS>();
+                const uint32_t b1 = dn.template next<QS>();
+                const uint32_t a1 = up.template next<QS>();
+                const uint32_t b0 = dn.template next<QS>();
+                fma_pair(va[u], a0, a1);
+                fma_pair(vb[3 - u], b0, b1);
               }
-#pragma unroll
-              for (int u = 3; u >= 0; --u) pair(v[u]);
               flush();
             }
-          } else {
-            auto one = [&](uint32_t bits) {
-              const float vf = bits_to_f<T>(bits);
-              const uint32_t a = wk.template next<QS>();
-#pragma unroll
-              for (int g = 0; g < GT; ++g) sc[g] = fmaf(vf, *reinterpret_cast<const float*>(smem + a + 4 * g), sc[g]);
-            };
-            if constexpr (VM == kVmAny) {
-#pragma unroll 4
-              for (int j = kk - 1; j >= 0; --j) one(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
-            } else {
-#pragma unroll 2
-              for (int j = kk - 2; j >= 0; j -= 2) {
-                const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
-                one(v >> 16);
-                one(v & 0xffffu);
-              }
+#pragma unroll 1
+            for (; j + 2 <= h; j += 2) {
+              const uint32_t a0 = up.template next<QS>();
+              const uint32_t b1 = dn.template next<QS>();
+              const uint32_t a1 = up.template next<QS>();
+              const uint32_t b0 = dn.template next<QS>();
+              fma_pair(ld2(j), a0, a1);
+              fma_pair(ld2(kk - j - 2), b0, b1);
             }
+            if (h & 1) {  // the middle pair (h-1, h): one value from each walk
+              const uint32_t a0 = up.template next<QS>();
+              const uint32_t b1 = dn.template next<QS>();
+              fma_pair(ld2(h - 1), a0, b1);
+            }
+            flush();
+          } else {
+            auto wk = build_list_walk<NW32, QS>(smem, scr_base, wd, valid, (uint32_t)p.off_q,
+                                                (uint32_t)(p.off_q + D * QS));
+            int j = 0;
+#pragma unroll 1
+            for (; j + 8 <= kk; j += 8) {
+              uint32_t v[4];
+              load8(j, v);
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                const uint32_t a0 = wk.template next<QS>();
+                const uint32_t a1 = wk.template next<QS>();
+                fma_pair(v[u], a0, a1);
+              }
+              flush();
+            }
+#pragma unroll 1
+            for (; j < kk; j += 2) {
+              const uint32_t a0 = wk.template next<QS>();
+              const uint32_t a1 = wk.template next<QS>();
+              fma_pair(ld2(j), a0, a1);
+            }
+            flush();
           }
-        };
-        if (fast) {
-          auto wk = make_reg_walk<NW32, QS>(wd, (uint32_t)p.off_q);
-          k_row(wk);
         } else {
-          auto wk = build_list_walk<NW32, QS>(smem, scr_base, wd, valid, (uint32_t)p.off_q,
-                                              (uint32_t)(p.off_q + D * QS));
-          k_row(wk);
+          // bf16 / any k: fp32 math, one 16-bit value load per stored value
+          auto one = [&](uint32_t a, int j) {
+            const float vf = bits_to_f<T>(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
+#pragma unroll
+            for (int g = 0; g < GT; ++g) sc[g] = fmaf(vf, *reinterpret_cast<const float*>(smem + a + 4 * g), sc[g]);
+          };
+          if (fast) {
+            auto up = make_walk_up<NW32, QS>(wd, (uint32_t)p.off_q);
+            auto dn = make_walk_down<NW32, QS>(wd, (uint32_t)p.off_q);
+            const int h = kk >> 1;
+#pragma unroll 2
+            for (int j = 0; j < h; ++j) {
+              const uint32_t a = up.template next<QS>();
+              const uint32_t b = dn.template next<QS>();
+              one(a, j);
+              one(b, kk - 1 - j);
+            }
+            if (kk & 1) one(up.template next<QS>(), h);
+          } else {
+            auto wk = build_list_walk<NW32, QS>(smem, scr_base, wd, valid, (uint32_t)p.off_q,
+                                                (uint32_t)(p.off_q + D * QS));
+#pragma unroll 4
+            for (int j = 0; j < kk; ++j) one(wk.template next<QS>(), j);
+          }
         }
 #pragma unroll
         for (int g = 0; g < GT; ++g) S_s[g * kTile + tl] = valid ? sc[g] : -INFINITY;
@@ -384,37 +461,66 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
         const uint32_t tok = (uint32_t)p.off_vd + 2u * (uint32_t)tl;
         const char* vrow = st + p.off_vval + tl * p.vstride;
         const int kv = p.kv;
-        // scatter the row into Vd; values from index kv-1 down to 0
-        auto v_row = [&](auto& wk) {
-          auto put = [&](uint32_t bits) {
-            const uint32_t a = wk.template next<kLS>();
-            *reinterpret_cast<uint16_t*>(smem + a) = (uint16_t)bits;
-          };
+        auto st16 = [&](uint32_t a, uint32_t bits) { *reinterpret_cast<uint16_t*>(smem + a) = (uint16_t)bits; };
+        auto ld16 = [&](int j) { return (uint32_t)*reinterpret_cast<const uint16_t*>(vrow + 2 * j); };
+        auto ld2 = [&](int j) { return *reinterpret_cast<const uint32_t*>(vrow + 2 * j); };
+        if (fast) {
+          auto up = make_walk_up<NW32, kLS>(wd, tok);
+          auto dn = make_walk_down<NW32, kLS>(wd, tok);
+          const int h = kv >> 1;
           if constexpr (VM == kVmAny) {
-#pragma unroll 4
-            for (int j = kv - 1; j >= 0; --j) put(*reinterpret_cast<const uint16_t*>(vrow + 2 * j));
-          } else if constexpr (VM == kVmOct) {
-#pragma unroll 1
-            for (int j = kv - 8; j >= 0; j -= 8) {
-              const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
-              put(x.w >> 16); put(x.w); put(x.z >> 16); put(x.z);
-              put(x.y >> 16); put(x.y); put(x.x >> 16); put(x.x);
+#pragma unroll 2
+            for (int j = 0; j < h; ++j) {
+              const uint32_t a = up.template next<kLS>();
+              const uint32_t b = dn.template next<kLS>();
+              st16(a, ld16(j));
+              st16(b, ld16(kv - 1 - j));
             }
+            if (kv & 1) st16(up.template next<kLS>(), ld16(h));
           } else {
-#pragma unroll 4
-            for (int j = kv - 2; j >= 0; j -= 2) {
-              const uint32_t v = *reinterpret_cast<const uint32_t*>(vrow + 2 * j);
-              put(v >> 16);
-              put(v);
+            int j = 0;
+            if constexpr (VM == kVmOct) {
+#pragma unroll 1
+              for (; j + 8 <= h; j += 8) {
+                const uint4 x = *reinterpret_cast<const uint4*>(vrow + 2 * j);
+                const uint4 y = *reinterpret_cast<const uint4*>(vrow + 2 * (kv - j - 8));
+                const uint32_t xa[4] = {x.x, x.y, x.z, x.w}, ya[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                  st16(up.template next<kLS>(), xa[u]);
+                  st16(dn.template next<kLS>(), ya[3 - u] >> 16);
+                  st16(up.template next<kLS>(), xa[u] >> 16);
+                  st16(dn.template next<kLS>(), ya[3 - u]);
+                }
+              }
+            }
+#pragma unroll 2
+            for (; j + 2 <= h; j += 2) {
+              const uint32_t x = ld2(j), y = ld2(kv - j - 2);
+              st16(up.template next<kLS>(), x);
+              st16(dn.template next<kLS>(), y >> 16);
+              st16(up.template next<kLS>(), x >> 16);
+              st16(dn.template next<kLS>(), y);
+            }
+            if (h & 1) {
+              const uint32_t x = ld2(h - 1);
+              st16(up.template next<kLS>(), x);
+              st16(dn.template next<kLS>(), x >> 16);
             }
           }
-        };
-        if (fast) {
-          auto wk = make_reg_walk<NW32, kLS>(wd, tok);
-          v_row(wk);
         } else {
           auto wk = build_list_walk<NW32, kLS>(smem, scr_base, wd, valid, tok, tok + (uint32_t)(D * kLS));
-          v_row(wk);
+          if constexpr (VM == kVmAny) {
+#pragma unroll 4
+            for (int j = 0; j < kv; ++j) st16(wk.template next<kLS>(), ld16(j));
+          } else {
+#pragma unroll 4
+            for (int j = 0; j < kv; j += 2) {
+              const uint32_t x = ld2(j);
+              st16(wk.template next<kLS>(), x);
+              st16(wk.template next<kLS>(), x >> 16);
+            }
+          }
         }
       }
     } else {
