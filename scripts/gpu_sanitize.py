@@ -1,5 +1,6 @@
 """Tiny driver for compute-sanitizer (memcheck / racecheck): every CUDA op once on small inputs."""
 import math
+import os
 
 import torch
 
@@ -20,6 +21,11 @@ for dt in (torch.float16, torch.bfloat16):
         kw = torch.randn(b, h_kv, t_w, d, device="cuda", dtype=dt)
         vw = torch.randn(b, h_kv, t_w, d, device="cuda", dtype=dt)
         ks = torch.tensor([0, 33], dtype=torch.int32, device="cuda")
-        out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
-        torch.cuda.synchronize()
-        print(dt, d, g, "ok", float(out.float().abs().sum()), float(dense.float().abs().sum()))
+        for kern in ("v4", "v5"):  # both decode kernels; v5 on complete top-k rows and on arbitrary masks
+            os.environ["MUSTAFAR_CUDA_DECODE"] = kern
+            out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
+            out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
+            torch.cuda.synchronize()
+            print(dt, d, g, kern, "ok", float(out.float().abs().sum()), float(out2.float().abs().sum()),
+                  float(dense.float().abs().sum()))
+        os.environ.pop("MUSTAFAR_CUDA_DECODE", None)

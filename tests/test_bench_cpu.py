@@ -47,7 +47,8 @@ def test_e2e_token_check_and_step_timing_on_cpu():
     with _sdpa_backends():
         chk = token_check(model, 8, prompt=70, batch=2)
         logged = []
-        ms = step_timing(model, "compressed", 0.7, 2, 70, 3, profile_log=logged.append)
+        r = step_timing(model, "compressed", 0.7, 2, 70, 3, profile_log=logged.append)
     assert chk["leading_tokens_equal"] == [8, 8] and chk["first_difference"] == [None, None]
     assert chk["dtype"] == "float32" and chk["fraction_equal"] == 1.0
-    assert ms > 0 and len(logged) == 1 and "profile of 3 decode steps" in logged[0]
+    assert r["step_ms_median"] > 0 and len(logged) == 1 and "profile of 3 decode steps" in logged[0]
+    assert r["gpu_busy_ms"] is None  # no CUDA kernels on the CPU

@@ -126,8 +126,8 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
     return q, kb, kv, vb, vv, kw, vw
 
 
-# the fused decode kernels: "auto" = v5 (scatter + tensor cores) for fp16/bf16, v4 for fp32; "v4" forced
-@pytest.fixture(params=["auto", "v4"])
+# both fused decode kernels (MUSTAFAR_CUDA_DECODE; fp32 always runs v4)
+@pytest.fixture(params=["v5", "v4"])
 def decode_kernel(request, monkeypatch):
     monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", request.param)
     return request.param
@@ -201,7 +201,7 @@ V5_MODES = [
 @pytest.mark.parametrize("mode", V5_MODES)
 @pytest.mark.parametrize("g", [1, 2, 4])
 def test_sparse_decode_v5_value_modes(dtype, mode, g, monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "auto")
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v5")
     d, s_k, s_v, padded = mode
     b, h_kv, t_c, t_w = 3, 2, 64 * 5 + 23, 41
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=s_k, s_v=s_v, padded=padded,

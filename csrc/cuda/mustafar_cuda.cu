@@ -358,12 +358,15 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   };
   const int vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals)) ? 1 : 0;
 
-  // Kernel choice (MUSTAFAR_CUDA_DECODE): "auto" = v5 (sd_scatter.cuh) for fp16/bf16, v4 for fp32;
-  // "v4" forces v4 (for side-by-side timing). v5's value-read mode follows k (see sd_scatter.cuh).
+  // Kernel choice (MUSTAFAR_CUDA_DECODE): "auto" (default) takes v5 (sd_scatter.cuh) for fp16/bf16 with
+  // grouped-query attention (G >= 2 query heads per KV head) and v4 otherwise: on the H200, v5 was
+  // faster than v4 for every GQA configuration of the benchmark and slower for most MHA ones
+  // (results/kernel_h200.json records both). "v4" / "v5" force one (v5 has no fp32 path: fp32 runs v4).
   const char* sel_env = std::getenv("MUSTAFAR_CUDA_DECODE");
   const std::string sel = (sel_env && sel_env[0]) ? std::string(sel_env) : std::string("auto");
-  MF_CHECK_VALUE(sel == "auto" || sel == "v4", op, "MUSTAFAR_CUDA_DECODE=", sel, " (expected auto or v4)");
-  const bool v5 = sel == "auto" && q.scalar_type() != at::kFloat;
+  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5", op, "MUSTAFAR_CUDA_DECODE=", sel,
+                 " (expected auto, v4 or v5)");
+  const bool v5 = q.scalar_type() != at::kFloat && (sel == "v5" || (sel == "auto" && G >= 2));
   int VM = kVmAny;
   if (v5) {
     if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && vec16) VM = kVmOct;

@@ -100,11 +100,14 @@ def token_check(model, n_new: int, sparsity: float = 0.7, prompt: int = 600, bat
             "leading_tokens_equal": agree, "fraction_equal": float(same.float().mean()), "first_difference": first}
 
 
-def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int, profile_log=None) -> float:
-    """Median milliseconds of one decode step after a ``prompt``-token prefill (see module doc).
+def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int, profile_log=None) -> dict:
+    """One decode step after a ``prompt``-token prefill (see module doc): the median wall-clock
+    milliseconds over ``steps`` steps, and (CUDA) the GPU-busy milliseconds per step: the summed
+    duration of the kernels of three more steps run under ``torch.profiler``, divided by three. The
+    second number is what a runtime without Python and launch overhead (CUDA graphs, static shapes)
+    would approach; HF's eager loop is CPU-bound here, so the first one mostly measures Python.
 
-    With ``profile_log`` (a print-like callable), three more steps run under ``torch.profiler`` and
-    the operators with the largest total CPU time are logged."""
+    With ``profile_log`` (a print-like callable) the operators with the largest CPU time are logged."""
     vocab, dev = model.config.vocab_size, next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, vocab, (batch, prompt), device=dev, generator=g)
@@ -115,8 +118,11 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
 
         cache = DynamicCache(config=model.config)
     times = []
+    gpu_ms = None
     with torch.inference_mode():
-        nxt = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        del out
 
         def step(nxt, i):  # one greedy decode step at position prompt + i
             pos = torch.full((batch, 1), prompt + i, device=dev, dtype=torch.long)
@@ -128,7 +134,8 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
             nxt = step(nxt, i)
             sync()
             times.append((time.perf_counter() - t) * 1e3)
-        if profile_log is not None:
+        if dev.type == "cuda" or profile_log is not None:
+            from torch.autograd import DeviceType
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -136,15 +143,27 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
                 for i in range(steps, steps + 3):
                     nxt = step(nxt, i)
                 sync()
-            profile_log(f"profile of 3 decode steps ({kind}, B={batch}, P={prompt}):\n"
-                        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))
+            kern_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+            gpu_ms = kern_us / 3e3 if kern_us > 0 else None
+            if profile_log is not None:
+                profile_log(f"profile of 3 decode steps ({kind}, B={batch}, P={prompt}):\n"
+                            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=14,
+                                                        max_name_column_width=48))
     times.sort()
-    return times[len(times) // 2]
+    return {"step_ms_median": times[len(times) // 2], "gpu_busy_ms": gpu_ms}
+
+
+def _kv_fraction(kind: str, s: float, d: int) -> float:
+    """Bytes of the stored K/V per token relative to dense fp16 (bitmap + k values), for budgets."""
+    if kind == "dense":
+        return 1.0
+    k = d - int(s * d + 0.5)
+    return (d / 8 + 2 * k) / (2 * d)
 
 
 def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batches=(1, 4, 8, 16),
         sparsities=(0.5, 0.7), kv_budget_gib=40.0, check_tokens=128, check_dtypes=("float32", "float16"),
-        step_steps=0, profile_steps=False, log=print) -> dict:
+        step_steps=0, profile_steps=False, step_batches=(1, 8), log=print) -> dict:
     import mustafar
 
     rows, checks, steps = [], [], []
@@ -167,14 +186,23 @@ def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batch
         vocab = cfg.vocab_size
         g = torch.Generator(device="cuda").manual_seed(0)
         if step_steps:
-            for b in (1, 8):
+            for b in step_batches:
                 for kind, s in [("dense", 0.0)] + [("compressed", s) for s in sparsities]:
-                    ms = step_timing(model, kind, s, b, prompts[0], step_steps,
-                                     profile_log=log if (profile_steps and b == 1) else None)
+                    kv = 2 * n_layers * b * h_kv * (prompts[0] + step_steps + 8) * d * 2 * _kv_fraction(kind, s, d)
+                    if kv > kv_budget_gib * (1 << 30):
+                        log(f"skip step timing {name} B={b} {kind} s={s}: KV {kv / 2**30:.1f} GiB > budget")
+                        continue
+                    r = step_timing(model, kind, s, b, prompts[0], step_steps,
+                                    profile_log=log if (profile_steps and b == 1) else None)
+                    ms, gms = r["step_ms_median"], r["gpu_busy_ms"]
                     steps.append({"model": name, "prompt": prompts[0], "batch": b, "cache": kind, "sparsity": s,
-                                  "step_ms_median": ms, "tok_per_s": b * 1e3 / ms, "steps": step_steps})
+                                  "step_ms_median": ms, "tok_per_s": b * 1e3 / ms, "steps": step_steps,
+                                  "kv_gib_est": kv / 2**30, "gpu_busy_ms": gms,
+                                  "tok_per_s_gpu_busy": (b * 1e3 / gms) if gms else None})
                     log(f"{name} P={prompts[0]} B={b} {kind} s={s}: one decode step {ms:.2f} ms "
-                        f"({b * 1e3 / ms:.1f} tok/s)")
+                        f"({b * 1e3 / ms:.1f} tok/s); GPU busy {gms if gms is None else round(gms, 3)} ms "
+                        f"({(b * 1e3 / gms) if gms else float('nan'):.1f} tok/s)")
+                    torch.cuda.empty_cache()
         for p_len in prompts:
             for b in batches:
                 dense_kv = 2 * n_layers * b * h_kv * (p_len + gen) * d * 2
@@ -221,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-dtypes", nargs="+", default=["float32", "float16"])
     ap.add_argument("--step-timing", type=int, default=0, metavar="N", help="time N single decode steps")
     ap.add_argument("--profile-steps", action="store_true", help="torch.profiler table of 3 steps at B=1")
+    ap.add_argument("--step-batches", nargs="+", type=int, default=[1, 8],
+                    help="batches for --step-timing (skipped where the KV estimate exceeds --kv-budget-gib)")
     ap.add_argument("--out", default=os.path.join("results", "e2e_h200.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -230,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with _sdpa_backends():
         res = run(args.models, args.prompts, args.gen, args.batches, args.sparsities, args.kv_budget_gib,
-                  args.check_tokens, args.check_dtypes, args.step_timing, args.profile_steps)
+                  args.check_tokens, args.check_dtypes, args.step_timing, args.profile_steps, args.step_batches)
     res["sdpa_backends"] = "flash, efficient, math (cuDNN excluded)"
     res["provenance"] = provenance(argv, module="mustafar.bench.e2e")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -11,7 +11,9 @@ repetition, so every call reads its inputs from HBM):
 
 * ``dense``: ``torch.nn.functional.scaled_dot_product_attention`` with q ``[B, H, 1, D]`` and K/V
   ``[B, H_kv, T, D]`` (``enable_gqa`` for GQA);
-* ``fused``: ``mustafar.ops.sparse_decode`` on the compressed cache (all T tokens compressed);
+* ``fused``: ``mustafar.ops.sparse_decode`` on the compressed cache (all T tokens compressed), with
+  the kernel the op picks by default, and (fp16/bf16) each of the two CUDA kernels forced with
+  ``MUSTAFAR_CUDA_DECODE=v4`` / ``v5`` (``fused_v4_ms``, ``fused_v5_ms``);
 * ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA.
 
 and reports speed-ups over dense and the achieved bandwidth over the bytes actually read
@@ -133,14 +135,16 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         o_u = unfused().squeeze(2).float()
                         rel = float((o_f - o_u).norm() / o_u.norm())
                         t_fused = _bench(fused)
-                        t_v4 = None
-                        if dt != torch.float32:  # the previous kernel (v4) side by side
-                            os.environ["MUSTAFAR_CUDA_DECODE"] = "v4"
-                            try:
-                                rel_v4 = float((fused().float() - o_u).norm() / o_u.norm())
-                                t_v4 = _bench(fused)
-                            finally:
-                                os.environ.pop("MUSTAFAR_CUDA_DECODE", None)
+                        # both kernels side by side (the op's default picks one per configuration)
+                        t_k, rel_k = {}, {}
+                        if dt != torch.float32:
+                            for kern in ("v4", "v5"):
+                                os.environ["MUSTAFAR_CUDA_DECODE"] = kern
+                                try:
+                                    rel_k[kern] = float((fused().float() - o_u).norm() / o_u.norm())
+                                    t_k[kern] = _bench(fused)
+                                finally:
+                                    os.environ.pop("MUSTAFAR_CUDA_DECODE", None)
                         t_unf = _bench(unfused)
                         # compression of 256 new tokens (K and V) vs one decode step
                         kn = kd[:, :, :256]
@@ -159,13 +163,15 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                             "fused_floor_ms": comp_bytes / bw * 1e3,
                             "compress_256_ms": t_comp, "compress_256_over_step": t_comp / t_fused,
                             "rel_err_vs_unfused": rel,
-                            "fused_v4_ms": t_v4, "speedup_fused_v4": (t_dense / t_v4) if t_v4 else None,
-                            "rel_err_v4_vs_unfused": rel_v4 if t_v4 else None,
+                            "fused_v4_ms": t_k.get("v4"), "fused_v5_ms": t_k.get("v5"),
+                            "speedup_fused_v4": (t_dense / t_k["v4"]) if t_k else None,
+                            "speedup_fused_v5": (t_dense / t_k["v5"]) if t_k else None,
+                            "rel_err_v4_vs_unfused": rel_k.get("v4"), "rel_err_v5_vs_unfused": rel_k.get("v5"),
                         }
                         rows.append(row)
                         log(f"H{h_q}/{h_kv} {dt_name:8s} B={b:2d} T={t:6d} s={s:.1f}: dense {t_dense:.4f} ms  "
                             f"fused {t_fused:.4f} ms ({t_dense / t_fused:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw)  "
-                            + (f"v4 {t_v4:.4f} ms ({t_dense / t_v4:.2f}x)  " if t_v4 else "") +
+                            + (f"[v4 {t_k['v4']:.4f} / v5 {t_k['v5']:.4f} ms]  " if t_k else "") +
                             f"unfused {t_unf:.4f} ms ({t_dense / t_unf:.2f}x)  comp256 {t_comp:.4f} ms  rel {rel:.1e}")
                         del kb, kv, vb, vv
                     del kd, vd
