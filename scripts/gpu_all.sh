@@ -63,7 +63,8 @@ if has bench; then
 fi
 if has e2e; then
   stamp e2e
-  timeout ${E2E_TIMEOUT:-300} $PY -m mustafar.bench.e2e ${E2E_ARGS:-} --out results/e2e_h200.json 2>&1 | tee "$OUT/bench_e2e.log" | tail -40
-  cp results/e2e_h200.json "$OUT/" 2>/dev/null
+  E2E_OUT=${E2E_OUT:-results/e2e_h200.json}
+  timeout ${E2E_TIMEOUT:-300} $PY -m mustafar.bench.e2e ${E2E_ARGS:-} --out "$E2E_OUT" 2>&1 | tee "$OUT/bench_e2e.log" | tail -40
+  cp "$E2E_OUT" "$OUT/" 2>/dev/null
 fi
 stamp done

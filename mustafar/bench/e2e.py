@@ -68,6 +68,10 @@ def _make_cache(kind, model, s, max_len):
 
     if kind == "dense":
         return None
+    if kind == "static":  # dense, preallocated (no per-step torch.cat of the whole cache)
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=max_len)
     mode = "simulate" if kind == "simulate" else "compressed"
     return mustafar.MustafarCache(model, mustafar.MustafarConfig(k_sparsity=s, v_sparsity=s, mode=mode),
                                   max_cache_len=max_len)
@@ -155,7 +159,7 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
 
 def _kv_fraction(kind: str, s: float, d: int) -> float:
     """Bytes of the stored K/V per token relative to dense fp16 (bitmap + k values), for budgets."""
-    if kind == "dense":
+    if kind in ("dense", "static"):
         return 1.0
     k = d - int(s * d + 0.5)
     return (d / 8 + 2 * k) / (2 * d)
@@ -163,7 +167,7 @@ def _kv_fraction(kind: str, s: float, d: int) -> float:
 
 def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batches=(1, 4, 8, 16),
         sparsities=(0.5, 0.7), kv_budget_gib=40.0, check_tokens=128, check_dtypes=("float32", "float16"),
-        step_steps=0, profile_steps=False, step_batches=(1, 8), log=print) -> dict:
+        step_steps=0, profile_steps=False, step_batches=(1, 8), dense_caches=("dense",), log=print) -> dict:
     import mustafar
 
     rows, checks, steps = [], [], []
@@ -187,7 +191,7 @@ def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batch
         g = torch.Generator(device="cuda").manual_seed(0)
         if step_steps:
             for b in step_batches:
-                for kind, s in [("dense", 0.0)] + [("compressed", s) for s in sparsities]:
+                for kind, s in [(c, 0.0) for c in dense_caches] + [("compressed", s) for s in sparsities]:
                     kv = 2 * n_layers * b * h_kv * (prompts[0] + step_steps + 8) * d * 2 * _kv_fraction(kind, s, d)
                     if kv > kv_budget_gib * (1 << 30):
                         log(f"skip step timing {name} B={b} {kind} s={s}: KV {kv / 2**30:.1f} GiB > budget")
@@ -203,7 +207,7 @@ def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batch
                         f"({b * 1e3 / ms:.1f} tok/s); GPU busy {gms if gms is None else round(gms, 3)} ms "
                         f"({(b * 1e3 / gms) if gms else float('nan'):.1f} tok/s)")
                     torch.cuda.empty_cache()
-        for p_len in prompts:
+        for p_len in (prompts if gen > 0 else ()):
             for b in batches:
                 dense_kv = 2 * n_layers * b * h_kv * (p_len + gen) * d * 2
                 if dense_kv > kv_budget_gib * (1 << 30):
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mustafar.bench.e2e", description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["llama2-7b", "llama3-8b"])
     ap.add_argument("--prompts", nargs="+", type=int, default=[2048, 4096])
-    ap.add_argument("--gen", type=int, default=1024)
+    ap.add_argument("--gen", type=int, default=1024, help="generated tokens per run (0: no generate runs)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
     ap.add_argument("--kv-budget-gib", type=float, default=40.0)
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-dtypes", nargs="+", default=["float32", "float16"])
     ap.add_argument("--step-timing", type=int, default=0, metavar="N", help="time N single decode steps")
     ap.add_argument("--profile-steps", action="store_true", help="torch.profiler table of 3 steps at B=1")
+    ap.add_argument("--dense-caches", nargs="+", default=["dense"], choices=["dense", "static"],
+                    help="dense baselines of --step-timing: dense = DynamicCache (grows by torch.cat), "
+                         "static = transformers StaticCache (preallocated)")
     ap.add_argument("--step-batches", nargs="+", type=int, default=[1, 8],
                     help="batches for --step-timing (skipped where the KV estimate exceeds --kv-budget-gib)")
     ap.add_argument("--out", default=os.path.join("results", "e2e_h200.json"))
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with _sdpa_backends():
         res = run(args.models, args.prompts, args.gen, args.batches, args.sparsities, args.kv_budget_gib,
-                  args.check_tokens, args.check_dtypes, args.step_timing, args.profile_steps, args.step_batches)
+                  args.check_tokens, args.check_dtypes, args.step_timing, args.profile_steps, args.step_batches,
+                  args.dense_caches)
     res["sdpa_backends"] = "flash, efficient, math (cuDNN excluded)"
     res["provenance"] = provenance(argv, module="mustafar.bench.e2e")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
