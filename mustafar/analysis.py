@@ -802,7 +802,8 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
     Returns
     -------
     DataFrame with columns ``shape`` (e.g. ``"H32/8 B=8 T=16K"``), ``kernel`` (``dense SDPA``,
-    ``fused sparse``, ``unfused (decode + SDPA)``, ``byte floor (fused)``) and ``ms``.
+    ``fused v4``, ``fused v5`` (the two CUDA kernels, when the run timed both; else ``fused sparse``),
+    ``unfused (decode + SDPA)``, ``byte floor (fused)``) and ``ms``.
     """
     import pandas as pd
 
@@ -811,7 +812,9 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
         sub = sub[(sub["sparsity"] - sparsity).abs() < 1e-9]
     if "dtype" in df.columns:
         sub = sub[sub["dtype"] == dtype]
-    cols = {"dense_ms": "dense SDPA", "fused_ms": "fused sparse", "unfused_ms": "unfused (decode + SDPA)",
+    both = "fused_v4_ms" in sub.columns and sub["fused_v4_ms"].notna().any()
+    fused = {"fused_v4_ms": "fused v4", "fused_v5_ms": "fused v5"} if both else {"fused_ms": "fused sparse"}
+    cols = {"dense_ms": "dense SDPA", **fused, "unfused_ms": "unfused (decode + SDPA)",
             "fused_floor_ms": "byte floor (fused)"}
     rows = []
     for _, r in sub.iterrows():

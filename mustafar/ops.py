@@ -9,7 +9,10 @@ Each function validates its inputs (``ValueError`` naming the bad value) and the
 The extension is built/loaded lazily on first use (see :mod:`mustafar._build`). If that fails a
 warning is issued once and the reference is used. The environment variable ``MUSTAFAR_BACKEND``
 selects: ``auto`` (default), ``reference`` (always the plain-torch reference) or ``compiled``
-(a build failure, or a device without compiled kernels, is an error).
+(a build failure, or a device without compiled kernels, is an error). On CUDA, ``sparse_decode``
+has two kernels, chosen per call in the C++ wrapper: ``MUSTAFAR_CUDA_DECODE=auto`` (default: v5
+for grouped-query attention in fp16/bf16, v4 otherwise), ``v4`` or ``v5`` (see
+``docs/kernel_notes.md``).
 """
 
 from __future__ import annotations
