@@ -146,6 +146,36 @@ __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes
   for (int i = tid; i < rem; i += kWarps * 32) d[i] = s[i];
 }
 
+// The (b, h_kv) slice of every cache tensor of one fused-decode CTA (both kernels).
+template <typename T>
+struct SDSlice {
+  const char* kval;
+  const char* vval;
+  const int64_t* kbm;
+  const int64_t* vbm;
+  const T* kwin;
+  const T* vwin;
+  __device__ __forceinline__ SDSlice(const SDParams& p, int b, int hk)
+      : kval(reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T)),
+        vval(reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T)),
+        kbm(p.kbm + b * p.kbm_sb + hk * p.kbm_sh),
+        vbm(p.vbm + b * p.vbm_sb + hk * p.vbm_sh),
+        kwin(reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh),
+        vwin(reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh) {}
+  // the packed rows [t0, t0 + nc) of K and V as they are stored (contiguous per (b, h))
+  __device__ __forceinline__ const char* krows(const SDParams& p, int t0) const { return kval + (int64_t)t0 * p.kk * sizeof(T); }
+  __device__ __forceinline__ const char* vrows(const SDParams& p, int t0) const { return vval + (int64_t)t0 * p.kv * sizeof(T); }
+  // stage the bitmap words of rows [t0, t0 + nc) into the stage buffer st (8-byte cp.async, whole CTA)
+  template <int W>
+  __device__ __forceinline__ void stage_bitmaps(char* st, const SDParams& p, int t0, int nc) const {
+    for (int i8 = threadIdx.x; i8 < 2 * nc * W; i8 += kWarps * 32) {
+      const bool isv = i8 >= nc * W;
+      const int j = isv ? i8 - nc * W : i8;
+      cp_async8(st + (isv ? p.off_vbm : p.off_kbm) + 8 * j, (isv ? vbm : kbm) + (int64_t)t0 * W + j);
+    }
+  }
+};
+
 // Nibble lookup table (16 entries, in shared memory): for the lane's 4 channels with stored-bit
 // pattern n (bit j = channel j stored) and the compact values c0..c3 starting at the lane's rank,
 //   channels 0,1 = prmt(c01, 0, x & 0xffff)           (selector bytes 4..7 read the zero register)
@@ -268,25 +298,16 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
     for (int j = 0; j < CPL; ++j) o[g][j] = 0.f;
   }
 
-  const char* kval_g = reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T);
-  const char* vval_g = reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T);
-  const int64_t* kbm_g = p.kbm + b * p.kbm_sb + hk * p.kbm_sh;
-  const int64_t* vbm_g = p.vbm + b * p.vbm_sb + hk * p.vbm_sh;
-  const T* kwin_g = reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh;
-  const T* vwin_g = reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh;
+  const SDSlice<T> sl(p, b, hk);
 
   auto issue = [&](int i) {  // stage tile tile0+i into buffer i % kStages
     const int t0 = (tile0 + i) * kTile;
     const int nc = min(kTile, p.Tc - t0);
     if (nc <= 0) return;
     char* st = smem + (i % kStages) * p.stage_bytes;
-    stage_copy<T>(st + p.off_kval, kval_g + (int64_t)t0 * p.kk * sizeof(T), nc * p.kk * (int)sizeof(T), p.vec16);
-    stage_copy<T>(st + p.off_vval, vval_g + (int64_t)t0 * p.kv * sizeof(T), nc * p.kv * (int)sizeof(T), p.vec16);
-    for (int i8 = threadIdx.x; i8 < 2 * nc * W; i8 += kWarps * 32) {
-      const bool isv = i8 >= nc * W;
-      const int j = isv ? i8 - nc * W : i8;
-      cp_async8(st + (isv ? p.off_vbm : p.off_kbm) + 8 * j, (isv ? vbm_g : kbm_g) + (int64_t)t0 * W + j);
-    }
+    stage_copy<T>(st + p.off_kval, sl.krows(p, t0), nc * p.kk * (int)sizeof(T), p.vec16);
+    stage_copy<T>(st + p.off_vval, sl.vrows(p, t0), nc * p.kv * (int)sizeof(T), p.vec16);
+    sl.template stage_bitmaps<W>(st, p, t0, nc);
   };
 
 #pragma unroll 1
@@ -379,7 +400,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
             const uint32_t a = e.y + __popc(e.x & lowmask);
             expand_row<T, CPL>(kv_s, a, nib, lut, f);
           } else if (t < Tall) {
-            load_dense<T, CPL>(kwin_g + (int64_t)(t - p.Tc) * p.kwin_st + lane * CPL, f);
+            load_dense<T, CPL>(sl.kwin + (int64_t)(t - p.Tc) * p.kwin_st + lane * CPL, f);
           } else {
 #pragma unroll
             for (int j = 0; j < CPL; ++j) f[j] = 0.f;
@@ -495,7 +516,7 @@ if constexpr (kHalfMath) {
             const uint32_t a = e.y + __popc(e.x & lowmask);
             expand_row<T, CPL>(vv_s, a, nib, lut, f);
           } else {
-            load_dense<T, CPL>(vwin_g + (int64_t)(t - p.Tc) * p.vwin_st + lane * CPL, f);
+            load_dense<T, CPL>(sl.vwin + (int64_t)(t - p.Tc) * p.vwin_st + lane * CPL, f);
           }
 #pragma unroll
           for (int g = 0; g < GT; ++g) {

@@ -244,12 +244,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
   }
   float* S_s = reinterpret_cast<float*>(smem + p.off_s);  // [GT][64] scores of the tile
 
-  const char* kval_g = reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T);
-  const char* vval_g = reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T);
-  const int64_t* kbm_g = p.kbm + b * p.kbm_sb + hk * p.kbm_sh;
-  const int64_t* vbm_g = p.vbm + b * p.vbm_sb + hk * p.vbm_sh;
-  const T* kwin_g = reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh;
-  const T* vwin_g = reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh;
+  const SDSlice<T> sl(p, b, hk);
 
   auto issue = [&](int i) {  // stage tile tile0+i (compressed tiles only) into buffer i % kStages
     const int t0 = (tile0 + i) * kTile;
@@ -257,17 +252,13 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
     if (nc <= 0) return;
     char* st = smem + (i % kStages) * p.stage_bytes;
     if constexpr (VM == kVmOct) {
-      stage_rows16(st + p.off_kval, kval_g + (int64_t)t0 * p.kk * sizeof(T), nc, p.kk / 8, p.kstride);
-      stage_rows16(st + p.off_vval, vval_g + (int64_t)t0 * p.kv * sizeof(T), nc, p.kv / 8, p.vstride);
+      stage_rows16(st + p.off_kval, sl.krows(p, t0), nc, p.kk / 8, p.kstride);
+      stage_rows16(st + p.off_vval, sl.vrows(p, t0), nc, p.kv / 8, p.vstride);
     } else {
-      stage_copy<T>(st + p.off_kval, kval_g + (int64_t)t0 * p.kk * sizeof(T), nc * p.kk * (int)sizeof(T), p.vec16);
-      stage_copy<T>(st + p.off_vval, vval_g + (int64_t)t0 * p.kv * sizeof(T), nc * p.kv * (int)sizeof(T), p.vec16);
+      stage_copy<T>(st + p.off_kval, sl.krows(p, t0), nc * p.kk * (int)sizeof(T), p.vec16);
+      stage_copy<T>(st + p.off_vval, sl.vrows(p, t0), nc * p.kv * (int)sizeof(T), p.vec16);
     }
-    for (int i8 = tid; i8 < 2 * nc * W; i8 += kWarps * 32) {
-      const bool isv = i8 >= nc * W;
-      const int j = isv ? i8 - nc * W : i8;
-      cp_async8(st + (isv ? p.off_vbm : p.off_kbm) + 8 * j, (isv ? vbm_g : kbm_g) + (int64_t)t0 * W + j);
-    }
+    sl.template stage_bitmaps<W>(st, p, t0, nc);
   };
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) {
@@ -533,7 +524,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
 #pragma unroll
         for (int g = 0; g < GT; ++g) sc[g] = 0.f;
         if (valid) {
-          const T* kr = kwin_g + (int64_t)(w0 + tl) * p.kwin_st;
+          const T* kr = sl.kwin + (int64_t)(w0 + tl) * p.kwin_st;
 #pragma unroll 4
           for (int c = 0; c < D; ++c) {
             const float kf = to_f(kr[c]);
@@ -544,7 +535,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
 #pragma unroll
         for (int g = 0; g < GT; ++g) S_s[g * kTile + tl] = valid ? sc[g] : -INFINITY;
       } else if (valid) {
-        const uint16_t* vr = reinterpret_cast<const uint16_t*>(vwin_g + (int64_t)(w0 + tl) * p.vwin_st);
+        const uint16_t* vr = reinterpret_cast<const uint16_t*>(sl.vwin + (int64_t)(w0 + tl) * p.vwin_st);
 #pragma unroll 4
         for (int c = 0; c < D; ++c) *reinterpret_cast<uint16_t*>(smem + p.off_vd + c * kLS + 2 * tl) = vr[c];
       }
