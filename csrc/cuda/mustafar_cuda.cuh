@@ -146,6 +146,15 @@ __device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes
   for (int i = tid; i < rem; i += kWarps * 32) d[i] = s[i];
 }
 
+// stage rows of kc 16-byte chunks each into rows of `stride` bytes (v5's 16-byte value groups)
+__device__ __forceinline__ void stage_rows16(char* dst, const char* src, int nc, int kc, int stride) {
+  const int tid = threadIdx.x;
+  const int rstep = (kWarps * 32) / kc;
+  const int r0 = tid / kc, c = tid - r0 * kc;
+  if (r0 >= rstep) return;
+  for (int r = r0; r < nc; r += rstep) cp_async16(dst + r * stride + 16 * c, src + (int64_t)r * kc * 16 + 16 * c);
+}
+
 // The (b, h_kv) slice of every cache tensor of one fused-decode CTA (both kernels).
 template <typename T>
 struct SDSlice {
@@ -162,12 +171,24 @@ struct SDSlice {
         vbm(p.vbm + b * p.vbm_sb + hk * p.vbm_sh),
         kwin(reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh),
         vwin(reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh) {}
-  // the packed rows [t0, t0 + nc) of K and V as they are stored (contiguous per (b, h))
-  __device__ __forceinline__ const char* krows(const SDParams& p, int t0) const { return kval + (int64_t)t0 * p.kk * sizeof(T); }
-  __device__ __forceinline__ const char* vrows(const SDParams& p, int t0) const { return vval + (int64_t)t0 * p.kv * sizeof(T); }
-  // stage the bitmap words of rows [t0, t0 + nc) into the stage buffer st (8-byte cp.async, whole CTA)
-  template <int W>
-  __device__ __forceinline__ void stage_bitmaps(char* st, const SDParams& p, int t0, int nc) const {
+  // Stage compressed tile `tile` (rows [64 tile, min(64 tile + 64, T_c))) into stage buffer `buf`:
+  // the packed K and V values (as stored, or with kRows16 as rows of p.kstride / p.vstride bytes)
+  // and the bitmap words (8-byte cp.async); the whole CTA takes part.
+  template <int W, bool kRows16>
+  __device__ __forceinline__ void stage_tile(char* smem, const SDParams& p, int tile, int buf) const {
+    const int t0 = tile * kTile;
+    const int nc = min(kTile, p.Tc - t0);
+    if (nc <= 0) return;
+    char* st = smem + buf * p.stage_bytes;
+    const char* ks = kval + (int64_t)t0 * p.kk * sizeof(T);
+    const char* vs = vval + (int64_t)t0 * p.kv * sizeof(T);
+    if constexpr (kRows16) {
+      stage_rows16(st + p.off_kval, ks, nc, p.kk / 8, p.kstride);
+      stage_rows16(st + p.off_vval, vs, nc, p.kv / 8, p.vstride);
+    } else {
+      stage_copy<T>(st + p.off_kval, ks, nc * p.kk * (int)sizeof(T), p.vec16);
+      stage_copy<T>(st + p.off_vval, vs, nc * p.kv * (int)sizeof(T), p.vec16);
+    }
     for (int i8 = threadIdx.x; i8 < 2 * nc * W; i8 += kWarps * 32) {
       const bool isv = i8 >= nc * W;
       const int j = isv ? i8 - nc * W : i8;
@@ -300,15 +321,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
 
   const SDSlice<T> sl(p, b, hk);
 
-  auto issue = [&](int i) {  // stage tile tile0+i into buffer i % kStages
-    const int t0 = (tile0 + i) * kTile;
-    const int nc = min(kTile, p.Tc - t0);
-    if (nc <= 0) return;
-    char* st = smem + (i % kStages) * p.stage_bytes;
-    stage_copy<T>(st + p.off_kval, sl.krows(p, t0), nc * p.kk * (int)sizeof(T), p.vec16);
-    stage_copy<T>(st + p.off_vval, sl.vrows(p, t0), nc * p.kv * (int)sizeof(T), p.vec16);
-    sl.template stage_bitmaps<W>(st, p, t0, nc);
-  };
+  auto issue = [&](int i) { sl.template stage_tile<W, false>(smem, p, tile0 + i, i % kStages); };
 
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) {

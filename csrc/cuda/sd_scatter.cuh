@@ -198,15 +198,6 @@ __device__ __forceinline__ float bits_to_f(uint32_t bits16) {
   }
 }
 
-// stage kVmOct rows: kc 16-byte chunks per row into rows of `stride` bytes
-__device__ __forceinline__ void stage_rows16(char* dst, const char* src, int nc, int kc, int stride) {
-  const int tid = threadIdx.x;
-  const int rstep = (kWarps * 32) / kc;
-  const int r0 = tid / kc, c = tid - r0 * kc;
-  if (r0 >= rstep) return;
-  for (int r = r0; r < nc; r += rstep) cp_async16(dst + r * stride + 16 * c, src + (int64_t)r * kc * 16 + 16 * c);
-}
-
 template <typename T, int D, int GT, int VM>
 __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDParams p) {
   constexpr int NW32 = D / 32;
@@ -246,19 +237,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
 
   const SDSlice<T> sl(p, b, hk);
 
-  auto issue = [&](int i) {  // stage tile tile0+i (compressed tiles only) into buffer i % kStages
-    const int t0 = (tile0 + i) * kTile;
-    const int nc = min(kTile, p.Tc - t0);
-    if (nc <= 0) return;
-    char* st = smem + (i % kStages) * p.stage_bytes;
-    if constexpr (VM == kVmOct) {
-      stage_rows16(st + p.off_kval, sl.krows(p, t0), nc, p.kk / 8, p.kstride);
-      stage_rows16(st + p.off_vval, sl.vrows(p, t0), nc, p.kv / 8, p.vstride);
-    } else {
-      stage_copy<T>(st + p.off_kval, sl.krows(p, t0), nc * p.kk * (int)sizeof(T), p.vec16);
-      stage_copy<T>(st + p.off_vval, sl.vrows(p, t0), nc * p.kv * (int)sizeof(T), p.vec16);
-    }
-    sl.template stage_bitmaps<W>(st, p, t0, nc);
+  auto issue = [&](int i) {  // compressed tiles only (window tiles are read from global memory)
+    sl.template stage_tile<W, VM == kVmOct>(smem, p, tile0 + i, i % kStages);
   };
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) {
