@@ -22,8 +22,13 @@ math only): it builds a new cuDNN graph whenever the key length changes, i.e. at
 which costs ~1.2-1.8 ms of CPU per attention call (measured with ``--profile-steps`` on the H200:
 ~60 ms per step for a 32-layer model) and would make the dense baseline CPU-bound.
 With ``--step-timing N`` it also times N single decode steps (``model(next_token, past_key_values=
-cache)``, synchronised, median) after a prefill for dense and MustafarCache, which separates the
-attention and cache cost from ``generate``'s per-token overhead.
+cache)``, synchronised, median) after a prefill for dense and MustafarCache, at each batch of
+``--step-batches`` whose KV estimate fits ``--kv-budget-gib``, and records the GPU-busy time per
+step (summed kernel time of three steps under ``torch.profiler``): HF's eager loop is CPU-bound on
+the H200 (25-60 ms of CPU per 7-8B step), so the GPU-busy time is the comparison that a runtime
+without Python overhead would see. ``--dense-caches dense static`` adds transformers'
+``StaticCache`` (preallocated) as a second dense baseline next to ``DynamicCache`` (which grows by
+``torch.cat``, re-copying the cache every step). ``--gen 0`` skips the ``generate`` runs.
 """
 
 from __future__ import annotations
