@@ -163,11 +163,11 @@ def step_timing(model, kind: str, s: float, batch: int, prompt: int, steps: int,
 
 
 def _kv_fraction(kind: str, s: float, d: int) -> float:
-    """Bytes of the stored K/V per token relative to dense fp16 (bitmap + k values), for budgets."""
-    if kind in ("dense", "static"):
-        return 1.0
-    k = d - int(s * d + 0.5)
-    return (d / 8 + 2 * k) / (2 * d)
+    """Bytes of the stored K/V per token relative to dense fp16 (for the KV budget): 1 for the dense
+    caches, else the format's bitmap + k values (:func:`mustafar.format.format_bytes_ratio`)."""
+    from mustafar.format import format_bytes_ratio
+
+    return 1.0 if kind in ("dense", "static") else format_bytes_ratio(d, s)
 
 
 def run(models=("llama2-7b", "llama3-8b"), prompts=(2048, 4096), gen=1024, batches=(1, 4, 8, 16),
