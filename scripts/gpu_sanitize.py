@@ -15,13 +15,14 @@ for dt in (torch.float16, torch.bfloat16):
         kb, kv = torch.ops.mustafar.prune_encode_topk(x, d - round(0.7 * d))
         vb, vv = torch.ops.mustafar.prune_encode_topk(torch.randn_like(x), d // 2)
         mask = torch.rand(x.shape, device="cuda") < 0.3
-        eb, ev = torch.ops.mustafar.encode_bitmap(x, mask, d)
+        eb, ev = torch.ops.mustafar.encode_bitmap(x, mask, int(mask.sum(-1).max()))
         dense = torch.ops.mustafar.decode_bitmap(eb, ev, d)
         q = torch.randn(b, h_kv * g, d, device="cuda", dtype=dt)
         kw = torch.randn(b, h_kv, t_w, d, device="cuda", dtype=dt)
         vw = torch.randn(b, h_kv, t_w, d, device="cuda", dtype=dt)
         ks = torch.tensor([0, 33], dtype=torch.int32, device="cuda")
-        for kern in ("v4", "v5"):  # both decode kernels; v5 on complete top-k rows and on arbitrary masks
+        # every decode kernel on complete top-k rows and on arbitrary masks (v6 covers G = 1 only)
+        for kern in ("v4", "v5", "v6") if g == 1 else ("v4", "v5"):
             os.environ["MUSTAFAR_CUDA_DECODE"] = kern
             out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
             out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d))

@@ -126,11 +126,18 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
     return q, kb, kv, vb, vv, kw, vw
 
 
-# both fused decode kernels (MUSTAFAR_CUDA_DECODE; fp32 always runs v4)
-@pytest.fixture(params=["v5", "v4"])
+# every fused decode kernel (MUSTAFAR_CUDA_DECODE; fp32 always runs v4). v6 covers fp16/bf16 with one
+# query head per KV head and k <= 64 stored values per row: other cases skip it (and it refuses them,
+# test_sparse_decode_v6_refuses).
+@pytest.fixture(params=["v6", "v5", "v4"])
 def decode_kernel(request, monkeypatch):
     monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", request.param)
     return request.param
+
+
+def _skip_unless_v6_covers(kernel, g, dtype, *values):
+    if kernel == "v6" and (g != 1 or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
+        pytest.skip("v6 covers fp16/bf16, G = 1, k <= 64")
 
 
 def _ref64(q, kb, kv, vb, vv, kw, vw, ks, scale):
@@ -158,6 +165,7 @@ CASES = [
 def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
     b, h_kv, g, d, t_c, t_w = case
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, seed=sum(case))
+    _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     scale = 1.0 / math.sqrt(d)
     out = torch.ops.mustafar.sparse_decode(*args, None, scale)
     ref = _ref64(*args, None, scale)
@@ -168,9 +176,11 @@ def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d", [64, 128])
 def test_sparse_decode_masking_padding_strides(dtype, d, decode_kernel):
-    b, h_kv, g = 5, 2, 4
+    b, h_kv, g = 5, 2, (1 if decode_kernel == "v6" else 4)
     t_c, t_w = 300, 20
-    args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.6, s_v=0.3, padded=True, strided=True, seed=d)
+    s_v = 0.6 if decode_kernel == "v6" else 0.3
+    args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.6, s_v=s_v, padded=True, strided=True, seed=d)
+    _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     ks = torch.tensor([0, 17, 299, 310, 320], dtype=torch.int32, device=DEV)  # last: all masked
     scale = 0.7 / math.sqrt(d)
     out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
@@ -211,6 +221,92 @@ def test_sparse_decode_v5_value_modes(dtype, mode, g, monkeypatch):
     out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
     ref = _ref64(*args, ks, scale)
     assert _rel(out, ref) < 1e-2
+
+
+# v6 (sd_rows.cuh) reads a lane's row in one of three ways picked from k (32-bit pairs when k/2 is odd,
+# 16-byte chunks when k % 8 == 0 with an odd or power-of-two chunk count, 16-bit values otherwise) and
+# takes a general path for tiles with rows that are not complete top-k rows without an empty 32-bit word
+V6_MODES = [
+    # d, k_k, k_v, irregular
+    (128, 38, 38, None),  # pair / pair (70 %)
+    (128, 64, 64, None),  # 16-byte chunks, 8 per row: swizzled (50 %)
+    (128, 38, 64, None),  # pair / swizzled
+    (128, 40, 24, None),  # 16-byte chunks, 5 and 3 per row: contiguous
+    (128, 16, 32, None),  # swizzled, 2 and 4 chunks per row
+    (128, 51, 36, None),  # 16-bit / 16-bit (k odd; k % 8 == 4)
+    (128, 48, 26, None),  # 16-bit (6 chunks) / pair
+    (128, 4, 5, None),  # fewest values a complete row can have (one per 32-bit word)
+    (128, 3, 64, None),  # k_k < 4: every tile on the general path
+    (64, 19, 19, None),  # 16-bit (70 %, SmolLM2's head_dim)
+    (64, 32, 32, None),  # swizzled (50 %)
+    (64, 64, 2, None),  # every channel stored / fewest values
+    (128, 38, 38, "masks"),  # arbitrary masks: rows with fewer than k values
+    (128, 38, 38, "empty_word"),  # complete rows but some with an empty 32-bit word
+    (64, 19, 32, "unaligned"),  # values not 16-byte aligned: element staging
+]
+
+
+def _v6_case(d, k_k, k_v, irregular, dtype, seed):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    b, h, t_c, t_w = 3, 2, 32 * 7 + 13, 37
+    q = torch.randn(b, h, d, device=DEV, generator=gen).to(dtype)
+
+    def comp(k):
+        x = torch.randn(b, h, t_c + 1, d, device=DEV, generator=gen).to(dtype)
+        if irregular == "masks":
+            mask = torch.rand(x.shape, device=DEV, generator=gen) < 0.75 * k / d  # max row count stays <= 64
+            kk = max(int(mask.sum(-1).max()), 1)
+            bm, vals = torch.ops.mustafar.encode_bitmap(x, mask, kk)
+        else:
+            if irregular == "empty_word":  # channels 32..63 tiny in every 5th row: never among the top k
+                x[:, :, ::5, 32:64] *= 1e-3
+            bm, vals = torch.ops.mustafar.prune_encode_topk(x, k)
+        if irregular == "unaligned":  # rows 1.. of a [.., T+1, k] buffer: value base 2k bytes off
+            return bm[:, :, 1:], vals[:, :, 1:]
+        return bm[:, :, :t_c], vals[:, :, :t_c]
+
+    kb, kv = comp(k_k)
+    vb, vv = comp(k_v)
+    kw = torch.randn(b, h, t_w, d, device=DEV, generator=gen).to(dtype)
+    vw = torch.randn(b, h, t_w, d, device=DEV, generator=gen).to(dtype)
+    return q, kb, kv, vb, vv, kw, vw
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", V6_MODES)
+def test_sparse_decode_v6_value_modes(dtype, mode, monkeypatch):
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v6")
+    d, k_k, k_v, irregular = mode
+    args = _v6_case(d, k_k, k_v, irregular, dtype, seed=k_k * 131 + k_v + d)
+    if irregular == "empty_word":
+        assert bool(((args[1][..., 0] >> 32) & 0xFFFFFFFF == 0).any()), "no row with an empty 32-bit word"
+    ks = torch.tensor([0, 7, 100], dtype=torch.int32, device=DEV)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
+    ref = _ref64(*args, ks, scale)
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("t_c,t_w,b", [(1, 0, 1), (31, 0, 2), (32, 0, 1), (33, 1, 2), (0, 40, 2),
+                                       (4096 + 17, 33, 2), (64 * 1024 + 5, 0, 1), (37, 3, 64)])
+def test_sparse_decode_v6_lengths(t_c, t_w, b, monkeypatch):
+    """Tile edges, window only, long sequences (many splits at batch 1), batch 64."""
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v6")
+    args = _make_case(b, 2, 1, 128, t_c, t_w, torch.float16, s_k=0.7, s_v=0.7, seed=t_c + t_w)
+    scale = 1.0 / math.sqrt(128)
+    out = torch.ops.mustafar.sparse_decode(*args, None, scale)
+    ref = _ref64(*args, None, scale)
+    assert _rel(out, ref) < 1e-2
+
+
+def test_sparse_decode_v6_refuses(monkeypatch):
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v6")
+    args = _make_case(1, 2, 2, 128, 70, 3, torch.float16)  # G = 2
+    with pytest.raises(ValueError, match="MUSTAFAR_CUDA_DECODE=v6 needs"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1)
+    args = _make_case(1, 2, 1, 128, 70, 3, torch.float16, s_k=0.3)  # k_k = 90 > 64
+    with pytest.raises(ValueError, match="MUSTAFAR_CUDA_DECODE=v6 needs"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1)
 
 
 def test_sparse_decode_bad_kernel_choice_raises(monkeypatch):

@@ -2,6 +2,7 @@
 // The fused decode kernel is in mustafar_cuda.cuh, instantiated per dtype in sparse_decode_*.cu.
 #include "mustafar_cuda.cuh"
 #include "sd_scatter.cuh"
+#include "sd_rows.cuh"
 #include "../mf_check.h"
 
 #include <cstring>
@@ -358,15 +359,23 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   };
   const int vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals)) ? 1 : 0;
 
-  // Kernel choice (MUSTAFAR_CUDA_DECODE): "auto" (default) takes v5 (sd_scatter.cuh) for fp16/bf16 with
-  // grouped-query attention (G >= 2 query heads per KV head) and v4 otherwise: on the H200, v5 was
-  // faster than v4 for every GQA configuration of the benchmark and slower for most MHA ones
-  // (results/kernel_h200.json records both). "v4" / "v5" force one (v5 has no fp32 path: fp32 runs v4).
+  // Kernel choice (MUSTAFAR_CUDA_DECODE): "auto" (default) takes v6 (sd_rows.cuh) for fp16/bf16 with one
+  // query head per KV head (MHA) and at most 64 stored values per row, v5 (sd_scatter.cuh) for fp16/bf16
+  // with grouped-query attention (G >= 2), and v4 (mustafar_cuda.cuh) otherwise (fp32, or MHA with
+  // k > 64); results/kernel_h200.json times all of them side by side. "v4" / "v5" / "v6" force one
+  // (v5 and v6 have no fp32 path: fp32 always runs v4; v6 refuses configurations it does not cover).
   const char* sel_env = std::getenv("MUSTAFAR_CUDA_DECODE");
   const std::string sel = (sel_env && sel_env[0]) ? std::string(sel_env) : std::string("auto");
-  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5", op, "MUSTAFAR_CUDA_DECODE=", sel,
-                 " (expected auto, v4 or v5)");
-  const bool v5 = q.scalar_type() != at::kFloat && (sel == "v5" || (sel == "auto" && G >= 2));
+  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5" || sel == "v6", op, "MUSTAFAR_CUDA_DECODE=", sel,
+                 " (expected auto, v4, v5 or v6)");
+  const bool half_type = q.scalar_type() != at::kFloat;
+  const bool v6_ok = half_type && G == 1 && kk <= kRKMax && kv <= kRKMax;
+  if (sel == "v6" && half_type) {
+    MF_CHECK_VALUE(v6_ok, op, "MUSTAFAR_CUDA_DECODE=v6 needs one query head per KV head (G=", G,
+                   ") and at most ", kRKMax, " stored values per row (k_k=", kk, ", k_v=", kv, ")");
+  }
+  const bool v6 = v6_ok && (sel == "v6" || sel == "auto");
+  const bool v5 = !v6 && half_type && (sel == "v5" || (sel == "auto" && G >= 2));
   int VM = kVmAny;
   if (v5) {
     if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && vec16) VM = kVmOct;
@@ -376,7 +385,54 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   SDParams p{};
   int smem_bytes = 0;
   int64_t ntiles = 0;
-  if (v5) {
+  int nwarps = kWarps;  // warps per CTA
+  int per_sm = 1;
+  if (v6) {
+    // how a lane reads its row of k values (sd_rows.cuh): 32-bit pairs when k/2 is odd (conflict-free),
+    // 16-byte chunks when k % 8 == 0 and the chunk count is odd (contiguous) or a power of two
+    // (swizzled), 16-bit values otherwise
+    auto ld_mode = [&](int64_t k, int& lg) {
+      lg = -1;
+      if (k >= 8 && k % 8 == 0) {
+        const int64_t kc = k / 8;
+        if (kc % 2 == 1) return (int)kRLdOct;
+        if ((kc & (kc - 1)) == 0) {
+          lg = 0;
+          while ((1 << lg) < kc) ++lg;
+          return (int)kRLdOct;
+        }
+      }
+      if (k % 4 == 2) return (int)kRLdPair;
+      return (int)kRLdAny;
+    };
+    p.r_ldk = ld_mode(kk, p.r_lgk);
+    p.r_ldv = ld_mode(kv, p.r_lgv);
+    p.off_vd = (int)((D + 1) * 128);  // lane-private q, then one region per warp
+    p.r_off_stk = r16((D + 1) * kRLine);
+    p.r_off_stv = p.r_off_stk + r16(kRRows * kk * 2);
+    p.r_wbytes = p.r_off_stv + r16(kRRows * kv * 2);
+    // warps per CTA: the most resident warps per SM (shared memory bounds it), fewer warps on a tie
+    int best = -1;
+    for (int nw = kRMaxWarps; nw >= 4; --nw) {
+      const int sb = p.off_vd + nw * p.r_wbytes;
+      if (sb > 227 * 1024) continue;
+      int n = 0;
+      dispatch_float(q.scalar_type(), [&](auto tag) {
+        using scalar = decltype(tag);
+        if constexpr (!std::is_same<scalar, float>::value) n = sd_rows_blocks_per_sm<scalar>((int)D, nw, sb);
+      });
+      if (n * nw > best) {
+        best = n * nw;
+        nwarps = nw;
+        per_sm = std::max(1, n);
+        smem_bytes = sb;
+      }
+    }
+    MF_CHECK(best > 0, op, "no resident CTA for the v6 kernel (k_k=", kk, ", k_v=", kv, ")");
+    // splitting units of nwarps warp tiles of 32 rows
+    const int64_t nwt = (Tc + kRRows - 1) / kRRows + (Tw + kRRows - 1) / kRRows;
+    ntiles = (nwt + nwarps - 1) / nwarps;
+  } else if (v5) {
     auto oct_stride = [](int64_t k) { const int64_t c = k / 8; return (int)(16 * ((c % 2 == 1) ? c : c + 1)); };
     p.kstride = VM == kVmOct ? oct_stride(kk) : (int)(kk * isz);
     p.vstride = VM == kVmOct ? oct_stride(kv) : (int)(kv * isz);
@@ -405,16 +461,17 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK(smem_bytes <= 227 * 1024, op, "shared memory per block ", smem_bytes, " B over the 227 KiB limit (k_k=", kk,
            ", k_v=", kv, ")");
   // splits: whole waves of resident CTAs (flash-decoding; batch 1 fills the GPU), >= 2 tiles per split
-  int per_sm = 1;
-  dispatch_float(q.scalar_type(), [&](auto tag) {
-    using scalar = decltype(tag);
-    if constexpr (std::is_same<scalar, float>::value) {
-      per_sm = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
-    } else {
-      per_sm = v5 ? sd_scatter_blocks_per_sm<scalar>((int)D, GT, VM, smem_bytes)
-                  : sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
-    }
-  });
+  if (!v6) {
+    dispatch_float(q.scalar_type(), [&](auto tag) {
+      using scalar = decltype(tag);
+      if constexpr (std::is_same<scalar, float>::value) {
+        per_sm = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
+      } else {
+        per_sm = v5 ? sd_scatter_blocks_per_sm<scalar>((int)D, GT, VM, smem_bytes)
+                    : sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
+      }
+    });
+  }
   const int64_t cap = (int64_t)per_sm * g_num_sms;
   int64_t nsplit = 1;
   {
@@ -436,7 +493,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   const int64_t tps = (ntiles + nsplit - 1) / nsplit;
   nsplit = (ntiles + tps - 1) / tps;
   MF_CHECK(nsplit < 65536 && Hkv * nchunk < 65536 && B < 65536, op, "grid too large");
-  const int NP = (int)nsplit * kWarps;
+  const int NP = (int)nsplit * nwarps;
 
   p.q = q.data_ptr();
   p.kbm = kb.data_ptr<int64_t>();
@@ -473,7 +530,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.vwin_sh = vw.stride(1);
   p.vwin_st = vw.stride(2);
   p.nsplit = (int)nsplit;
-  p.tiles_per_split = (int)tps;
+  p.tiles_per_split = (int)(v6 ? tps * nwarps : tps);  // v6: in warp tiles of 32 rows
   p.nchunk = nchunk;
   p.vec16 = vec16;
   p.qscale = (float)(scale * 1.4426950408889634);
@@ -484,7 +541,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     if constexpr (std::is_same<scalar, float>::value) {
       launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
     } else {
-      if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      if (v6) launch_sd_rows<scalar>(p, (int)D, nwarps, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      else if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
       else launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
     }
   });

@@ -114,6 +114,10 @@ struct SDParams {
   int off_kval, off_vval, off_kbm, off_vbm, stage_bytes, off_tab;
   // v5 (sd_scatter.cuh): bytes per staged value row, dense V tile, scores, q, walk lists
   int kstride, vstride, off_vd, off_s, off_q, off_scr;
+  // v6 (sd_rows.cuh): bytes per warp region (dense V tile + K and V stage buffers), offsets of the stage
+  // buffers in it, how K / V rows are read (kRLdAny / kRLdPair / kRLdOct) and log2 of the 16-byte chunks
+  // per row of a swizzled stage buffer (-1: contiguous rows)
+  int r_wbytes, r_off_stk, r_off_stv, r_ldk, r_ldv, r_lgk, r_lgv;
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {

@@ -78,13 +78,16 @@ def provenance(argv: list[str], module: str = "mustafar.bench.kernel") -> dict:
     return prov
 
 
+TARGET_POINTS = {(8, 16384), (32, 4096), (1, 32768)}
+
+
 def _k_of(s: float, d: int) -> int:
     return d - int(math.floor(s * d + 0.5))
 
 
 def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bfloat16"), batches=(1, 8, 32),
         seqs=(4096, 16384, 32768), sparsities=(0.5, 0.7), d: int = 128, mem_budget_gib: float = 100.0,
-        log=print) -> dict:
+        points=None, log=print) -> dict:
     from mustafar import ops
 
     assert ops.backend("cuda") == "cuda", f"CUDA kernels not available: backend={ops.backend('cuda')}"
@@ -100,6 +103,8 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
             isz = torch.tensor([], dtype=dt).element_size()
             for b in batches:
                 for t in seqs:
+                    if points is not None and (b, t) not in points:
+                        continue
                     dense_bytes = 2 * b * h_kv * t * d * isz
                     if dense_bytes * 2.2 > mem_budget_gib * (1 << 30):
                         log(f"skip B={b} T={t}: {dense_bytes / 2**30:.1f} GiB dense K+V over budget")
@@ -138,7 +143,8 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         # both kernels side by side (the op's default picks one per configuration)
                         t_k, rel_k = {}, {}
                         if dt != torch.float32:
-                            for kern in ("v4", "v5"):
+                            kernels = ("v4", "v5", "v6") if (h_q == h_kv and k <= 64) else ("v4", "v5")
+                            for kern in kernels:
                                 os.environ["MUSTAFAR_CUDA_DECODE"] = kern
                                 try:
                                     rel_k[kern] = float((fused().float() - o_u).norm() / o_u.norm())
@@ -163,15 +169,16 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                             "fused_floor_ms": comp_bytes / bw * 1e3,
                             "compress_256_ms": t_comp, "compress_256_over_step": t_comp / t_fused,
                             "rel_err_vs_unfused": rel,
-                            "fused_v4_ms": t_k.get("v4"), "fused_v5_ms": t_k.get("v5"),
-                            "speedup_fused_v4": (t_dense / t_k["v4"]) if t_k else None,
-                            "speedup_fused_v5": (t_dense / t_k["v5"]) if t_k else None,
-                            "rel_err_v4_vs_unfused": rel_k.get("v4"), "rel_err_v5_vs_unfused": rel_k.get("v5"),
                         }
+                        for kern in ("v4", "v5", "v6"):  # None where a kernel does not cover the configuration
+                            row[f"fused_{kern}_ms"] = t_k.get(kern)
+                            row[f"speedup_fused_{kern}"] = (t_dense / t_k[kern]) if kern in t_k else None
+                            row[f"fused_{kern}_bw_frac"] = (comp_bytes / (t_k[kern] * 1e-3) / bw) if kern in t_k else None
+                            row[f"rel_err_{kern}_vs_unfused"] = rel_k.get(kern)
                         rows.append(row)
                         log(f"H{h_q}/{h_kv} {dt_name:8s} B={b:2d} T={t:6d} s={s:.1f}: dense {t_dense:.4f} ms  "
                             f"fused {t_fused:.4f} ms ({t_dense / t_fused:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw)  "
-                            + (f"[v4 {t_k['v4']:.4f} / v5 {t_k['v5']:.4f} ms]  " if t_k else "") +
+                            + ("[" + " / ".join(f"{n} {v:.4f}" for n, v in t_k.items()) + " ms]  " if t_k else "") +
                             f"unfused {t_unf:.4f} ms ({t_dense / t_unf:.2f}x)  comp256 {t_comp:.4f} ms  rel {rel:.1e}")
                         del kb, kv, vb, vv
                     del kd, vd
@@ -183,23 +190,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m mustafar.bench.kernel", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
+    ap.add_argument("--targets", action="store_true",
+                    help="only the (B, T) points of the speed targets: (8, 16K), (32, 4K), (1, 32K)")
     ap.add_argument("--out", default=os.path.join("results", "kernel_h200.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("mustafar.bench.kernel: needs a CUDA GPU", file=sys.stderr)
         return 2
-    res = run(quick=args.quick)
+    res = run(quick=args.quick, points=TARGET_POINTS if args.targets else None)
     res["provenance"] = provenance(argv)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {args.out}")
     # short table last
-    print(f"{'heads':>7} {'dtype':>8} {'B':>3} {'T':>6} {'s':>4} {'dense':>8} {'fused':>8} {'x':>5} {'bw%':>4} {'unfused x':>9}")
+    def x(r, kern):
+        v = r.get(f"speedup_fused_{kern}")
+        return f"{v:5.2f}" if v else "    -"
+
+    print(f"{'heads':>7} {'dtype':>8} {'B':>3} {'T':>6} {'s':>4} {'dense':>8} {'fused':>8} {'x':>5} {'bw%':>4} "
+          f"{'v4 x':>5} {'v5 x':>5} {'v6 x':>5} {'unfused x':>9}")
     for r in res["rows"]:
         print(f"{r['H_q']:>3}/{r['H_kv']:<3} {r['dtype']:>8} {r['B']:>3} {r['T']:>6} {r['sparsity']:>4} "
               f"{r['dense_ms']:8.4f} {r['fused_ms']:8.4f} {r['speedup_fused']:5.2f} {r['fused_bw_frac'] * 100:4.0f} "
-              f"{r['speedup_unfused']:9.2f}")
+              f"{x(r, 'v4')} {x(r, 'v5')} {x(r, 'v6')} {r['speedup_unfused']:9.2f}")
     return 0
 
 
