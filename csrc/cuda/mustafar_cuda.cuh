@@ -117,7 +117,7 @@ struct SDParams {
   // v6 (sd_rows.cuh): bytes per warp region (dense V tile + K and V stage buffers), offsets of the stage
   // buffers in it, how K / V rows are read (kRLdAny / kRLdPair / kRLdOct) and log2 of the 16-byte chunks
   // per row of a swizzled stage buffer (-1: contiguous rows)
-  int r_wbytes, r_off_stk, r_off_stv, r_ldk, r_ldv, r_lgk, r_lgv;
+  int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {

@@ -34,7 +34,8 @@ namespace mustafar_cuda {
 constexpr int kRRows = 32;      // rows (tokens) per warp tile: one per lane
 constexpr int kRLine = 80;      // bytes per channel line of a warp's dense V tile: 32 tokens + 16 B pad
 constexpr int kRKMax = 64;      // most stored values per row (k_k and k_v) the kernel holds in registers
-constexpr int kRMaxWarps = 6;   // warps per CTA at most (the host picks 4-6 by occupancy)
+constexpr int kRMaxWarps = 6;   // warps per CTA at most, unrolled variant (the host picks 4-6 by occupancy)
+constexpr int kRMaxWarpsC = 10; // ... compact variant (4-10)
 enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its row from the stage buffer
 
 __device__ __forceinline__ uint32_t r_bfind(uint32_t x) {  // bit index of the highest set bit; ~0u for 0
@@ -260,8 +261,35 @@ __device__ __forceinline__ void r_load_row(const char* smem, uint32_t st, int k,
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kRMaxWarps * 32, 2) sd_rows_kernel(const SDParams p) {
+// values 8g .. 8g+7 of the lane's row as 16-bit pairs v[0..3] (nv < 8: only the first nv are read)
+__device__ __forceinline__ void r_load8(const char* smem, uint32_t st, int g, int nv, int k, int mode, int lg, int lane,
+                                        uint32_t (&v)[4]) {
+  if (mode == kRLdOct) {  // k % 8 == 0: whole groups only
+    const int kc = k >> 3;
+    const uint32_t off = lg >= 0 ? (uint32_t)(((lane << lg) + r_swz(lane, g, lg)) << 4) : (uint32_t)((lane * kc + g) << 4);
+    const uint4 x = *reinterpret_cast<const uint4*>(smem + st + off);
+    v[0] = x.x;
+    v[1] = x.y;
+    v[2] = x.z;
+    v[3] = x.w;
+  } else if (mode == kRLdPair) {  // k even
+    const uint32_t base = st + (uint32_t)(lane * k * 2 + 16 * g);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = (2 * u < nv) ? *reinterpret_cast<const uint32_t*>(smem + base + 4 * u) : 0u;
+  } else {
+    const uint32_t base = st + (uint32_t)(lane * k * 2 + 16 * g);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const uint32_t lo = (2 * u < nv) ? *reinterpret_cast<const uint16_t*>(smem + base + 4 * u) : 0u;
+      const uint32_t hi = (2 * u + 1 < nv) ? *reinterpret_cast<const uint16_t*>(smem + base + 4 * u + 2) : 0u;
+      v[u] = lo | (hi << 16);
+    }
+  }
+}
+
+template <typename T, int D, bool COMPACT>
+__global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, COMPACT ? 1 : 2)
+    sd_rows_kernel(const SDParams p) {
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
@@ -293,18 +321,23 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 2) sd_rows_kernel(const SDPar
 
   // ---- this warp's region: dense V tile (D + 1 lines; line D is the dummy), K and V stage buffers
   const uint32_t wreg = (uint32_t)(p.off_vd + warp * p.r_wbytes);
-  const uint32_t vd = wreg, stk = wreg + (uint32_t)p.r_off_stk, stv = wreg + (uint32_t)p.r_off_stv;
-  for (int i = lane; i < (D + 1) * kRLine / 16; i += 32)
-    *reinterpret_cast<uint4*>(smem + vd + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
+  const uint32_t vd = wreg;
+  const uint32_t stk0 = wreg + (uint32_t)p.r_off_stk, stv0 = wreg + (uint32_t)p.r_off_stv;
+  uint32_t stk = stk0, stv = stv0;  // the current tile's stage buffers
+  // Vd and the stage buffers zeroed (stale stage data is then always finite: V rows of lanes without a row
+  // are scattered with probability 0)
+  for (int i = lane; i < p.r_wbytes / 16; i += 32)
+    *reinterpret_cast<uint4*>(smem + wreg + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
   const SDSlice<T> sl(p, b, hk);
-  auto stage = [&](int wt) {
+  auto stage = [&](int wt, uint32_t sk, uint32_t sv) {
     const int t0 = wt * kRRows;
     const int nc = min(kRRows, p.Tc - t0);
-    r_stage_side(smem + stk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, p.r_ldk, p.r_lgk, p.vec16, lane);
-    r_stage_side(smem + stv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, p.r_ldv, p.r_lgv, p.vec16, lane);
+    r_stage_side(smem + sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, p.r_ldk, p.r_lgk, p.vec16, lane);
+    r_stage_side(smem + sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, p.r_ldv, p.r_lgv, p.vec16, lane);
   };
+  const uint32_t bufstep = COMPACT ? (uint32_t)p.r_bufstep : 0u;  // COMPACT: two stage buffers, else one
   auto load_bm = [&](int wt, uint32_t (&kw)[NW32], uint32_t (&vw)[NW32]) {
     const int t = wt * kRRows + lane;
     if (wt < ntc_here && t < p.Tc) {
@@ -338,7 +371,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 2) sd_rows_kernel(const SDPar
   r_synth_row<NW32>(kv, synv);
   const bool kfast_ok = kk >= NW32 && kv >= NW32;  // a complete row has a value in every 32-bit word
   int wt = wt0 + warp;
-  if (wt < ntc_here) stage(wt);
+  if (wt < ntc_here) stage(wt, stk, stv);
   cp_async_commit();
   load_bm(wt, kwn, vwn);
 
@@ -358,15 +391,81 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 2) sd_rows_kernel(const SDPar
       }
       load_bm(nxt, kwn, vwn);  // prefetch
       const bool fast = kfast_ok && __all_sync(0xffffffffu, !valid || (r_row_ok<NW32>(kw, kk) && r_row_ok<NW32>(vw, kv)));
-      cp_async_wait<0>();
+      if constexpr (COMPACT) {  // next tile into the other buffer, then wait for this one
+        if (nxt < ntc_here) stage(nxt, stk == stk0 ? stk0 + bufstep : stk0, stv == stv0 ? stv0 + bufstep : stv0);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
       __syncwarp();
       float sc0 = 0.f, sc1 = 0.f;
-      if (fast) {
+      if (COMPACT && fast) {
+        if (wt * kRRows + kRRows > p.Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
+#pragma unroll
+          for (int i = 0; i < NW32; ++i) {
+            kw[i] = valid ? kw[i] : synk[i];
+            vw[i] = valid ? vw[i] : synv[i];
+          }
+        }
+        auto wk = r_make_walk<NW32, QS>(kw, smem_s + (uint32_t)(4 * lane));
+        auto wv = r_make_walk<NW32, kRLine>(vw, smem_s + vd + (uint32_t)(2 * lane));
+        auto kstep = [&](const uint32_t (&x)[4], int u) {
+          const float qv = r_lds_f32(wk.next());
+          if (u & 1) sc1 = fmaf(qv, r_half<T>(x[u >> 1], 1), sc1);
+          else sc0 = fmaf(qv, r_half<T>(x[u >> 1], 0), sc0);
+        };
+        auto vstep = [&](const uint32_t (&x)[4], int u) {
+          r_sts_u16(wv.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
+        };
+        const int ngk = kk >> 3, ngv = kv >> 3, ng = min(ngk, ngv);
+        int g = 0;
+#pragma unroll 1
+        for (; g < ng; ++g) {  // groups of 8 values of both sides
+          uint32_t ka[4], va[4];
+          r_load8(smem, stk, g, 8, kk, p.r_ldk, p.r_lgk, lane, ka);
+          r_load8(smem, stv, g, 8, kv, p.r_ldv, p.r_lgv, lane, va);
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            kstep(ka, u);
+            vstep(va, u);
+          }
+        }
+#pragma unroll 1
+        for (int gk = g; gk < ngk; ++gk) {
+          uint32_t ka[4];
+          r_load8(smem, stk, gk, 8, kk, p.r_ldk, p.r_lgk, lane, ka);
+#pragma unroll
+          for (int u = 0; u < 8; ++u) kstep(ka, u);
+        }
+#pragma unroll 1
+        for (int gv = g; gv < ngv; ++gv) {
+          uint32_t va[4];
+          r_load8(smem, stv, gv, 8, kv, p.r_ldv, p.r_lgv, lane, va);
+#pragma unroll
+          for (int u = 0; u < 8; ++u) vstep(va, u);
+        }
+        const int rk = kk & 7, rv = kv & 7;  // the last, partial groups
+        if (rk) {
+          uint32_t ka[4];
+          r_load8(smem, stk, ngk, rk, kk, p.r_ldk, p.r_lgk, lane, ka);
+#pragma unroll
+          for (int u = 0; u < 7; ++u)
+            if (u < rk) kstep(ka, u);
+        }
+        if (rv) {
+          uint32_t va[4];
+          r_load8(smem, stv, ngv, rv, kv, p.r_ldv, p.r_lgv, lane, va);
+#pragma unroll
+          for (int u = 0; u < 7; ++u)
+            if (u < rv) vstep(va, u);
+        }
+      } else if (!COMPACT && fast) {
         uint32_t kr[kRKMax / 2], vr[kRKMax / 2];
         r_load_row(smem, stk, kk, p.r_ldk, p.r_lgk, lane, kr);
         r_load_row(smem, stv, kv, p.r_ldv, p.r_lgv, lane, vr);
         __syncwarp();
-        if (nxt < ntc_here) stage(nxt);
+        if (nxt < ntc_here) stage(nxt, stk, stv);
         cp_async_commit();
         if (wt * kRRows + kRRows > p.Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
 #pragma unroll
@@ -433,9 +532,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 2) sd_rows_kernel(const SDPar
             }
           }
         }
-        __syncwarp();
-        if (nxt < ntc_here) stage(nxt);
-        cp_async_commit();
+        if constexpr (!COMPACT) {
+          __syncwarp();
+          if (nxt < ntc_here) stage(nxt, stk, stv);
+          cp_async_commit();
+        }
+      }
+      if constexpr (COMPACT) {  // the next compressed tile reads the other buffer
+        stk = stk == stk0 ? stk0 + bufstep : stk0;
+        stv = stv == stv0 ? stv0 + bufstep : stv0;
       }
       s = (valid && t >= ks) ? sc0 + sc1 : -INFINITY;
     } else {
@@ -536,9 +641,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 2) sd_rows_kernel(const SDPar
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool COMPACT>
 int sdr_occ_one(int nwarps, int smem_bytes) {
-  auto kern = sd_rows_kernel<T, D>;
+  auto kern = sd_rows_kernel<T, D, COMPACT>;
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int n = 0;
@@ -547,19 +652,21 @@ int sdr_occ_one(int nwarps, int smem_bytes) {
 }
 
 template <typename T>
-int sd_rows_blocks_per_sm(int D, int nwarps, int smem_bytes);
+int sd_rows_blocks_per_sm(int D, bool compact, int nwarps, int smem_bytes);
 template <typename T>
-void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
-                    int NP, int64_t BHq);
+void launch_sd_rows(const SDParams& p, int D, bool compact, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream,
+                    void* out, int NP, int64_t BHq);
 
 #define MUSTAFAR_DEFINE_SDR_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int sd_rows_blocks_per_sm<TYPE>(int D, int nwarps, int smem_bytes) {                                          \
-    return D == 64 ? sdr_occ_one<TYPE, 64>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128>(nwarps, smem_bytes);   \
+  int sd_rows_blocks_per_sm<TYPE>(int D, bool compact, int nwarps, int smem_bytes) {                           \
+    if (compact) return D == 64 ? sdr_occ_one<TYPE, 64, true>(nwarps, smem_bytes)                              \
+                                : sdr_occ_one<TYPE, 128, true>(nwarps, smem_bytes);                            \
+    return D == 64 ? sdr_occ_one<TYPE, 64, false>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128, false>(nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
-  void launch_sd_rows<TYPE>(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                            void* out, int NP, int64_t BHq) {                                                  \
+  void launch_sd_rows<TYPE>(const SDParams& p, int D, bool compact, int nwarps, int smem_bytes, dim3 grid,       \
+                            cudaStream_t stream, void* out, int NP, int64_t BHq) {                             \
     auto go = [&](auto kern) {                                                                                 \
       if (smem_bytes > 48 * 1024)                                                                              \
         C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));   \
@@ -567,10 +674,12 @@ void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 g
       MF_CHECK_LAUNCH();                                                                                       \
     };                                                                                                         \
     if (D == 64) {                                                                                             \
-      go(sd_rows_kernel<TYPE, 64>);                                                                            \
+      if (compact) go(sd_rows_kernel<TYPE, 64, true>);                                                         \
+      else go(sd_rows_kernel<TYPE, 64, false>);                                                                \
       sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);         \
     } else {                                                                                                   \
-      go(sd_rows_kernel<TYPE, 128>);                                                                           \
+      if (compact) go(sd_rows_kernel<TYPE, 128, true>);                                                        \
+      else go(sd_rows_kernel<TYPE, 128, false>);                                                               \
       sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);       \
     }                                                                                                          \
     MF_CHECK_LAUNCH();                                                                                         \
