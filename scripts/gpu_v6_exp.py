@@ -1,6 +1,6 @@
 """Experiment driver (v6 development): dense SDPA vs the fused kernels at the speed-target points.
 
-    python3 scripts/gpu_v6_exp.py [kernels...]     (default: v4 v6 v6u)
+    python3 scripts/gpu_v6_exp.py [kernels...]     (default: v4 v6)
 
 Times with triton's do_bench (median, L2 flushed), fp16 MHA 32/32, D=128, random data pruned per token.
 """
@@ -14,7 +14,7 @@ from triton.testing import do_bench
 from mustafar._build import load_extension
 
 load_extension()
-kernels = sys.argv[1:] or ["v4", "v6", "v6u"]
+kernels = sys.argv[1:] or ["v4", "v6"]
 g = torch.Generator(device="cuda").manual_seed(0)
 sdpa = torch.nn.functional.scaled_dot_product_attention
 print(f"{'dtype':>8} {'B':>3} {'T':>6} {'s':>4} {'dense':>8} " + " ".join(f"{k:>13}" for k in kernels))

@@ -366,16 +366,15 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   // (v5 and v6 have no fp32 path: fp32 always runs v4; v6 refuses configurations it does not cover).
   const char* sel_env = std::getenv("MUSTAFAR_CUDA_DECODE");
   const std::string sel = (sel_env && sel_env[0]) ? std::string(sel_env) : std::string("auto");
-  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5" || sel == "v6" || sel == "v6u", op,
-                 "MUSTAFAR_CUDA_DECODE=", sel, " (expected auto, v4, v5 or v6)");
+  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5" || sel == "v6", op, "MUSTAFAR_CUDA_DECODE=", sel,
+                 " (expected auto, v4, v5 or v6)");
   const bool half_type = q.scalar_type() != at::kFloat;
   const bool v6_ok = half_type && G == 1 && kk <= kRKMax && kv <= kRKMax;
-  const bool v6_compact = sel != "v6u";  // v6u: the fully unrolled variant (experiment)
-  if ((sel == "v6" || sel == "v6u") && half_type) {
+  if (sel == "v6" && half_type) {
     MF_CHECK_VALUE(v6_ok, op, "MUSTAFAR_CUDA_DECODE=v6 needs one query head per KV head (G=", G,
                    ") and at most ", kRKMax, " stored values per row (k_k=", kk, ", k_v=", kv, ")");
   }
-  const bool v6 = v6_ok && (sel == "v6" || sel == "v6u" || sel == "auto");
+  const bool v6 = v6_ok && (sel == "v6" || sel == "auto");
   const bool v5 = !v6 && half_type && (sel == "v5" || (sel == "auto" && G >= 2));
   int VM = kVmAny;
   if (v5) {
@@ -412,17 +411,17 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     p.r_off_stk = r16((D + 1) * kRLine);
     p.r_off_stv = p.r_off_stk + r16(kRRows * kk * 2);
     p.r_bufstep = p.r_off_stv + r16(kRRows * kv * 2) - p.r_off_stk;  // K + V stage buffers of one tile
-    p.r_wbytes = p.r_off_stk + (v6_compact ? 2 : 1) * p.r_bufstep;
+    p.r_wbytes = p.r_off_stk + 2 * p.r_bufstep;  // two stage buffers per warp
     // warps per CTA: the most resident warps per SM (shared memory bounds it), fewer warps on a tie
     int best = -1;
-    for (int nw = v6_compact ? kRMaxWarpsC : kRMaxWarps; nw >= 4; --nw) {
+    for (int nw = kRMaxWarps; nw >= 4; --nw) {
       const int sb = p.off_vd + nw * p.r_wbytes;
       if (sb > 227 * 1024) continue;
       int n = 0;
       dispatch_float(q.scalar_type(), [&](auto tag) {
         using scalar = decltype(tag);
         if constexpr (!std::is_same<scalar, float>::value)
-          n = sd_rows_blocks_per_sm<scalar>((int)D, v6_compact, nw, sb);
+          n = sd_rows_blocks_per_sm<scalar>((int)D, nw, sb);
       });
       if (n * nw > best) {
         best = n * nw;
@@ -544,7 +543,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     if constexpr (std::is_same<scalar, float>::value) {
       launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
     } else {
-      if (v6) launch_sd_rows<scalar>(p, (int)D, v6_compact, nwarps, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      if (v6) launch_sd_rows<scalar>(p, (int)D, nwarps, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
       else if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
       else launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
     }

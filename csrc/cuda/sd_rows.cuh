@@ -7,18 +7,20 @@
 // __syncthreads per tile, a CTA-wide staging loop and a softmax / P.V phase shared by 4 warps over
 // 16 tokens each. v6 keeps the per-value idea and removes the rest:
 //
-//   * every warp is independent: it owns 32-row tiles (one row = one token per lane), its own
-//     cp.async stage buffer and its own dense V tile; no __syncthreads after the start;
-//   * one lane does both the K row and the V row of its token, with the two bitmap walks interleaved
-//     in one unrolled loop (two independent dependency chains per thread);
+//   * every warp is independent: it owns 32-row tiles (one row = one token per lane), two cp.async
+//     stage buffers (the next tile lands while this one is walked) and its own dense V tile; no
+//     __syncthreads after the start;
+//   * one lane does both the K row and the V row of its token, each walked from both ends at once:
+//     four independent dependency chains per thread (K up, K down, V up, V down);
 //   * q sits in shared memory as fp32, one private copy per lane (word c*32 + lane), so the per-value
 //     gather q[channel] never has a bank conflict;
-//   * the walk is 8 instructions per value: bfind (FLO) of the bit-reversed word gives the lowest
-//     stored channel, bmsk + and clear it (the and sets the "word not empty" predicate), three selects
-//     shift the queue of remaining words, and the slot address is one IMAD;
-//   * the values of the lane's row are read from the stage buffer into registers once per tile
-//     (32-bit loads when k/2 is odd, 16-byte loads of swizzled or odd-length rows when k % 8 == 0,
-//     16-bit loads otherwise), so the walk indexes them statically;
+//   * a walk step is 8 instructions: bfind (FLO) gives the highest set bit (of the bit-reversed words
+//     for the upward walk), bmsk + and clear it (the and sets the "word not empty" predicate), three
+//     selects shift the queue of remaining words, a predicated add moves to the next word's slots, and
+//     the slot address is one IMAD;
+//   * values are read from the stage buffer in groups of 8 per chain (32-bit loads when k/2 is odd,
+//     16-byte loads of swizzled or odd-length rows when k % 8 == 0, 16-bit loads otherwise), so the
+//     loops stay small (the fully unrolled walk of an earlier version missed the instruction cache);
 //   * V values are scattered into the warp's channel-major dense tile Vd[channel][token] and
 //     O^T += V^T P^T runs on tensor cores (mma.m16n8k16, A = V^T by ldmatrix, B = P^T by shuffles).
 //
@@ -33,9 +35,8 @@ namespace mustafar_cuda {
 
 constexpr int kRRows = 32;      // rows (tokens) per warp tile: one per lane
 constexpr int kRLine = 80;      // bytes per channel line of a warp's dense V tile: 32 tokens + 16 B pad
-constexpr int kRKMax = 64;      // most stored values per row (k_k and k_v) the kernel holds in registers
-constexpr int kRMaxWarps = 6;   // warps per CTA at most, unrolled variant (the host picks 4-6 by occupancy)
-constexpr int kRMaxWarpsC = 10; // ... compact variant (4-10)
+constexpr int kRKMax = 64;      // most stored values per row (k_k and k_v): larger k go to v4 / v5
+constexpr int kRMaxWarps = 10;  // warps per CTA at most (the host picks 4-10 by occupancy)
 enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its row from the stage buffer
 
 __device__ __forceinline__ uint32_t r_bfind(uint32_t x) {  // bit index of the highest set bit; ~0u for 0
@@ -49,18 +50,21 @@ __device__ __forceinline__ uint32_t r_bmsk(uint32_t n) {  // (1 << n) - 1, all o
   return d;
 }
 
-// Walk over the stored channels of one row in ascending order, for rows with exactly k stored values
-// and no empty 32-bit word. Words are bit-reversed, so the highest set bit (bfind) is the lowest stored
-// channel. next() returns the shared-memory address (shared state space) of the slot of the next stored
-// channel, adj - bfind * S with adj = base + (32 i + 31) S for the current word i; when the word runs
-// empty, three selects shift the queue of remaining words and a predicated add moves adj on (8 SASS
-// instructions: FLO, IMAD, BMSK, LOP3 with the predicate, 3 SEL, IADD). Lanes without a row walk a
-// synthetic complete row (r_synth_row): their slots are real but their score is masked and their
-// values are zero.
-template <int NW, int S>
+// Walks over the stored channels of one row, for rows with exactly k stored values and no empty 32-bit
+// word. UP = true: ascending from the lowest channel (the words are bit-reversed, so the highest set bit
+// is the lowest stored channel); UP = false: descending from the highest. next() returns the shared-memory
+// address (shared state space) of the slot of the next stored channel: adj -/+ bfind * S, adj being the
+// slot of channel 32 i + 31 (up) or 32 i (down) of the current word i. When the word runs empty, three
+// selects shift the queue of remaining words and a predicated add moves adj by 32 slots. 8 SASS
+// instructions: FLO, IMAD, BMSK, LOP3 (with the predicate), 3 SEL, IADD. Lanes without a row walk a
+// synthetic complete row (r_synth_row): their slots are real, but their score is masked and their
+// probability is 0.
+template <int NW, int S, bool UP>
 struct RWalk {
   uint32_t w, n1, n2, n3, adj;
   __device__ __forceinline__ uint32_t next() {
+    constexpr int MS = UP ? -S : S;            // slot stride per bit index
+    constexpr int WS = UP ? 32 * S : -32 * S;  // to the next word's slots
     uint32_t a;
     if constexpr (NW > 2) {
       asm("{\n\t"
@@ -77,7 +81,7 @@ struct RWalk {
           "@!p add.u32 %5, %5, %7;\n\t"
           "}"
           : "=r"(a), "+r"(w), "+r"(n1), "+r"(n2), "+r"(n3), "+r"(adj)
-          : "n"(-S), "n"(32 * S));
+          : "n"(MS), "n"(WS));
     } else {
       asm("{\n\t"
           ".reg .pred p;\n\t"
@@ -91,20 +95,30 @@ struct RWalk {
           "@!p add.u32 %3, %3, %5;\n\t"
           "}"
           : "=r"(a), "+r"(w), "+r"(n1), "+r"(adj)
-          : "n"(-S), "n"(32 * S));
+          : "n"(MS), "n"(WS));
     }
     return a;
   }
 };
 
 template <int NW, int S>
-__device__ __forceinline__ RWalk<NW, S> r_make_walk(const uint32_t (&wd)[NW], uint32_t base) {
-  RWalk<NW, S> r;
+__device__ __forceinline__ RWalk<NW, S, true> r_walk_up(const uint32_t (&wd)[NW], uint32_t base) {
+  RWalk<NW, S, true> r;
   r.w = __brev(wd[0]);
   r.n1 = __brev(wd[1]);
   r.n2 = NW > 2 ? __brev(wd[NW > 2 ? 2 : 0]) : 0u;
   r.n3 = NW > 3 ? __brev(wd[NW > 3 ? 3 : 0]) : 0u;
   r.adj = base + 31u * (uint32_t)S;
+  return r;
+}
+template <int NW, int S>
+__device__ __forceinline__ RWalk<NW, S, false> r_walk_down(const uint32_t (&wd)[NW], uint32_t base) {
+  RWalk<NW, S, false> r;
+  r.w = wd[NW - 1];
+  r.n1 = wd[NW - 2];
+  r.n2 = NW > 2 ? wd[NW > 2 ? NW - 3 : 0] : 0u;
+  r.n3 = NW > 3 ? wd[NW > 3 ? NW - 4 : 0] : 0u;
+  r.adj = base + (uint32_t)(32 * (NW - 1) * S);
   return r;
 }
 
@@ -217,79 +231,42 @@ __device__ __forceinline__ uint32_t r_val_off(int r, int j, int k, int mode, int
   return (uint32_t)((r * k + j) * 2);
 }
 
-// the lane's row (k values) from the stage buffer into 16-bit pairs v[0 .. ceil(k/2))
-__device__ __forceinline__ void r_load_row(const char* smem, uint32_t st, int k, int mode, int lg, int lane,
-                                           uint32_t (&v)[kRKMax / 2]) {
-  const int nw = (k + 1) >> 1;
-  if (mode == kRLdPair) {
-    const uint32_t base = st + (uint32_t)(lane * k * 2);
-#pragma unroll
-    for (int g = 0; g < kRKMax / 8; ++g) {
-      if (4 * g >= nw) break;
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (4 * g + u < nw) v[4 * g + u] = *reinterpret_cast<const uint32_t*>(smem + base + 4 * (4 * g + u));
-    }
-  } else if (mode == kRLdOct) {
-    const int kc = k >> 3;
-#pragma unroll
-    for (int c = 0; c < kRKMax / 8; ++c) {
-      if (c >= kc) break;
-      const uint32_t off = lg >= 0 ? (uint32_t)((((lane << lg) + r_swz(lane, c, lg)) << 4))
-                                   : (uint32_t)((lane * kc + c) << 4);
-      const uint4 x = *reinterpret_cast<const uint4*>(smem + st + off);
-      v[4 * c] = x.x;
-      v[4 * c + 1] = x.y;
-      v[4 * c + 2] = x.z;
-      v[4 * c + 3] = x.w;
-    }
-  } else {
-    const uint32_t base = st + (uint32_t)(lane * k * 2);
-#pragma unroll
-    for (int g = 0; g < kRKMax / 8; ++g) {
-      if (4 * g >= nw) break;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int i = 4 * g + u;
-        if (i < nw) {
-          const uint32_t lo = *reinterpret_cast<const uint16_t*>(smem + base + 4 * i);
-          const uint32_t hi = (2 * i + 1 < k) ? *reinterpret_cast<const uint16_t*>(smem + base + 4 * i + 2) : 0u;
-          v[i] = lo | (hi << 16);
-        }
-      }
-    }
-  }
-}
-
-// values 8g .. 8g+7 of the lane's row as 16-bit pairs v[0..3] (nv < 8: only the first nv are read)
-__device__ __forceinline__ void r_load8(const char* smem, uint32_t st, int g, int nv, int k, int mode, int lg, int lane,
-                                        uint32_t (&v)[4]) {
-  if (mode == kRLdOct) {  // k % 8 == 0: whole groups only
-    const int kc = k >> 3;
-    const uint32_t off = lg >= 0 ? (uint32_t)(((lane << lg) + r_swz(lane, g, lg)) << 4) : (uint32_t)((lane * kc + g) << 4);
-    const uint4 x = *reinterpret_cast<const uint4*>(smem + st + off);
+// values pos .. pos+7 of the lane's row (base = the row's start in the stage buffer) as 16-bit pairs v[0..3];
+// only the first nv are read (the rest are 0). kRLdOct needs pos % 8 == 0, kRLdPair an even pos.
+__device__ __forceinline__ void r_load8(const char* smem, uint32_t st, uint32_t base, int pos, int nv, int mode,
+                                        int lg, int lane, uint32_t (&v)[4]) {
+  if (mode == kRLdOct) {
+    const uint32_t off = lg >= 0 ? (uint32_t)(r_swz(lane, pos >> 3, lg) << 4) : (uint32_t)(pos << 1);
+    const uint4 x = *reinterpret_cast<const uint4*>(smem + base + off);
     v[0] = x.x;
     v[1] = x.y;
     v[2] = x.z;
     v[3] = x.w;
-  } else if (mode == kRLdPair) {  // k even
-    const uint32_t base = st + (uint32_t)(lane * k * 2 + 16 * g);
+  } else if (mode == kRLdPair) {
+    const uint32_t a = base + (uint32_t)(2 * pos);
 #pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = (2 * u < nv) ? *reinterpret_cast<const uint32_t*>(smem + base + 4 * u) : 0u;
+    for (int u = 0; u < 4; ++u) v[u] = (2 * u < nv) ? *reinterpret_cast<const uint32_t*>(smem + a + 4 * u) : 0u;
   } else {
-    const uint32_t base = st + (uint32_t)(lane * k * 2 + 16 * g);
+    const uint32_t a = base + (uint32_t)(2 * pos);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const uint32_t lo = (2 * u < nv) ? *reinterpret_cast<const uint16_t*>(smem + base + 4 * u) : 0u;
-      const uint32_t hi = (2 * u + 1 < nv) ? *reinterpret_cast<const uint16_t*>(smem + base + 4 * u + 2) : 0u;
+      const uint32_t lo = (2 * u < nv) ? *reinterpret_cast<const uint16_t*>(smem + a + 4 * u) : 0u;
+      const uint32_t hi = (2 * u + 1 < nv) ? *reinterpret_cast<const uint16_t*>(smem + a + 4 * u + 2) : 0u;
       v[u] = lo | (hi << 16);
     }
   }
+  (void)st;
 }
 
-template <typename T, int D, bool COMPACT>
-__global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, COMPACT ? 1 : 2)
-    sd_rows_kernel(const SDParams p) {
+// start of the lane's row in a stage buffer
+__device__ __forceinline__ uint32_t r_row_base(uint32_t st, int k, int mode, int lg, int lane) {
+  if (mode == kRLdOct && lg >= 0) return st + (uint32_t)((lane << lg) << 4);
+  return st + (uint32_t)(lane * k * 2);
+}
+
+// LK, LV: how K / V rows are read (kRLdPair, kRLdOct) fixed at compile time, or -1: from p.r_ldk / p.r_ldv
+template <typename T, int D, int LK, int LV>
+__global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDParams p) {
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
@@ -308,6 +285,7 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
   const int wt1 = min(nall, wt0 + p.tiles_per_split);
   const int ntc_here = min(wt1, ntc);
   const int kk = p.kk, kv = p.kv;
+  const int ldk = LK >= 0 ? LK : p.r_ldk, ldv = LV >= 0 ? LV : p.r_ldv;
 
   // ---- q (scaled by scale * log2 e) as fp32, one copy per lane: word c * 32 + lane; q[D] = 0 (dummy)
   const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * D;
@@ -319,13 +297,13 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
 #pragma unroll
   for (int j = 0; j < CPL; ++j) qw[j] = to_f(qp[lane + 32 * j]) * p.qscale;
 
-  // ---- this warp's region: dense V tile (D + 1 lines; line D is the dummy), K and V stage buffers
+  // ---- this warp's region: dense V tile (D + 1 lines; line D is the dummy), two pairs of K / V stage
+  // buffers. All zeroed, so stale stage data is always finite (lanes without a row scatter it with
+  // probability 0).
   const uint32_t wreg = (uint32_t)(p.off_vd + warp * p.r_wbytes);
   const uint32_t vd = wreg;
   const uint32_t stk0 = wreg + (uint32_t)p.r_off_stk, stv0 = wreg + (uint32_t)p.r_off_stv;
-  uint32_t stk = stk0, stv = stv0;  // the current tile's stage buffers
-  // Vd and the stage buffers zeroed (stale stage data is then always finite: V rows of lanes without a row
-  // are scattered with probability 0)
+  const uint32_t bufstep = (uint32_t)p.r_bufstep;
   for (int i = lane; i < p.r_wbytes / 16; i += 32)
     *reinterpret_cast<uint4*>(smem + wreg + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
@@ -337,7 +315,6 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
     r_stage_side(smem + sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, p.r_ldk, p.r_lgk, p.vec16, lane);
     r_stage_side(smem + sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, p.r_ldv, p.r_lgv, p.vec16, lane);
   };
-  const uint32_t bufstep = COMPACT ? (uint32_t)p.r_bufstep : 0u;  // COMPACT: two stage buffers, else one
   auto load_bm = [&](int wt, uint32_t (&kw)[NW32], uint32_t (&vw)[NW32]) {
     const int t = wt * kRRows + lane;
     if (wt < ntc_here && t < p.Tc) {
@@ -370,7 +347,14 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
   r_synth_row<NW32>(kk, synk);
   r_synth_row<NW32>(kv, synv);
   const bool kfast_ok = kk >= NW32 && kv >= NW32;  // a complete row has a value in every 32-bit word
+  // per chain: full groups of 8 values from each end, the middle rest split between the two walks (all
+  // of it to the upward walk for k < 16)
+  const int nfk = kk >> 4, nfv = kv >> 4, nf = min(nfk, nfv);
+  const int mk = kk - 16 * nfk, mv = kv - 16 * nfv;
+  const int muk = nfk ? (mk + 1) >> 1 : mk, muv = nfv ? (mv + 1) >> 1 : mv;  // middle values walked upward
+  const int mdk = mk - muk, mdv = mv - muv;                                    // ... and downward
   int wt = wt0 + warp;
+  uint32_t stk = stk0, stv = stv0;  // the current tile's stage buffers
   if (wt < ntc_here) stage(wt, stk, stv);
   cp_async_commit();
   load_bm(wt, kwn, vwn);
@@ -391,16 +375,14 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
       }
       load_bm(nxt, kwn, vwn);  // prefetch
       const bool fast = kfast_ok && __all_sync(0xffffffffu, !valid || (r_row_ok<NW32>(kw, kk) && r_row_ok<NW32>(vw, kv)));
-      if constexpr (COMPACT) {  // next tile into the other buffer, then wait for this one
-        if (nxt < ntc_here) stage(nxt, stk == stk0 ? stk0 + bufstep : stk0, stv == stv0 ? stv0 + bufstep : stv0);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
+      // the next tile into the other buffers (free: every lane finished reading them last iteration), then
+      // wait for this one
+      if (nxt < ntc_here) stage(nxt, stk == stk0 ? stk0 + bufstep : stk0, stv == stv0 ? stv0 + bufstep : stv0);
+      cp_async_commit();
+      cp_async_wait<1>();
       __syncwarp();
-      float sc0 = 0.f, sc1 = 0.f;
-      if (COMPACT && fast) {
+      float sa = 0.f, sb = 0.f;  // K scores of the up / down walks
+      if (fast) {
         if (wt * kRRows + kRRows > p.Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
 #pragma unroll
           for (int i = 0; i < NW32; ++i) {
@@ -408,98 +390,89 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
             vw[i] = valid ? vw[i] : synv[i];
           }
         }
-        auto wk = r_make_walk<NW32, QS>(kw, smem_s + (uint32_t)(4 * lane));
-        auto wv = r_make_walk<NW32, kRLine>(vw, smem_s + vd + (uint32_t)(2 * lane));
-        auto kstep = [&](const uint32_t (&x)[4], int u) {
-          const float qv = r_lds_f32(wk.next());
-          if (u & 1) sc1 = fmaf(qv, r_half<T>(x[u >> 1], 1), sc1);
-          else sc0 = fmaf(qv, r_half<T>(x[u >> 1], 0), sc0);
+        const uint32_t kb = r_row_base(stk, kk, ldk, p.r_lgk, lane);
+        const uint32_t vb = r_row_base(stv, kv, ldv, p.r_lgv, lane);
+        const uint32_t qb = smem_s + (uint32_t)(4 * lane), vdb = smem_s + vd + (uint32_t)(2 * lane);
+        auto ku = r_walk_up<NW32, QS>(kw, qb);
+        auto kd = r_walk_down<NW32, QS>(kw, qb);
+        auto vu = r_walk_up<NW32, kRLine>(vw, vdb);
+        auto vdn = r_walk_down<NW32, kRLine>(vw, vdb);
+        // value u of a group of 8 (x: 4 packed pairs)
+        auto kstep = [&](auto& wk, float& sc, const uint32_t (&x)[4], int u) {
+          sc = fmaf(r_lds_f32(wk.next()), r_half<T>(x[u >> 1], u & 1), sc);
         };
-        auto vstep = [&](const uint32_t (&x)[4], int u) {
+        auto vstep = [&](auto& wv, const uint32_t (&x)[4], int u) {
           r_sts_u16(wv.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
         };
-        const int ngk = kk >> 3, ngv = kv >> 3, ng = min(ngk, ngv);
         int g = 0;
 #pragma unroll 1
-        for (; g < ng; ++g) {  // groups of 8 values of both sides
-          uint32_t ka[4], va[4];
-          r_load8(smem, stk, g, 8, kk, p.r_ldk, p.r_lgk, lane, ka);
-          r_load8(smem, stv, g, 8, kv, p.r_ldv, p.r_lgv, lane, va);
+        for (; g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
+          uint32_t a0[4], a1[4], b0[4], b1[4];
+          r_load8(smem, stk, kb, 8 * g, 8, ldk, p.r_lgk, lane, a0);
+          r_load8(smem, stk, kb, kk - 8 * g - 8, 8, ldk, p.r_lgk, lane, a1);
+          r_load8(smem, stv, vb, 8 * g, 8, ldv, p.r_lgv, lane, b0);
+          r_load8(smem, stv, vb, kv - 8 * g - 8, 8, ldv, p.r_lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
-            kstep(ka, u);
-            vstep(va, u);
+            kstep(ku, sa, a0, u);
+            kstep(kd, sb, a1, 7 - u);
+            vstep(vu, b0, u);
+            vstep(vdn, b1, 7 - u);
           }
         }
 #pragma unroll 1
-        for (int gk = g; gk < ngk; ++gk) {
-          uint32_t ka[4];
-          r_load8(smem, stk, gk, 8, kk, p.r_ldk, p.r_lgk, lane, ka);
+        for (int gk = g; gk < nfk; ++gk) {
+          uint32_t a0[4], a1[4];
+          r_load8(smem, stk, kb, 8 * gk, 8, ldk, p.r_lgk, lane, a0);
+          r_load8(smem, stk, kb, kk - 8 * gk - 8, 8, ldk, p.r_lgk, lane, a1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) kstep(ka, u);
+          for (int u = 0; u < 8; ++u) {
+            kstep(ku, sa, a0, u);
+            kstep(kd, sb, a1, 7 - u);
+          }
         }
 #pragma unroll 1
-        for (int gv = g; gv < ngv; ++gv) {
-          uint32_t va[4];
-          r_load8(smem, stv, gv, 8, kv, p.r_ldv, p.r_lgv, lane, va);
+        for (int gv = g; gv < nfv; ++gv) {
+          uint32_t b0[4], b1[4];
+          r_load8(smem, stv, vb, 8 * gv, 8, ldv, p.r_lgv, lane, b0);
+          r_load8(smem, stv, vb, kv - 8 * gv - 8, 8, ldv, p.r_lgv, lane, b1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) vstep(va, u);
-        }
-        const int rk = kk & 7, rv = kv & 7;  // the last, partial groups
-        if (rk) {
-          uint32_t ka[4];
-          r_load8(smem, stk, ngk, rk, kk, p.r_ldk, p.r_lgk, lane, ka);
-#pragma unroll
-          for (int u = 0; u < 7; ++u)
-            if (u < rk) kstep(ka, u);
-        }
-        if (rv) {
-          uint32_t va[4];
-          r_load8(smem, stv, ngv, rv, kv, p.r_ldv, p.r_lgv, lane, va);
-#pragma unroll
-          for (int u = 0; u < 7; ++u)
-            if (u < rv) vstep(va, u);
-        }
-      } else if (!COMPACT && fast) {
-        uint32_t kr[kRKMax / 2], vr[kRKMax / 2];
-        r_load_row(smem, stk, kk, p.r_ldk, p.r_lgk, lane, kr);
-        r_load_row(smem, stv, kv, p.r_ldv, p.r_lgv, lane, vr);
-        __syncwarp();
-        if (nxt < ntc_here) stage(nxt, stk, stv);
-        cp_async_commit();
-        if (wt * kRRows + kRRows > p.Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
-#pragma unroll
-          for (int i = 0; i < NW32; ++i) {
-            kw[i] = valid ? kw[i] : synk[i];
-            vw[i] = valid ? vw[i] : synv[i];
+          for (int u = 0; u < 8; ++u) {
+            vstep(vu, b0, u);
+            vstep(vdn, b1, 7 - u);
           }
-#pragma unroll
-          for (int i = 0; i < kRKMax / 2; ++i) vr[i] = valid ? vr[i] : 0u;  // ... and scatter zeros
         }
-        auto wk = r_make_walk<NW32, QS>(kw, smem_s + (uint32_t)(4 * lane));
-        auto wv = r_make_walk<NW32, kRLine>(vw, smem_s + vd + (uint32_t)(2 * lane));
-        const int kmin = min(kk, kv), kmax = max(kk, kv);
-        auto kstep = [&](int j) {
-          const float qv = r_lds_f32(wk.next());
-          if (j & 1) sc1 = fmaf(qv, r_half<T>(kr[j >> 1], 1), sc1);
-          else sc0 = fmaf(qv, r_half<T>(kr[j >> 1], 0), sc0);
-        };
-        auto vstep = [&](int j) { r_sts_u16(wv.next(), (j & 1) ? (vr[j >> 1] >> 16) : vr[j >> 1]); };
+        // the middle: muk values upward from 8 nfk (two windows when k < 16), mdk downward from kk - 8 nfk - 1
+        if (mk) {
+          uint32_t a0[4], a1[4];
+          r_load8(smem, stk, kb, 8 * nfk, min(muk, 8), ldk, p.r_lgk, lane, a0);
+          if (mdk) r_load8(smem, stk, kb, kk - 8 * nfk - 8, 8, ldk, p.r_lgk, lane, a1);
 #pragma unroll
-        for (int g = 0; g < kRKMax / 8; ++g) {
-          if (8 * g >= kmax) break;
-          if (8 * g + 8 <= kmin) {
+          for (int u = 0; u < 8; ++u) {
+            if (u < muk) kstep(ku, sa, a0, u);
+            if (u < mdk) kstep(kd, sb, a1, 7 - u);
+          }
+          if (muk > 8) {  // k < 16 only
+            r_load8(smem, stk, kb, 8, muk - 8, ldk, p.r_lgk, lane, a0);
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
-              kstep(8 * g + u);
-              vstep(8 * g + u);
-            }
-          } else {
+            for (int u = 0; u < 7; ++u)
+              if (u < muk - 8) kstep(ku, sa, a0, u);
+          }
+        }
+        if (mv) {
+          uint32_t b0[4], b1[4];
+          r_load8(smem, stv, vb, 8 * nfv, min(muv, 8), ldv, p.r_lgv, lane, b0);
+          if (mdv) r_load8(smem, stv, vb, kv - 8 * nfv - 8, 8, ldv, p.r_lgv, lane, b1);
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
-              if (8 * g + u < kk) kstep(8 * g + u);
-              if (8 * g + u < kv) vstep(8 * g + u);
-            }
+          for (int u = 0; u < 8; ++u) {
+            if (u < muv) vstep(vu, b0, u);
+            if (u < mdv) vstep(vdn, b1, 7 - u);
+          }
+          if (muv > 8) {
+            r_load8(smem, stv, vb, 8, muv - 8, ldv, p.r_lgv, lane, b0);
+#pragma unroll
+            for (int u = 0; u < 7; ++u)
+              if (u < muv - 8) vstep(vu, b0, u);
           }
         }
       } else {
@@ -515,7 +488,7 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
               w &= w - 1u;
               const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + stk + r_val_off(r, j, kk, p.r_ldk, p.r_lgk));
               const float qv = *reinterpret_cast<const float*>(smem + 4 * (c * 32 + lane));
-              sc0 = fmaf(qv, r_half<T>(bits, 0), sc0);
+              sa = fmaf(qv, r_half<T>(bits, 0), sa);
               ++j;
             }
           }
@@ -532,17 +505,11 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
             }
           }
         }
-        if constexpr (!COMPACT) {
-          __syncwarp();
-          if (nxt < ntc_here) stage(nxt, stk, stv);
-          cp_async_commit();
-        }
       }
-      if constexpr (COMPACT) {  // the next compressed tile reads the other buffer
-        stk = stk == stk0 ? stk0 + bufstep : stk0;
-        stv = stv == stv0 ? stv0 + bufstep : stv0;
-      }
-      s = (valid && t >= ks) ? sc0 + sc1 : -INFINITY;
+      // the next compressed tile reads the other buffers
+      stk = stk == stk0 ? stk0 + bufstep : stk0;
+      stv = stv == stv0 ? stv0 + bufstep : stv0;
+      s = (valid && t >= ks) ? sa + sb : -INFINITY;
     } else {
       // ================= a dense window tile: lane owns channels lane + 32 j, rows one at a time
       const int w0 = (wt - ntc) * kRRows;
@@ -564,7 +531,6 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
       }
       const int t = p.Tc + w0 + lane;
       s = (lane < nwin && t >= ks) ? sc : -INFINITY;
-      __syncwarp();
     }
 
     // ================= online softmax of the tile's 32 scores (log2 domain) and O^T += V^T P^T
@@ -572,7 +538,6 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
     const float mn = fmaxf(m, mt);
-    float pv = 0.f;
     __syncwarp();  // every lane's V row is in Vd
     if (mn != -INFINITY) {
       if (mn > m) {  // warp-uniform: m, mt are the same in every lane
@@ -587,7 +552,7 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
         l *= alpha;
         m = mn;
       }
-      pv = exp2f(s - m);
+      const float pv = exp2f(s - m);
       l += pv;
       // B = P^T (16 tokens x 8 columns): lane holds tokens 2 (lane % 4) + {0, 1} (b0) and + 8 (b1) of
       // column lane / 4; only column 0 (the query head) is read back, the others are don't-cares.
@@ -613,10 +578,12 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
       }
     }
     __syncwarp();
-    // zero the tile's 64 data bytes of every channel line (the dummy line D is never read)
+    // zero the tile's 64 data bytes of every channel line (the dummy line D is never read): chunk
+    // (lane >> 3) & 3 of lines 8 i + (lane & 7), so the 8 lanes of a 128-byte phase hit 8 bank groups
 #pragma unroll
-    for (int e = lane; e < D * 4; e += 32)
-      *reinterpret_cast<uint4*>(smem + vd + (e >> 2) * kRLine + (e & 3) * 16) = make_uint4(0u, 0u, 0u, 0u);
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<uint4*>(smem + vd + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
+          make_uint4(0u, 0u, 0u, 0u);
     __syncwarp();
   }
   cp_async_wait<0>();
@@ -641,9 +608,9 @@ __global__ void __launch_bounds__(COMPACT ? kRMaxWarpsC * 32 : kRMaxWarps * 32, 
   }
 }
 
-template <typename T, int D, bool COMPACT>
+template <typename T, int D>
 int sdr_occ_one(int nwarps, int smem_bytes) {
-  auto kern = sd_rows_kernel<T, D, COMPACT>;
+  auto kern = sd_rows_kernel<T, D, -1, -1>;  // the same resources as the specialised instantiations
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int n = 0;
@@ -652,34 +619,36 @@ int sdr_occ_one(int nwarps, int smem_bytes) {
 }
 
 template <typename T>
-int sd_rows_blocks_per_sm(int D, bool compact, int nwarps, int smem_bytes);
+int sd_rows_blocks_per_sm(int D, int nwarps, int smem_bytes);
 template <typename T>
-void launch_sd_rows(const SDParams& p, int D, bool compact, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream,
-                    void* out, int NP, int64_t BHq);
+void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
+                    int NP, int64_t BHq);
 
 #define MUSTAFAR_DEFINE_SDR_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int sd_rows_blocks_per_sm<TYPE>(int D, bool compact, int nwarps, int smem_bytes) {                           \
-    if (compact) return D == 64 ? sdr_occ_one<TYPE, 64, true>(nwarps, smem_bytes)                              \
-                                : sdr_occ_one<TYPE, 128, true>(nwarps, smem_bytes);                            \
-    return D == 64 ? sdr_occ_one<TYPE, 64, false>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128, false>(nwarps, smem_bytes); \
+  int sd_rows_blocks_per_sm<TYPE>(int D, int nwarps, int smem_bytes) {                                          \
+    return D == 64 ? sdr_occ_one<TYPE, 64>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128>(nwarps, smem_bytes);   \
   }                                                                                                            \
   template <>                                                                                                  \
-  void launch_sd_rows<TYPE>(const SDParams& p, int D, bool compact, int nwarps, int smem_bytes, dim3 grid,       \
-                            cudaStream_t stream, void* out, int NP, int64_t BHq) {                             \
+  void launch_sd_rows<TYPE>(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
+                            void* out, int NP, int64_t BHq) {                                                  \
     auto go = [&](auto kern) {                                                                                 \
       if (smem_bytes > 48 * 1024)                                                                              \
         C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));   \
       kern<<<grid, nwarps * 32, smem_bytes, stream>>>(p);                                                      \
       MF_CHECK_LAUNCH();                                                                                       \
     };                                                                                                         \
+    /* the two common row layouts (70 %: k/2 odd; 50 %: k % 8 == 0) compiled in, any other read at run time */ \
+    const bool pp = p.r_ldk == kRLdPair && p.r_ldv == kRLdPair, oo = p.r_ldk == kRLdOct && p.r_ldv == kRLdOct;  \
     if (D == 64) {                                                                                             \
-      if (compact) go(sd_rows_kernel<TYPE, 64, true>);                                                         \
-      else go(sd_rows_kernel<TYPE, 64, false>);                                                                \
+      if (pp) go(sd_rows_kernel<TYPE, 64, kRLdPair, kRLdPair>);                                                \
+      else if (oo) go(sd_rows_kernel<TYPE, 64, kRLdOct, kRLdOct>);                                             \
+      else go(sd_rows_kernel<TYPE, 64, -1, -1>);                                                               \
       sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);         \
     } else {                                                                                                   \
-      if (compact) go(sd_rows_kernel<TYPE, 128, true>);                                                        \
-      else go(sd_rows_kernel<TYPE, 128, false>);                                                               \
+      if (pp) go(sd_rows_kernel<TYPE, 128, kRLdPair, kRLdPair>);                                               \
+      else if (oo) go(sd_rows_kernel<TYPE, 128, kRLdOct, kRLdOct>);                                            \
+      else go(sd_rows_kernel<TYPE, 128, -1, -1>);                                                              \
       sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);       \
     }                                                                                                          \
     MF_CHECK_LAUNCH();                                                                                         \
