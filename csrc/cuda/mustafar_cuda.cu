@@ -407,7 +407,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     };
     p.r_ldk = ld_mode(kk, p.r_lgk);
     p.r_ldv = ld_mode(kv, p.r_lgv);
-    p.off_vd = (int)((D + 1) * 128);  // lane-private q, then one region per warp
+    p.off_vd = (int)r16((D + 4) * 4);  // q (fp32, a zero at D), then one region per warp
     p.r_off_stk = r16((D + 1) * kRLine);
     p.r_off_stv = p.r_off_stk + r16(kRRows * kk * 2);
     p.r_bufstep = p.r_off_stv + r16(kRRows * kv * 2) - p.r_off_stk;  // K + V stage buffers of one tile

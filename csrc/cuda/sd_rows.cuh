@@ -12,12 +12,9 @@
 //     __syncthreads after the start;
 //   * one lane does both the K row and the V row of its token, each walked from both ends at once:
 //     four independent dependency chains per thread (K up, K down, V up, V down);
-//   * q sits in shared memory as fp32, one private copy per lane (word c*32 + lane), so the per-value
-//     gather q[channel] never has a bank conflict;
-//   * a walk step is 8 instructions: bfind (FLO) gives the highest set bit (of the bit-reversed words
-//     for the upward walk), bmsk + and clear it (the and sets the "word not empty" predicate), three
-//     selects shift the queue of remaining words, a predicated add moves to the next word's slots, and
-//     the slot address is one IMAD;
+//   * q sits in shared memory as fp32 (the per-value gather q[channel] costs ~1.24 wavefronts: at step j
+//     the lanes' j-th stored channels lie close together, so they rarely share a bank);
+//   * a walk step is 9 instructions with a 3-instruction dependency chain (RWalk);
 //   * values are read from the stage buffer in groups of 8 per chain (32-bit loads when k/2 is odd,
 //     16-byte loads of swizzled or odd-length rows when k % 8 == 0, 16-bit loads otherwise), so the
 //     loops stay small (the fully unrolled walk of an earlier version missed the instruction cache);
@@ -36,7 +33,7 @@ namespace mustafar_cuda {
 constexpr int kRRows = 32;      // rows (tokens) per warp tile: one per lane
 constexpr int kRLine = 80;      // bytes per channel line of a warp's dense V tile: 32 tokens + 16 B pad
 constexpr int kRKMax = 64;      // most stored values per row (k_k and k_v): larger k go to v4 / v5
-constexpr int kRMaxWarps = 10;  // warps per CTA at most (the host picks 4-10 by occupancy)
+constexpr int kRMaxWarps = 12;  // warps per CTA at most (the host picks 4-12 by occupancy)
 enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its row from the stage buffer
 
 __device__ __forceinline__ uint32_t r_bfind(uint32_t x) {  // bit index of the highest set bit; ~0u for 0
@@ -51,29 +48,31 @@ __device__ __forceinline__ uint32_t r_bmsk(uint32_t n) {  // (1 << n) - 1, all o
 }
 
 // Walks over the stored channels of one row, for rows with exactly k stored values and no empty 32-bit
-// word. UP = true: ascending from the lowest channel (the words are bit-reversed, so the highest set bit
-// is the lowest stored channel); UP = false: descending from the highest. next() returns the shared-memory
-// address (shared state space) of the slot of the next stored channel: adj -/+ bfind * S, adj being the
-// slot of channel 32 i + 31 (up) or 32 i (down) of the current word i. When the word runs empty, three
-// selects shift the queue of remaining words and a predicated add moves adj by 32 slots. 8 SASS
-// instructions: FLO, IMAD, BMSK, LOP3 (with the predicate), 3 SEL, IADD. Lanes without a row walk a
-// synthetic complete row (r_synth_row): their slots are real, but their score is masked and their
-// probability is 0.
+// word. UP = true: ascending from the lowest channel; UP = false: descending from the highest (on the
+// bit-reversed words). A step clears the lowest set bit of the current word, w & (w - 1), whose and also
+// sets the "word not empty" predicate; three selects shift the queue of remaining words and a predicated
+// add moves adj by 32 slots. Only these (IADD, LOP3, SEL) form the dependency chain from one step to the
+// next: the slot address, adj +/- bfind(w ^ (w & (w - 1))) * S with adj the slot of channel 32 i (up) or
+// 32 i + 31 (down) of the current word i, is off it (bfind has a long latency; a walk that cleared the
+// highest set bit with bfind + bmsk on the chain ran ~2x slower per step). 9 SASS instructions per step:
+// IADD, LOP3, LOP3, FLO, IMAD, 3 SEL, IADD. Lanes without a row walk a synthetic complete row
+// (r_synth_row): their slots are real, but their score is masked and their probability is 0.
 template <int NW, int S, bool UP>
 struct RWalk {
   uint32_t w, n1, n2, n3, adj;
   __device__ __forceinline__ uint32_t next() {
-    constexpr int MS = UP ? -S : S;            // slot stride per bit index
+    constexpr int MS = UP ? S : -S;            // slot stride per bit index
     constexpr int WS = UP ? 32 * S : -32 * S;  // to the next word's slots
     uint32_t a;
     if constexpr (NW > 2) {
       asm("{\n\t"
           ".reg .pred p;\n\t"
-          ".reg .u32 pp, mk, wn;\n\t"
-          "bfind.u32 pp, %1;\n\t"
+          ".reg .u32 pp, wm, wn, lb;\n\t"
+          "add.u32 wm, %1, -1;\n\t"
+          "and.b32 wn, %1, wm;\n\t"
+          "xor.b32 lb, %1, wn;\n\t"
+          "bfind.u32 pp, lb;\n\t"
           "mad.lo.u32 %0, pp, %6, %5;\n\t"
-          "bmsk.clamp.b32 mk, 0, pp;\n\t"
-          "and.b32 wn, %1, mk;\n\t"
           "setp.ne.u32 p, wn, 0;\n\t"
           "selp.b32 %1, wn, %2, p;\n\t"
           "selp.b32 %2, %2, %3, p;\n\t"
@@ -85,11 +84,12 @@ struct RWalk {
     } else {
       asm("{\n\t"
           ".reg .pred p;\n\t"
-          ".reg .u32 pp, mk, wn;\n\t"
-          "bfind.u32 pp, %1;\n\t"
+          ".reg .u32 pp, wm, wn, lb;\n\t"
+          "add.u32 wm, %1, -1;\n\t"
+          "and.b32 wn, %1, wm;\n\t"
+          "xor.b32 lb, %1, wn;\n\t"
+          "bfind.u32 pp, lb;\n\t"
           "mad.lo.u32 %0, pp, %4, %3;\n\t"
-          "bmsk.clamp.b32 mk, 0, pp;\n\t"
-          "and.b32 wn, %1, mk;\n\t"
           "setp.ne.u32 p, wn, 0;\n\t"
           "selp.b32 %1, wn, %2, p;\n\t"
           "@!p add.u32 %3, %3, %5;\n\t"
@@ -104,21 +104,21 @@ struct RWalk {
 template <int NW, int S>
 __device__ __forceinline__ RWalk<NW, S, true> r_walk_up(const uint32_t (&wd)[NW], uint32_t base) {
   RWalk<NW, S, true> r;
-  r.w = __brev(wd[0]);
-  r.n1 = __brev(wd[1]);
-  r.n2 = NW > 2 ? __brev(wd[NW > 2 ? 2 : 0]) : 0u;
-  r.n3 = NW > 3 ? __brev(wd[NW > 3 ? 3 : 0]) : 0u;
-  r.adj = base + 31u * (uint32_t)S;
+  r.w = wd[0];
+  r.n1 = wd[1];
+  r.n2 = NW > 2 ? wd[NW > 2 ? 2 : 0] : 0u;
+  r.n3 = NW > 3 ? wd[NW > 3 ? 3 : 0] : 0u;
+  r.adj = base;
   return r;
 }
 template <int NW, int S>
 __device__ __forceinline__ RWalk<NW, S, false> r_walk_down(const uint32_t (&wd)[NW], uint32_t base) {
   RWalk<NW, S, false> r;
-  r.w = wd[NW - 1];
-  r.n1 = wd[NW - 2];
-  r.n2 = NW > 2 ? wd[NW > 2 ? NW - 3 : 0] : 0u;
-  r.n3 = NW > 3 ? wd[NW > 3 ? NW - 4 : 0] : 0u;
-  r.adj = base + (uint32_t)(32 * (NW - 1) * S);
+  r.w = __brev(wd[NW - 1]);
+  r.n1 = __brev(wd[NW - 2]);
+  r.n2 = NW > 2 ? __brev(wd[NW > 2 ? NW - 3 : 0]) : 0u;
+  r.n3 = NW > 3 ? __brev(wd[NW > 3 ? NW - 4 : 0]) : 0u;
+  r.adj = base + (uint32_t)((32 * (NW - 1) + 31) * S);
   return r;
 }
 
@@ -195,26 +195,34 @@ __device__ __forceinline__ int r_swz(int r, int c, int lg) {
 // Layout: row r at r * 2k bytes (kRLdPair / kRLdAny, and kRLdOct with lg < 0), or 16-byte chunks
 // swizzled within rows of 2^lg chunks (kRLdOct). cp.async for whole 16-byte chunks; the tail of a
 // partial tile (and unaligned caches, vec16 == 0) is copied with 16-bit loads and stores.
-__device__ __forceinline__ void r_stage_side(char* dst, const char* src, int nc, int k, int mode, int lg, int vec16,
-                                             int lane) {
+__device__ __forceinline__ void r_cp16(uint32_t dst_s, const char* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst_s), "l"(src));
+}
+__device__ __forceinline__ void r_stage_side(char* smem, uint32_t dst, const char* src, int nc, int k, int mode, int lg,
+                                             int vec16, int lane) {
   const int bytes = nc * k * 2;
   int done = 0;
   if (vec16) {
-    if (mode == kRLdOct && lg >= 0) {
-      const int n16 = bytes >> 4;  // whole rows (k % 8 == 0)
+    const int n16 = bytes >> 4;
+    const uint32_t dst_s = (uint32_t)__cvta_generic_to_shared(smem) + dst;
+    if (mode == kRLdOct && lg >= 0) {  // whole rows (k % 8 == 0)
+      const int cm = (1 << lg) - 1;
       for (int i = lane; i < n16; i += 32) {
-        const int r = i >> lg, c = i & ((1 << lg) - 1);
-        cp_async16(dst + ((r << lg) + r_swz(r, c, lg)) * 16, src + 16 * i);
+        const int r = i >> lg;
+        r_cp16(dst_s + (uint32_t)(((r << lg) + r_swz(r, i & cm, lg)) << 4), src + 16 * i);
       }
       done = bytes;
     } else {
-      const int n16 = bytes >> 4;
-      for (int i = lane; i < n16; i += 32) cp_async16(dst + 16 * i, src + 16 * i);
+      const char* s = src + 16 * lane;
+      uint32_t d = dst_s + 16u * (uint32_t)lane;
+#pragma unroll 2
+      for (int i = lane; i < n16; i += 32, s += 512, d += 512u) r_cp16(d, s);
       done = n16 << 4;
     }
   }
+  if (done == bytes) return;
   const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
-  uint16_t* d16 = reinterpret_cast<uint16_t*>(dst);
+  uint16_t* d16 = reinterpret_cast<uint16_t*>(smem + dst);
   if (mode == kRLdOct && lg >= 0) {  // unaligned source: element copies into the swizzled layout
     for (int i = (done >> 1) + lane; i < (bytes >> 1); i += 32) {
       const int r = i / k, j = i - r * k;
@@ -271,7 +279,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
   constexpr int CPL = D / 32;   // channels per lane in the dense window path (lane, lane + 32, ...)
-  constexpr int QS = 128;       // bytes between channels of the lane-private q
+  constexpr int QS = 4;         // bytes between channels of q
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ __align__(16) char smem[];
 
@@ -287,12 +295,12 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   const int kk = p.kk, kv = p.kv;
   const int ldk = LK >= 0 ? LK : p.r_ldk, ldv = LV >= 0 ? LV : p.r_ldv;
 
-  // ---- q (scaled by scale * log2 e) as fp32, one copy per lane: word c * 32 + lane; q[D] = 0 (dummy)
+  // ---- q (scaled by scale * log2 e) as fp32 at byte 4 c, q[D] = 0 (dummy). The gather q[channel] of a
+  // walk step costs ~1.24 shared-memory wavefronts on random top-k rows (the lanes' j-th stored channels
+  // lie close together), measured against 1.0 for a private copy per lane that took 16 KB.
   const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * D;
-  for (int i = tid; i < (D + 1) * 32; i += (int)blockDim.x) {
-    const int c = i >> 5;
-    *reinterpret_cast<float*>(smem + 4 * i) = c < D ? to_f(qp[c]) * p.qscale : 0.f;
-  }
+  for (int c = tid; c < D + 4; c += (int)blockDim.x)
+    *reinterpret_cast<float*>(smem + 4 * c) = c < D ? to_f(qp[c]) * p.qscale : 0.f;
   float qw[CPL];  // the window path's channels lane + 32 j
 #pragma unroll
   for (int j = 0; j < CPL; ++j) qw[j] = to_f(qp[lane + 32 * j]) * p.qscale;
@@ -312,8 +320,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   auto stage = [&](int wt, uint32_t sk, uint32_t sv) {
     const int t0 = wt * kRRows;
     const int nc = min(kRRows, p.Tc - t0);
-    r_stage_side(smem + sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, p.r_ldk, p.r_lgk, p.vec16, lane);
-    r_stage_side(smem + sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, p.r_ldv, p.r_lgv, p.vec16, lane);
+    r_stage_side(smem, sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, p.r_ldk, p.r_lgk, p.vec16, lane);
+    r_stage_side(smem, sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, p.r_ldv, p.r_lgv, p.vec16, lane);
   };
   auto load_bm = [&](int wt, uint32_t (&kw)[NW32], uint32_t (&vw)[NW32]) {
     const int t = wt * kRRows + lane;
@@ -392,7 +400,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         }
         const uint32_t kb = r_row_base(stk, kk, ldk, p.r_lgk, lane);
         const uint32_t vb = r_row_base(stv, kv, ldv, p.r_lgv, lane);
-        const uint32_t qb = smem_s + (uint32_t)(4 * lane), vdb = smem_s + vd + (uint32_t)(2 * lane);
+        const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
         auto ku = r_walk_up<NW32, QS>(kw, qb);
         auto kd = r_walk_down<NW32, QS>(kw, qb);
         auto vu = r_walk_up<NW32, kRLine>(vw, vdb);
@@ -487,7 +495,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
               const int c = 32 * i + __ffs(w) - 1;
               w &= w - 1u;
               const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + stk + r_val_off(r, j, kk, p.r_ldk, p.r_lgk));
-              const float qv = *reinterpret_cast<const float*>(smem + 4 * (c * 32 + lane));
+              const float qv = *reinterpret_cast<const float*>(smem + 4 * c);
               sa = fmaf(qv, r_half<T>(bits, 0), sa);
               ++j;
             }
