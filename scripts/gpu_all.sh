@@ -24,7 +24,7 @@ if has build; then
 fi
 if has test; then
   stamp test
-  $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/test_gpu.log" | tail -25
+  timeout ${TEST_TIMEOUT:-900} $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/test_gpu.log" | tail -25
 fi
 if has sanitize; then
   stamp sanitize
@@ -45,20 +45,20 @@ txt = open(sys.argv[1]).read()
 keep = []
 for fn in re.split(r"\n\s*Function : ", txt)[1:]:
     name = fn.split("\n", 1)[0]
-    if "sparse_decode_kernel" not in name and "sd_scatter_kernel" not in name:
+    if "sparse_decode_kernel" not in name and "sd_scatter_kernel" not in name and "sd_rows_kernel" not in name:
         continue
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", fn)
     c = collections.Counter(o.split(".")[0] for o in ops)
     print(name[:100], "total", len(ops), dict(c.most_common(12)))
-    if "6__half" in name and ("Li128ELi1EEEv" in name or "Li128ELi1ELi2EEEv" in name):
-        keep.append(fn)  # v4 and v5 (pair mode), fp16, D=128, one head per KV head
+    if "6__half" in name and ("Li128ELi1EEEv" in name or "Li128ELi1ELi2EEEv" in name or "Li128ELi1ELi1EEEv" in name):
+        keep.append(fn)  # v4, v5 (pair mode) and v6 (pair rows), fp16, D=128, one head per KV head
 open(sys.argv[2], "w").write("\n".join(keep))
 PYEOF
   fi
 fi
 if has bench; then
   stamp bench
-  $PY -m mustafar.bench.kernel ${BENCH_ARGS:-} --out results/kernel_h200.json 2>&1 | tee "$OUT/bench_kernel.log" | tail -80
+  timeout ${BENCH_TIMEOUT:-900} $PY -m mustafar.bench.kernel ${BENCH_ARGS:-} --out results/kernel_h200.json 2>&1 | tee "$OUT/bench_kernel.log" | tail -80
   cp results/kernel_h200.json "$OUT/" 2>/dev/null
 fi
 if has e2e; then
