@@ -802,8 +802,8 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
     Returns
     -------
     DataFrame with columns ``shape`` (e.g. ``"H32/8 B=8 T=16K"``), ``kernel`` (``dense SDPA``,
-    ``fused v4``, ``fused v5`` (the two CUDA kernels, when the run timed both; else ``fused sparse``),
-    ``unfused (decode + SDPA)``, ``byte floor (fused)``) and ``ms``.
+    ``fused v4``, ``fused v5``, ``fused v6`` (each CUDA kernel the run timed; ``fused sparse`` for runs
+    that timed only the default one), ``unfused (decode + SDPA)``, ``byte floor (fused)``) and ``ms``.
     """
     import pandas as pd
 
@@ -812,8 +812,9 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
         sub = sub[(sub["sparsity"] - sparsity).abs() < 1e-9]
     if "dtype" in df.columns:
         sub = sub[sub["dtype"] == dtype]
-    both = "fused_v4_ms" in sub.columns and sub["fused_v4_ms"].notna().any()
-    fused = {"fused_v4_ms": "fused v4", "fused_v5_ms": "fused v5"} if both else {"fused_ms": "fused sparse"}
+    per_kernel = {c: f"fused {c[6:8]}" for c in ("fused_v4_ms", "fused_v5_ms", "fused_v6_ms")
+                  if c in sub.columns and sub[c].notna().any()}
+    fused = per_kernel or {"fused_ms": "fused sparse"}
     cols = {"dense_ms": "dense SDPA", **fused, "unfused_ms": "unfused (decode + SDPA)",
             "fused_floor_ms": "byte floor (fused)"}
     rows = []

@@ -10,8 +10,9 @@ The extension is built/loaded lazily on first use (see :mod:`mustafar._build`). 
 warning is issued once and the reference is used. The environment variable ``MUSTAFAR_BACKEND``
 selects: ``auto`` (default), ``reference`` (always the plain-torch reference) or ``compiled``
 (a build failure, or a device without compiled kernels, is an error). On CUDA, ``sparse_decode``
-has two kernels, chosen per call in the C++ wrapper: ``MUSTAFAR_CUDA_DECODE=auto`` (default: v5
-for grouped-query attention in fp16/bf16, v4 otherwise), ``v4`` or ``v5`` (see
+has three kernels, chosen per call in the C++ wrapper: ``MUSTAFAR_CUDA_DECODE=auto`` (default: v6
+for fp16/bf16 with one query head per KV head and at most 64 stored values per row, v5 for
+grouped-query attention in fp16/bf16, v4 otherwise), ``v4``, ``v5`` or ``v6`` (see
 ``docs/kernel_notes.md``).
 """
 
