@@ -54,7 +54,9 @@ unless ``max_cache_len`` preallocates it) for K and V,
 and an int64 ``[2]`` counter tensor. Appends write rows after the last used row; nothing stored is
 rewritten. ``cap`` is ``max_cache_len`` when given; otherwise it grows geometrically (x2), and each
 growth copies the used rows once into the new buffer (amortised O(1) per token, but a real copy:
-pass ``max_cache_len`` to avoid it).
+pass ``max_cache_len`` to avoid it). ``cap`` is always rounded up to a multiple of 8 rows, so every
+``(batch, head)`` slice of the store starts 16-byte aligned for any ``k`` (the CUDA kernels stage it
+with 16-byte copies; an unaligned store falls back to element copies, several times slower).
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # layer_idx -> True between a compressed decode-step `update` and the attention call that consumes it;
 # lets mustafar.attention detect a model that transforms the keys in between (it would lose the store).
 PENDING_DECODE: dict[int, bool] = {}
+
+
+def _round8(n: int) -> int:
+    """``n`` rounded up to a multiple of 8 (rows of the compressed store: 16-byte aligned slices)."""
+    return -(-int(n) // 8) * 8
 
 
 @dataclass
@@ -654,8 +661,8 @@ class _MustafarLayerBase(CacheLayerMixin):
     # -- capacity helper
     def _new_capacity(self, current: int, needed: int) -> int:
         if self.max_cache_len is not None and needed <= self.max_cache_len:
-            return max(self.max_cache_len, current)
-        return max(needed, 2 * current, 64)
+            return max(_round8(self.max_cache_len), current)
+        return _round8(max(needed, 2 * current, 64))
 
     # -- storage API of the subclasses
     def _allocate(self, batch: int, device) -> None: ...
@@ -680,7 +687,7 @@ class MustafarLayer(_MustafarLayerBase):
         self.W = d // 64
         self.kk = self.cfg.kept("k", d)
         self.kv = self.cfg.kept("v", d)
-        cap = self.max_cache_len or 0
+        cap = _round8(self.max_cache_len or 0)
         self.cap = cap
         self.k_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
         self.v_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
@@ -820,7 +827,7 @@ class MustafarSimulatedLayer(_MustafarLayerBase):
 
     def _allocate(self, batch, device):
         d, h = self.head_dim, self.num_kv_heads
-        self.cap = self.max_cache_len or 0
+        self.cap = _round8(self.max_cache_len or 0)
         self.k_buf = torch.zeros(batch, h, self.cap, d, dtype=self.dtype, device=device)
         self.v_buf = torch.zeros(batch, h, self.cap, d, dtype=self.dtype, device=device)
         self._sync_kv()

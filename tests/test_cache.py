@@ -169,6 +169,22 @@ def test_decode_reads_compressed_store(monkeypatch):
     assert torch.equal(layer.k_vals[:, :, : stored.shape[2]], stored)  # nothing stored was rewritten
 
 
+@pytest.mark.parametrize("max_len", [None, 61])
+def test_store_capacity_keeps_slices_16_byte_aligned(max_len):
+    """The compressed store's capacity is a multiple of 8 rows: every (batch, head) slice of the values
+    starts 16-byte aligned for any k (the CUDA kernels' 16-byte staging), with or without max_cache_len."""
+    model, _ = _model("tiny-llama")
+    ids, mask = _prompt(model)
+    cfg = MustafarConfig(**{**SMALL, "k_sparsity": 0.7, "v_sparsity": 0.6})
+    cache = MustafarCache(model, cfg, max_cache_len=max_len)
+    _generate(model, ids, mask, cache, n=3)
+    layer = cache.layers[0]
+    assert layer.cap % 8 == 0 and layer.cap >= (max_len or layer.n_c)
+    for t in (layer.k_vals, layer.v_vals, layer.k_bitmap, layer.v_bitmap):
+        assert (t.stride(1) * t.element_size()) % 16 == 0, (tuple(t.shape), t.stride())
+        assert t.data_ptr() % 16 == 0
+
+
 def test_window_buffer_grows_on_demand_and_matches_simulate():
     """Without max_cache_len the dense window starts at local_window + 1 rows and doubles up to
     local_window + compress_chunk + 1; the tokens equal simulate mode across the growth."""
