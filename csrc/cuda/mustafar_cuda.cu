@@ -329,8 +329,16 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   auto q = q_in.contiguous();
   auto kb = rows_ok(k_bitmap_in), vb = rows_ok(v_bitmap_in);
   auto kvals = rows_ok(k_values_in), vvals = rows_ok(v_values_in);
-  auto kw = k_window_in.stride(3) == 1 ? k_window_in : k_window_in.contiguous();
-  auto vw = v_window_in.stride(3) == 1 ? v_window_in : v_window_in.contiguous();
+  // windows: unit channel stride and (for 16-bit types) rows 4-byte aligned, else a contiguous copy
+  auto win_ok = [&](const at::Tensor& t) {
+    if (t.stride(3) != 1 && t.size(3) > 1) return false;
+    if (t.element_size() >= 4 || t.numel() == 0) return true;
+    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 2 == 0);
+    return ok;
+  };
+  auto kw = win_ok(k_window_in) ? k_window_in : k_window_in.contiguous();
+  auto vw = win_ok(v_window_in) ? v_window_in : v_window_in.contiguous();
 
   const bool poison = poison_outputs();
   at::Tensor out = poison ? at::full({B, Hq, D}, std::numeric_limits<float>::quiet_NaN(), q.options())

@@ -23,7 +23,7 @@
 //
 // A tile whose rows are not all complete top-k rows without an empty 32-bit word (arbitrary masks)
 // takes a general path: per-word loops over the set bits, values read from the stage buffer by index.
-// Dense window rows take a warp-cooperative path (lane l owns channels l, l+32, ...).
+// Dense window rows take the same lane-per-row shape (a dense dot with q, the row copied into Vd).
 // Each warp writes one partial (m, l, o) and sparse_decode_merge combines them (as for v4 / v5).
 
 #include "sd_scatter.cuh"
@@ -278,7 +278,6 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
-  constexpr int CPL = D / 32;   // channels per lane in the dense window path (lane, lane + 32, ...)
   constexpr int QS = 4;         // bytes between channels of q
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ __align__(16) char smem[];
@@ -301,9 +300,6 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * D;
   for (int c = tid; c < D + 4; c += (int)blockDim.x)
     *reinterpret_cast<float*>(smem + 4 * c) = c < D ? to_f(qp[c]) * p.qscale : 0.f;
-  float qw[CPL];  // the window path's channels lane + 32 j
-#pragma unroll
-  for (int j = 0; j < CPL; ++j) qw[j] = to_f(qp[lane + 32 * j]) * p.qscale;
 
   // ---- this warp's region: dense V tile (D + 1 lines; line D is the dummy), two pairs of K / V stage
   // buffers. All zeroed, so stale stage data is always finite (lanes without a row scatter it with
@@ -519,26 +515,33 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
       stv = stv == stv0 ? stv0 + bufstep : stv0;
       s = (valid && t >= ks) ? sa + sb : -INFINITY;
     } else {
-      // ================= a dense window tile: lane owns channels lane + 32 j, rows one at a time
+      // ================= a dense window tile: lane = row, as for a compressed tile (its K dot with q, and
+      // its V row into Vd); rows are read with 32-bit loads (the host makes window rows 4-byte aligned)
       const int w0 = (wt - ntc) * kRRows;
       const int nwin = min(kRRows, p.Tw - w0);
+      const bool valid = lane < nwin;
       float sc = 0.f;
-#pragma unroll 1
-      for (int rr = 0; rr < nwin; ++rr) {
-        const T* kr = sl.kwin + (int64_t)(w0 + rr) * p.kwin_st;
-        const uint16_t* vr = reinterpret_cast<const uint16_t*>(sl.vwin + (int64_t)(w0 + rr) * p.vwin_st);
-        float part = 0.f;
-#pragma unroll
-        for (int j = 0; j < CPL; ++j) part = fmaf(qw[j], to_f(kr[lane + 32 * j]), part);
-#pragma unroll
-        for (int off = 16; off >= 1; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        if (lane == rr) sc = part;
-#pragma unroll
-        for (int j = 0; j < CPL; ++j)
-          *reinterpret_cast<uint16_t*>(smem + vd + (lane + 32 * j) * kRLine + 2 * rr) = vr[lane + 32 * j];
+      if (valid) {
+        const uint32_t* kr = reinterpret_cast<const uint32_t*>(sl.kwin + (int64_t)(w0 + lane) * p.kwin_st);
+        const uint32_t* vr = reinterpret_cast<const uint32_t*>(sl.vwin + (int64_t)(w0 + lane) * p.vwin_st);
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll 8
+        for (int c2 = 0; c2 < D / 2; ++c2) {
+          const uint32_t x = kr[c2];
+          const float2 qq = *reinterpret_cast<const float2*>(smem + 8 * c2);
+          s0 = fmaf(qq.x, r_half<T>(x, 0), s0);
+          s1 = fmaf(qq.y, r_half<T>(x, 1), s1);
+        }
+        sc = s0 + s1;
+#pragma unroll 8
+        for (int c2 = 0; c2 < D / 2; ++c2) {
+          const uint32_t x = vr[c2];
+          *reinterpret_cast<uint16_t*>(smem + vd + (2 * c2) * kRLine + 2 * lane) = (uint16_t)x;
+          *reinterpret_cast<uint16_t*>(smem + vd + (2 * c2 + 1) * kRLine + 2 * lane) = (uint16_t)(x >> 16);
+        }
       }
       const int t = p.Tc + w0 + lane;
-      s = (lane < nwin && t >= ks) ? sc : -INFINITY;
+      s = (valid && t >= ks) ? sc : -INFINITY;
     }
 
     // ================= online softmax of the tile's 32 scores (log2 domain) and O^T += V^T P^T
