@@ -64,39 +64,23 @@ struct RWalk {
     constexpr int MS = UP ? S : -S;            // slot stride per bit index
     constexpr int WS = UP ? 32 * S : -32 * S;  // to the next word's slots
     uint32_t a;
+    // the step up to the address and the predicate; %0 = address, %1 = w, then the queue, adj, MS, WS
+#define MF_RWALK_STEP(ADJ, MSN)                                                                    \
+  "{\n\t.reg .pred p;\n\t.reg .u32 pp, wm, wn, lb;\n\tadd.u32 wm, %1, -1;\n\tand.b32 wn, %1, wm;\n\t" \
+  "xor.b32 lb, %1, wn;\n\tbfind.u32 pp, lb;\n\tmad.lo.u32 %0, pp, " MSN ", " ADJ ";\n\tsetp.ne.u32 p, wn, 0;\n\t"
     if constexpr (NW > 2) {
-      asm("{\n\t"
-          ".reg .pred p;\n\t"
-          ".reg .u32 pp, wm, wn, lb;\n\t"
-          "add.u32 wm, %1, -1;\n\t"
-          "and.b32 wn, %1, wm;\n\t"
-          "xor.b32 lb, %1, wn;\n\t"
-          "bfind.u32 pp, lb;\n\t"
-          "mad.lo.u32 %0, pp, %6, %5;\n\t"
-          "setp.ne.u32 p, wn, 0;\n\t"
-          "selp.b32 %1, wn, %2, p;\n\t"
-          "selp.b32 %2, %2, %3, p;\n\t"
-          "selp.b32 %3, %3, %4, p;\n\t"
-          "@!p add.u32 %5, %5, %7;\n\t"
-          "}"
+      asm(MF_RWALK_STEP("%5", "%6")
+          "selp.b32 %1, wn, %2, p;\n\tselp.b32 %2, %2, %3, p;\n\tselp.b32 %3, %3, %4, p;\n\t"
+          "@!p add.u32 %5, %5, %7;\n\t}"
           : "=r"(a), "+r"(w), "+r"(n1), "+r"(n2), "+r"(n3), "+r"(adj)
           : "n"(MS), "n"(WS));
     } else {
-      asm("{\n\t"
-          ".reg .pred p;\n\t"
-          ".reg .u32 pp, wm, wn, lb;\n\t"
-          "add.u32 wm, %1, -1;\n\t"
-          "and.b32 wn, %1, wm;\n\t"
-          "xor.b32 lb, %1, wn;\n\t"
-          "bfind.u32 pp, lb;\n\t"
-          "mad.lo.u32 %0, pp, %4, %3;\n\t"
-          "setp.ne.u32 p, wn, 0;\n\t"
-          "selp.b32 %1, wn, %2, p;\n\t"
-          "@!p add.u32 %3, %3, %5;\n\t"
-          "}"
+      asm(MF_RWALK_STEP("%3", "%4")
+          "selp.b32 %1, wn, %2, p;\n\t@!p add.u32 %3, %3, %5;\n\t}"
           : "=r"(a), "+r"(w), "+r"(n1), "+r"(adj)
           : "n"(MS), "n"(WS));
     }
+#undef MF_RWALK_STEP
     return a;
   }
 };
@@ -141,18 +125,6 @@ __device__ __forceinline__ float r_lds_f32(uint32_t a) {
 }
 __device__ __forceinline__ void r_sts_u16(uint32_t a, uint32_t v) {
   asm volatile("st.shared.u16 [%0], %1;" ::"r"(a), "h"((unsigned short)v) : "memory");
-}
-
-template <int NW>
-__device__ __forceinline__ bool r_row_ok(const uint32_t (&wd)[NW], int k) {
-  int n = 0;
-  bool nz = true;
-#pragma unroll
-  for (int i = 0; i < NW; ++i) {
-    n += __popc(wd[i]);
-    nz = nz && wd[i] != 0u;
-  }
-  return nz && n == k;
 }
 
 // value j (0 or 1) of a packed 16-bit pair as float
@@ -378,7 +350,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         vw[i] = vwn[i];
       }
       load_bm(nxt, kwn, vwn);  // prefetch
-      const bool fast = kfast_ok && __all_sync(0xffffffffu, !valid || (r_row_ok<NW32>(kw, kk) && r_row_ok<NW32>(vw, kv)));
+      const bool fast = kfast_ok && __all_sync(0xffffffffu, !valid || (reg_walk_ok<NW32>(kw, kk) && reg_walk_ok<NW32>(vw, kv)));
       // the next tile into the other buffers (free: every lane finished reading them last iteration), then
       // wait for this one
       if (nxt < ntc_here) stage(nxt, stk == stk0 ? stk0 + bufstep : stk0, stv == stv0 ? stv0 + bufstep : stv0);
