@@ -16,8 +16,9 @@
 //     the lanes' j-th stored channels lie close together, so they rarely share a bank);
 //   * a walk step is 9 instructions with a 3-instruction dependency chain (RWalk);
 //   * values are read from the stage buffer in groups of 8 per chain (32-bit loads when k/2 is odd,
-//     16-byte loads of swizzled or odd-length rows when k % 8 == 0, 16-bit loads otherwise), so the
-//     loops stay small (the fully unrolled walk of an earlier version missed the instruction cache);
+//     16-byte loads of swizzled or odd-length rows when k % 8 == 0, 16-bit loads otherwise): small
+//     loops for any k, and registers for four chains (a walk fully unrolled over k, with all values in
+//     registers, fit only one chain per side and doubled the instruction-fetch stalls);
 //   * V values are scattered into the warp's channel-major dense tile Vd[channel][token] and
 //     O^T += V^T P^T runs on tensor cores (mma.m16n8k16, A = V^T by ldmatrix, B = P^T by shuffles).
 //
@@ -35,17 +36,6 @@ constexpr int kRLine = 80;      // bytes per channel line of a warp's dense V ti
 constexpr int kRKMax = 64;      // most stored values per row (k_k and k_v): larger k go to v4 / v5
 constexpr int kRMaxWarps = 12;  // warps per CTA at most (the host picks 4-12 by occupancy)
 enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its row from the stage buffer
-
-__device__ __forceinline__ uint32_t r_bfind(uint32_t x) {  // bit index of the highest set bit; ~0u for 0
-  uint32_t d;
-  asm("bfind.u32 %0, %1;" : "=r"(d) : "r"(x));
-  return d;
-}
-__device__ __forceinline__ uint32_t r_bmsk(uint32_t n) {  // (1 << n) - 1, all ones for n >= 32
-  uint32_t d;
-  asm("bmsk.clamp.b32 %0, %1, %2;" : "=r"(d) : "r"(0u), "r"(n));
-  return d;
-}
 
 // Walks over the stored channels of one row, for rows with exactly k stored values and no empty 32-bit
 // word. UP = true: ascending from the lowest channel; UP = false: descending from the highest (on the
@@ -213,8 +203,8 @@ __device__ __forceinline__ uint32_t r_val_off(int r, int j, int k, int mode, int
 
 // values pos .. pos+7 of the lane's row (base = the row's start in the stage buffer) as 16-bit pairs v[0..3];
 // only the first nv are read (the rest are 0). kRLdOct needs pos % 8 == 0, kRLdPair an even pos.
-__device__ __forceinline__ void r_load8(const char* smem, uint32_t st, uint32_t base, int pos, int nv, int mode,
-                                        int lg, int lane, uint32_t (&v)[4]) {
+__device__ __forceinline__ void r_load8(const char* smem, uint32_t base, int pos, int nv, int mode, int lg, int lane,
+                                        uint32_t (&v)[4]) {
   if (mode == kRLdOct) {
     const uint32_t off = lg >= 0 ? (uint32_t)(r_swz(lane, pos >> 3, lg) << 4) : (uint32_t)(pos << 1);
     const uint4 x = *reinterpret_cast<const uint4*>(smem + base + off);
@@ -235,7 +225,6 @@ __device__ __forceinline__ void r_load8(const char* smem, uint32_t st, uint32_t 
       v[u] = lo | (hi << 16);
     }
   }
-  (void)st;
 }
 
 // start of the lane's row in a stage buffer
@@ -384,10 +373,10 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
         for (; g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
           uint32_t a0[4], a1[4], b0[4], b1[4];
-          r_load8(smem, stk, kb, 8 * g, 8, ldk, p.r_lgk, lane, a0);
-          r_load8(smem, stk, kb, kk - 8 * g - 8, 8, ldk, p.r_lgk, lane, a1);
-          r_load8(smem, stv, vb, 8 * g, 8, ldv, p.r_lgv, lane, b0);
-          r_load8(smem, stv, vb, kv - 8 * g - 8, 8, ldv, p.r_lgv, lane, b1);
+          r_load8(smem, kb, 8 * g, 8, ldk, p.r_lgk, lane, a0);
+          r_load8(smem, kb, kk - 8 * g - 8, 8, ldk, p.r_lgk, lane, a1);
+          r_load8(smem, vb, 8 * g, 8, ldv, p.r_lgv, lane, b0);
+          r_load8(smem, vb, kv - 8 * g - 8, 8, ldv, p.r_lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             kstep(ku, sa, a0, u);
@@ -399,8 +388,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
         for (int gk = g; gk < nfk; ++gk) {
           uint32_t a0[4], a1[4];
-          r_load8(smem, stk, kb, 8 * gk, 8, ldk, p.r_lgk, lane, a0);
-          r_load8(smem, stk, kb, kk - 8 * gk - 8, 8, ldk, p.r_lgk, lane, a1);
+          r_load8(smem, kb, 8 * gk, 8, ldk, p.r_lgk, lane, a0);
+          r_load8(smem, kb, kk - 8 * gk - 8, 8, ldk, p.r_lgk, lane, a1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             kstep(ku, sa, a0, u);
@@ -410,8 +399,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
         for (int gv = g; gv < nfv; ++gv) {
           uint32_t b0[4], b1[4];
-          r_load8(smem, stv, vb, 8 * gv, 8, ldv, p.r_lgv, lane, b0);
-          r_load8(smem, stv, vb, kv - 8 * gv - 8, 8, ldv, p.r_lgv, lane, b1);
+          r_load8(smem, vb, 8 * gv, 8, ldv, p.r_lgv, lane, b0);
+          r_load8(smem, vb, kv - 8 * gv - 8, 8, ldv, p.r_lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             vstep(vu, b0, u);
@@ -421,15 +410,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         // the middle: muk values upward from 8 nfk (two windows when k < 16), mdk downward from kk - 8 nfk - 1
         if (mk) {
           uint32_t a0[4], a1[4];
-          r_load8(smem, stk, kb, 8 * nfk, min(muk, 8), ldk, p.r_lgk, lane, a0);
-          if (mdk) r_load8(smem, stk, kb, kk - 8 * nfk - 8, 8, ldk, p.r_lgk, lane, a1);
+          r_load8(smem, kb, 8 * nfk, min(muk, 8), ldk, p.r_lgk, lane, a0);
+          if (mdk) r_load8(smem, kb, kk - 8 * nfk - 8, 8, ldk, p.r_lgk, lane, a1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             if (u < muk) kstep(ku, sa, a0, u);
             if (u < mdk) kstep(kd, sb, a1, 7 - u);
           }
           if (muk > 8) {  // k < 16 only
-            r_load8(smem, stk, kb, 8, muk - 8, ldk, p.r_lgk, lane, a0);
+            r_load8(smem, kb, 8, muk - 8, ldk, p.r_lgk, lane, a0);
 #pragma unroll
             for (int u = 0; u < 7; ++u)
               if (u < muk - 8) kstep(ku, sa, a0, u);
@@ -437,15 +426,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         }
         if (mv) {
           uint32_t b0[4], b1[4];
-          r_load8(smem, stv, vb, 8 * nfv, min(muv, 8), ldv, p.r_lgv, lane, b0);
-          if (mdv) r_load8(smem, stv, vb, kv - 8 * nfv - 8, 8, ldv, p.r_lgv, lane, b1);
+          r_load8(smem, vb, 8 * nfv, min(muv, 8), ldv, p.r_lgv, lane, b0);
+          if (mdv) r_load8(smem, vb, kv - 8 * nfv - 8, 8, ldv, p.r_lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             if (u < muv) vstep(vu, b0, u);
             if (u < mdv) vstep(vdn, b1, 7 - u);
           }
           if (muv > 8) {
-            r_load8(smem, stv, vb, 8, muv - 8, ldv, p.r_lgv, lane, b0);
+            r_load8(smem, vb, 8, muv - 8, ldv, p.r_lgv, lane, b0);
 #pragma unroll
             for (int u = 0; u < 7; ++u)
               if (u < muv - 8) vstep(vu, b0, u);
