@@ -802,7 +802,7 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
     Returns
     -------
     DataFrame with columns ``shape`` (e.g. ``"H32/8 B=8 T=16K"``), ``kernel`` (``dense SDPA``,
-    ``fused v4``, ``fused v5``, ``fused v6`` (each CUDA kernel the run timed; ``fused sparse`` for runs
+    ``fused v4``, ``fused v5``, ``fused v6``, ``fused v6g`` (each CUDA kernel the run timed; ``fused sparse`` for runs
     that timed only the default one), ``unfused (decode + SDPA)``, ``byte floor (fused)``) and ``ms``.
     """
     import pandas as pd
@@ -812,7 +812,7 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
         sub = sub[(sub["sparsity"] - sparsity).abs() < 1e-9]
     if "dtype" in df.columns:
         sub = sub[sub["dtype"] == dtype]
-    per_kernel = {c: f"fused {c[6:8]}" for c in ("fused_v4_ms", "fused_v5_ms", "fused_v6_ms")
+    per_kernel = {c: f"fused {c[6:-3]}" for c in ("fused_v4_ms", "fused_v5_ms", "fused_v6_ms", "fused_v6g_ms")
                   if c in sub.columns and sub[c].notna().any()}
     fused = per_kernel or {"fused_ms": "fused sparse"}
     cols = {"dense_ms": "dense SDPA", **fused, "unfused_ms": "unfused (decode + SDPA)",

@@ -50,8 +50,8 @@ for fn in re.split(r"\n\s*Function : ", txt)[1:]:
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", fn)
     c = collections.Counter(o.split(".")[0] for o in ops)
     print(name[:100], "total", len(ops), dict(c.most_common(12)))
-    if "6__half" in name and ("Li128ELi1EEEv" in name or "Li128ELi1ELi2EEEv" in name or "Li128ELi1ELi1EEEv" in name):
-        keep.append(fn)  # v4, v5 (pair mode) and v6 (pair rows), fp16, D=128, one head per KV head
+    if "6__half" in name and ("Li128ELi1EEEv" in name or "Li128ELi1ELi2EEEv" in name or "Li128ELi1ELi1ELi38EEEv" in name):
+        keep.append(fn)  # v4, v5 (pair mode) and v6 (k = 38 compiled in), fp16, D=128, one head per KV head
 open(sys.argv[2], "w").write("\n".join(keep))
 PYEOF
   fi

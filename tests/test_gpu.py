@@ -272,10 +272,16 @@ def _v6_case(d, k_k, k_v, irregular, dtype, seed):
     return q, kb, kv, vb, vv, kw, vw
 
 
+# "v6" runs the instantiations with k compiled in where they exist (k_k = k_v = 38 or 64 at D = 128),
+# "v6g" the run-time-k one everywhere: both are checked on those rows
+@pytest.mark.parametrize("kernel", ["v6", "v6g"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", V6_MODES)
-def test_sparse_decode_v6_value_modes(dtype, mode, monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v6")
+def test_sparse_decode_v6_value_modes(dtype, mode, kernel, monkeypatch):
+    d, k_k, k_v, _ = mode
+    if kernel == "v6g" and not (d == 128 and k_k == k_v and k_k in (38, 64)):
+        pytest.skip("v6 and v6g run the same instantiation here")
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
     d, k_k, k_v, irregular = mode
     args = _v6_case(d, k_k, k_v, irregular, dtype, seed=k_k * 131 + k_v + d)
     if irregular == "empty_word":
@@ -289,23 +295,26 @@ def test_sparse_decode_v6_value_modes(dtype, mode, monkeypatch):
 
 @pytest.mark.parametrize("t_c,t_w,b", [(1, 0, 1), (31, 0, 2), (32, 0, 1), (33, 1, 2), (0, 40, 2),
                                        (4096 + 17, 33, 2), (64 * 1024 + 5, 0, 1), (37, 3, 64)])
-def test_sparse_decode_v6_lengths(t_c, t_w, b, monkeypatch):
-    """Tile edges, window only, long sequences (many splits at batch 1), batch 64."""
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v6")
-    args = _make_case(b, 2, 1, 128, t_c, t_w, torch.float16, s_k=0.7, s_v=0.7, seed=t_c + t_w)
+@pytest.mark.parametrize("kernel,s", [("v6", 0.7), ("v6", 0.5), ("v6g", 0.7)])
+def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, monkeypatch):
+    """Tile edges (the whole-tile staging of the k-compiled-in kernels vs partial tiles), window only, long
+    sequences (many splits at batch 1), batch 64."""
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
+    args = _make_case(b, 2, 1, 128, t_c, t_w, torch.float16, s_k=s, s_v=s, seed=t_c + t_w)
     scale = 1.0 / math.sqrt(128)
     out = torch.ops.mustafar.sparse_decode(*args, None, scale)
     ref = _ref64(*args, None, scale)
     assert _rel(out, ref) < 1e-2
 
 
-def test_sparse_decode_v6_refuses(monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v6")
+@pytest.mark.parametrize("kernel", ["v6", "v6g"])
+def test_sparse_decode_v6_refuses(kernel, monkeypatch):
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
     args = _make_case(1, 2, 2, 128, 70, 3, torch.float16)  # G = 2
-    with pytest.raises(ValueError, match="MUSTAFAR_CUDA_DECODE=v6 needs"):
+    with pytest.raises(ValueError, match=f"MUSTAFAR_CUDA_DECODE={kernel} needs"):
         torch.ops.mustafar.sparse_decode(*args, None, 0.1)
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float16, s_k=0.3)  # k_k = 90 > 64
-    with pytest.raises(ValueError, match="MUSTAFAR_CUDA_DECODE=v6 needs"):
+    with pytest.raises(ValueError, match=f"MUSTAFAR_CUDA_DECODE={kernel} needs"):
         torch.ops.mustafar.sparse_decode(*args, None, 0.1)
 
 

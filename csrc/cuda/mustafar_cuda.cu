@@ -372,17 +372,20 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   // with grouped-query attention (G >= 2), and v4 (mustafar_cuda.cuh) otherwise (fp32, or MHA with
   // k > 64); results/kernel_h200.json times all of them side by side. "v4" / "v5" / "v6" force one
   // (v5 and v6 have no fp32 path: fp32 always runs v4; v6 refuses configurations it does not cover).
+  // v6 has instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128 (70 % and 50 %);
+  // "v6g" forces v6's run-time-k instantiation everywhere (to test and time one against the other).
   const char* sel_env = std::getenv("MUSTAFAR_CUDA_DECODE");
   const std::string sel = (sel_env && sel_env[0]) ? std::string(sel_env) : std::string("auto");
-  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5" || sel == "v6", op, "MUSTAFAR_CUDA_DECODE=", sel,
-                 " (expected auto, v4, v5 or v6)");
+  MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5" || sel == "v6" || sel == "v6g", op,
+                 "MUSTAFAR_CUDA_DECODE=", sel, " (expected auto, v4, v5, v6 or v6g)");
   const bool half_type = q.scalar_type() != at::kFloat;
   const bool v6_ok = half_type && G == 1 && kk <= kRKMax && kv <= kRKMax;
-  if (sel == "v6" && half_type) {
-    MF_CHECK_VALUE(v6_ok, op, "MUSTAFAR_CUDA_DECODE=v6 needs one query head per KV head (G=", G,
+  if ((sel == "v6" || sel == "v6g") && half_type) {
+    MF_CHECK_VALUE(v6_ok, op, "MUSTAFAR_CUDA_DECODE=", sel, " needs one query head per KV head (G=", G,
                    ") and at most ", kRKMax, " stored values per row (k_k=", kk, ", k_v=", kv, ")");
   }
-  const bool v6 = v6_ok && (sel == "v6" || sel == "auto");
+  const bool v6 = v6_ok && (sel == "v6" || sel == "v6g" || sel == "auto");
+  const bool v6_fixed_k = sel != "v6g";
   const bool v5 = !v6 && half_type && (sel == "v5" || (sel == "auto" && G >= 2));
   int VM = kVmAny;
   if (v5) {
@@ -551,7 +554,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     if constexpr (std::is_same<scalar, float>::value) {
       launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
     } else {
-      if (v6) launch_sd_rows<scalar>(p, (int)D, nwarps, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      if (v6) launch_sd_rows<scalar>(p, (int)D, nwarps, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq,
+                                    v6_fixed_k);
       else if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
       else launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
     }

@@ -160,10 +160,32 @@ __device__ __forceinline__ int r_swz(int r, int c, int lg) {
 __device__ __forceinline__ void r_cp16(uint32_t dst_s, const char* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst_s), "l"(src));
 }
+template <int KS>  // KS > 0: k known at compile time (whole tiles take a loop of fixed trip count)
 __device__ __forceinline__ void r_stage_side(char* smem, uint32_t dst, const char* src, int nc, int k, int mode, int lg,
                                              int vec16, int lane) {
   const int bytes = nc * k * 2;
   int done = 0;
+  if constexpr (KS > 0 && (kRRows * KS * 2) % 16 == 0) {
+    if (vec16 && nc == kRRows) {  // a whole tile: N16 chunks, (N16 + 31) / 32 per lane at most, no loop
+      constexpr int N16 = kRRows * KS * 2 / 16;
+      const uint32_t dst_s = (uint32_t)__cvta_generic_to_shared(smem) + dst;
+#pragma unroll
+      for (int j = 0; j < (N16 + 31) / 32; ++j) {
+        const int i = lane + 32 * j;
+        if (32 * (j + 1) <= N16 || i < N16) {
+          uint32_t d;
+          if (mode == kRLdOct && lg >= 0) {
+            const int r = i >> lg;
+            d = (uint32_t)(((r << lg) + r_swz(r, i & ((1 << lg) - 1), lg)) << 4);
+          } else {
+            d = 16u * (uint32_t)i;
+          }
+          r_cp16(dst_s + d, src + 16 * i);
+        }
+      }
+      return;
+    }
+  }
   if (vec16) {
     const int n16 = bytes >> 4;
     const uint32_t dst_s = (uint32_t)__cvta_generic_to_shared(smem) + dst;
@@ -233,9 +255,27 @@ __device__ __forceinline__ uint32_t r_row_base(uint32_t st, int k, int mode, int
   return st + (uint32_t)(lane * k * 2);
 }
 
-// LK, LV: how K / V rows are read (kRLdPair, kRLdOct) fixed at compile time, or -1: from p.r_ldk / p.r_ldv
-template <typename T, int D, int LK, int LV>
+// The host's choice of row layout for k values per row (mustafar_cuda.cu, ld_mode): kRLdOct for k % 8 == 0
+// with an odd (lg = -1, contiguous rows) or power-of-two (lg = log2 of the 16-byte chunks, swizzled) chunk
+// count, kRLdPair for k % 4 == 2, kRLdAny otherwise.
+constexpr int r_lg_of(int k) {
+  if (k < 8 || k % 8 != 0 || (k / 8) % 2 == 1 || ((k / 8) & (k / 8 - 1)) != 0) return -1;
+  int lg = 0;
+  while ((1 << lg) < k / 8) ++lg;
+  return lg;
+}
+constexpr int r_ld_of(int k) {
+  if (k >= 8 && k % 8 == 0 && ((k / 8) % 2 == 1 || r_lg_of(k) >= 0)) return kRLdOct;
+  return k % 4 == 2 ? kRLdPair : kRLdAny;
+}
+
+// LK, LV: how K / V rows are read (kRLdPair, kRLdOct) fixed at compile time, or -1: from p.r_ldk / p.r_ldv.
+// KC > 0: k_k = k_v = KC known at compile time (the fast path's loops, the split of the middle values
+// between the walks, staging and value addresses become constants; the host launches it only for
+// p.kk == p.kv == KC), 0: read from p.
+template <typename T, int D, int LK, int LV, int KC = 0>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDParams p) {
+  static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
@@ -252,8 +292,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   const int wt0 = split * p.tiles_per_split;
   const int wt1 = min(nall, wt0 + p.tiles_per_split);
   const int ntc_here = min(wt1, ntc);
-  const int kk = p.kk, kv = p.kv;
+  const int kk = KC ? KC : p.kk, kv = KC ? KC : p.kv;
   const int ldk = LK >= 0 ? LK : p.r_ldk, ldv = LV >= 0 ? LV : p.r_ldv;
+  const int lgk = KC ? r_lg_of(KC) : p.r_lgk, lgv = KC ? r_lg_of(KC) : p.r_lgv;
 
   // ---- q (scaled by scale * log2 e) as fp32 at byte 4 c, q[D] = 0 (dummy). The gather q[channel] of a
   // walk step costs ~1.24 shared-memory wavefronts on random top-k rows (the lanes' j-th stored channels
@@ -277,8 +318,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   auto stage = [&](int wt, uint32_t sk, uint32_t sv) {
     const int t0 = wt * kRRows;
     const int nc = min(kRRows, p.Tc - t0);
-    r_stage_side(smem, sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, p.r_ldk, p.r_lgk, p.vec16, lane);
-    r_stage_side(smem, sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, p.r_ldv, p.r_lgv, p.vec16, lane);
+    r_stage_side<KC>(smem, sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, ldk, lgk, p.vec16, lane);
+    r_stage_side<KC>(smem, sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, ldv, lgv, p.vec16, lane);
   };
   auto load_bm = [&](int wt, uint32_t (&kw)[NW32], uint32_t (&vw)[NW32]) {
     const int t = wt * kRRows + lane;
@@ -355,8 +396,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
             vw[i] = valid ? vw[i] : synv[i];
           }
         }
-        const uint32_t kb = r_row_base(stk, kk, ldk, p.r_lgk, lane);
-        const uint32_t vb = r_row_base(stv, kv, ldv, p.r_lgv, lane);
+        const uint32_t kb = r_row_base(stk, kk, ldk, lgk, lane);
+        const uint32_t vb = r_row_base(stv, kv, ldv, lgv, lane);
         const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
         auto ku = r_walk_up<NW32, QS>(kw, qb);
         auto kd = r_walk_down<NW32, QS>(kw, qb);
@@ -373,10 +414,10 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
         for (; g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
           uint32_t a0[4], a1[4], b0[4], b1[4];
-          r_load8(smem, kb, 8 * g, 8, ldk, p.r_lgk, lane, a0);
-          r_load8(smem, kb, kk - 8 * g - 8, 8, ldk, p.r_lgk, lane, a1);
-          r_load8(smem, vb, 8 * g, 8, ldv, p.r_lgv, lane, b0);
-          r_load8(smem, vb, kv - 8 * g - 8, 8, ldv, p.r_lgv, lane, b1);
+          r_load8(smem, kb, 8 * g, 8, ldk, lgk, lane, a0);
+          r_load8(smem, kb, kk - 8 * g - 8, 8, ldk, lgk, lane, a1);
+          r_load8(smem, vb, 8 * g, 8, ldv, lgv, lane, b0);
+          r_load8(smem, vb, kv - 8 * g - 8, 8, ldv, lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             kstep(ku, sa, a0, u);
@@ -388,8 +429,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
         for (int gk = g; gk < nfk; ++gk) {
           uint32_t a0[4], a1[4];
-          r_load8(smem, kb, 8 * gk, 8, ldk, p.r_lgk, lane, a0);
-          r_load8(smem, kb, kk - 8 * gk - 8, 8, ldk, p.r_lgk, lane, a1);
+          r_load8(smem, kb, 8 * gk, 8, ldk, lgk, lane, a0);
+          r_load8(smem, kb, kk - 8 * gk - 8, 8, ldk, lgk, lane, a1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             kstep(ku, sa, a0, u);
@@ -399,8 +440,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
         for (int gv = g; gv < nfv; ++gv) {
           uint32_t b0[4], b1[4];
-          r_load8(smem, vb, 8 * gv, 8, ldv, p.r_lgv, lane, b0);
-          r_load8(smem, vb, kv - 8 * gv - 8, 8, ldv, p.r_lgv, lane, b1);
+          r_load8(smem, vb, 8 * gv, 8, ldv, lgv, lane, b0);
+          r_load8(smem, vb, kv - 8 * gv - 8, 8, ldv, lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             vstep(vu, b0, u);
@@ -410,15 +451,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         // the middle: muk values upward from 8 nfk (two windows when k < 16), mdk downward from kk - 8 nfk - 1
         if (mk) {
           uint32_t a0[4], a1[4];
-          r_load8(smem, kb, 8 * nfk, min(muk, 8), ldk, p.r_lgk, lane, a0);
-          if (mdk) r_load8(smem, kb, kk - 8 * nfk - 8, 8, ldk, p.r_lgk, lane, a1);
+          r_load8(smem, kb, 8 * nfk, min(muk, 8), ldk, lgk, lane, a0);
+          if (mdk) r_load8(smem, kb, kk - 8 * nfk - 8, 8, ldk, lgk, lane, a1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             if (u < muk) kstep(ku, sa, a0, u);
             if (u < mdk) kstep(kd, sb, a1, 7 - u);
           }
           if (muk > 8) {  // k < 16 only
-            r_load8(smem, kb, 8, muk - 8, ldk, p.r_lgk, lane, a0);
+            r_load8(smem, kb, 8, muk - 8, ldk, lgk, lane, a0);
 #pragma unroll
             for (int u = 0; u < 7; ++u)
               if (u < muk - 8) kstep(ku, sa, a0, u);
@@ -426,15 +467,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         }
         if (mv) {
           uint32_t b0[4], b1[4];
-          r_load8(smem, vb, 8 * nfv, min(muv, 8), ldv, p.r_lgv, lane, b0);
-          if (mdv) r_load8(smem, vb, kv - 8 * nfv - 8, 8, ldv, p.r_lgv, lane, b1);
+          r_load8(smem, vb, 8 * nfv, min(muv, 8), ldv, lgv, lane, b0);
+          if (mdv) r_load8(smem, vb, kv - 8 * nfv - 8, 8, ldv, lgv, lane, b1);
 #pragma unroll
           for (int u = 0; u < 8; ++u) {
             if (u < muv) vstep(vu, b0, u);
             if (u < mdv) vstep(vdn, b1, 7 - u);
           }
           if (muv > 8) {
-            r_load8(smem, vb, 8, muv - 8, ldv, p.r_lgv, lane, b0);
+            r_load8(smem, vb, 8, muv - 8, ldv, lgv, lane, b0);
 #pragma unroll
             for (int u = 0; u < 7; ++u)
               if (u < muv - 8) vstep(vu, b0, u);
@@ -451,7 +492,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
             while (w != 0u && j < kk) {
               const int c = 32 * i + __ffs(w) - 1;
               w &= w - 1u;
-              const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + stk + r_val_off(r, j, kk, p.r_ldk, p.r_lgk));
+              const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + stk + r_val_off(r, j, kk, ldk, lgk));
               const float qv = *reinterpret_cast<const float*>(smem + 4 * c);
               sa = fmaf(qv, r_half<T>(bits, 0), sa);
               ++j;
@@ -464,7 +505,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
             while (w != 0u && j < kv) {
               const int c = 32 * i + __ffs(w) - 1;
               w &= w - 1u;
-              const uint16_t bits = *reinterpret_cast<const uint16_t*>(smem + stv + r_val_off(r, j, kv, p.r_ldv, p.r_lgv));
+              const uint16_t bits = *reinterpret_cast<const uint16_t*>(smem + stv + r_val_off(r, j, kv, ldv, lgv));
               *reinterpret_cast<uint16_t*>(smem + vd + c * kRLine + 2 * lane) = bits;
               ++j;
             }
@@ -594,7 +635,7 @@ template <typename T>
 int sd_rows_blocks_per_sm(int D, int nwarps, int smem_bytes);
 template <typename T>
 void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
-                    int NP, int64_t BHq);
+                    int NP, int64_t BHq, bool fixed_k);
 
 #define MUSTAFAR_DEFINE_SDR_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
@@ -603,7 +644,7 @@ void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 g
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_sd_rows<TYPE>(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                            void* out, int NP, int64_t BHq) {                                                  \
+                            void* out, int NP, int64_t BHq, bool fixed_k) {                                    \
     auto go = [&](auto kern) {                                                                                 \
       if (smem_bytes > 48 * 1024)                                                                              \
         C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));   \
@@ -618,7 +659,10 @@ void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 g
       else go(sd_rows_kernel<TYPE, 64, -1, -1>);                                                               \
       sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);         \
     } else {                                                                                                   \
-      if (pp) go(sd_rows_kernel<TYPE, 128, kRLdPair, kRLdPair>);                                               \
+      /* k known at compile time for the paper's two settings at D = 128: 70 % (k = 38), 50 % (k = 64) */        \
+      if (fixed_k && p.kk == 38 && p.kv == 38) go(sd_rows_kernel<TYPE, 128, kRLdPair, kRLdPair, 38>);          \
+      else if (fixed_k && p.kk == 64 && p.kv == 64) go(sd_rows_kernel<TYPE, 128, kRLdOct, kRLdOct, 64>);       \
+      else if (pp) go(sd_rows_kernel<TYPE, 128, kRLdPair, kRLdPair>);                                          \
       else if (oo) go(sd_rows_kernel<TYPE, 128, kRLdOct, kRLdOct>);                                            \
       else go(sd_rows_kernel<TYPE, 128, -1, -1>);                                                              \
       sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);       \

@@ -12,8 +12,10 @@ repetition, so every call reads its inputs from HBM):
 * ``dense``: ``torch.nn.functional.scaled_dot_product_attention`` with q ``[B, H, 1, D]`` and K/V
   ``[B, H_kv, T, D]`` (``enable_gqa`` for GQA);
 * ``fused``: ``mustafar.ops.sparse_decode`` on the compressed cache (all T tokens compressed), with
-  the kernel the op picks by default, and (fp16/bf16) each of the two CUDA kernels forced with
-  ``MUSTAFAR_CUDA_DECODE=v4`` / ``v5`` (``fused_v4_ms``, ``fused_v5_ms``);
+  the kernel the op picks by default, and (fp16/bf16) each CUDA kernel forced with
+  ``MUSTAFAR_CUDA_DECODE=v4`` / ``v5`` / ``v6`` (``fused_v4_ms`` ...; v6 only for MHA with k <= 64),
+  plus ``v6g`` (v6's run-time-k instantiation; it differs from ``v6`` where v6 has k compiled in:
+  k = 38 and 64 at D = 128);
 * ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA.
 
 and reports speed-ups over dense and the achieved bandwidth over the bytes actually read
@@ -143,7 +145,7 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         # both kernels side by side (the op's default picks one per configuration)
                         t_k, rel_k = {}, {}
                         if dt != torch.float32:
-                            kernels = ("v4", "v5", "v6") if (h_q == h_kv and k <= 64) else ("v4", "v5")
+                            kernels = ("v4", "v5", "v6", "v6g") if (h_q == h_kv and k <= 64) else ("v4", "v5")
                             for kern in kernels:
                                 os.environ["MUSTAFAR_CUDA_DECODE"] = kern
                                 try:
@@ -170,7 +172,7 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                             "compress_256_ms": t_comp, "compress_256_over_step": t_comp / t_fused,
                             "rel_err_vs_unfused": rel,
                         }
-                        for kern in ("v4", "v5", "v6"):  # None where a kernel does not cover the configuration
+                        for kern in ("v4", "v5", "v6", "v6g"):  # None where a kernel does not cover the configuration
                             row[f"fused_{kern}_ms"] = t_k.get(kern)
                             row[f"speedup_fused_{kern}"] = (t_dense / t_k[kern]) if kern in t_k else None
                             row[f"fused_{kern}_bw_frac"] = (comp_bytes / (t_k[kern] * 1e-3) / bw) if kern in t_k else None
@@ -209,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         return f"{v:5.2f}" if v else "    -"
 
     print(f"{'heads':>7} {'dtype':>8} {'B':>3} {'T':>6} {'s':>4} {'dense':>8} {'fused':>8} {'x':>5} {'bw%':>4} "
-          f"{'v4 x':>5} {'v5 x':>5} {'v6 x':>5} {'unfused x':>9}")
+          f"{'v4 x':>5} {'v5 x':>5} {'v6 x':>5} {'v6g x':>5} {'unfused x':>9}")
     for r in res["rows"]:
         print(f"{r['H_q']:>3}/{r['H_kv']:<3} {r['dtype']:>8} {r['B']:>3} {r['T']:>6} {r['sparsity']:>4} "
               f"{r['dense_ms']:8.4f} {r['fused_ms']:8.4f} {r['speedup_fused']:5.2f} {r['fused_bw_frac'] * 100:4.0f} "
-              f"{x(r, 'v4')} {x(r, 'v5')} {x(r, 'v6')} {r['speedup_unfused']:9.2f}")
+              f"{x(r, 'v4')} {x(r, 'v5')} {x(r, 'v6')} {x(r, 'v6g')} {r['speedup_unfused']:9.2f}")
     return 0
 
 
