@@ -126,9 +126,9 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
     return q, kb, kv, vb, vv, kw, vw
 
 
-# every fused decode kernel (MUSTAFAR_CUDA_DECODE; fp32 always runs v4). v6 covers fp16/bf16 with one
-# query head per KV head and k <= 64 stored values per row: other cases skip it (and it refuses them,
-# test_sparse_decode_v6_refuses).
+# every fused decode kernel (MUSTAFAR_CUDA_DECODE; fp32 always runs v4). v6 covers fp16/bf16 with one or
+# four query heads per KV head and k <= 64 stored values per row: other cases skip it (and it refuses
+# them, test_sparse_decode_v6_refuses).
 @pytest.fixture(params=["v6", "v5", "v4"])
 def decode_kernel(request, monkeypatch):
     monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", request.param)
@@ -136,8 +136,8 @@ def decode_kernel(request, monkeypatch):
 
 
 def _skip_unless_v6_covers(kernel, g, dtype, *values):
-    if kernel == "v6" and (g != 1 or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
-        pytest.skip("v6 covers fp16/bf16, G = 1, k <= 64")
+    if kernel == "v6" and (g not in (1, 4) or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
+        pytest.skip("v6 covers fp16/bf16, G in {1, 4}, k <= 64")
 
 
 def _ref64(q, kb, kv, vb, vv, kw, vw, ks, scale):
@@ -176,7 +176,7 @@ def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d", [64, 128])
 def test_sparse_decode_masking_padding_strides(dtype, d, decode_kernel):
-    b, h_kv, g = 5, 2, (1 if decode_kernel == "v6" else 4)
+    b, h_kv, g = 5, 2, 4
     t_c, t_w = 300, 20
     s_v = 0.6 if decode_kernel == "v6" else 0.3
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.6, s_v=s_v, padded=True, strided=True, seed=d)
@@ -246,10 +246,10 @@ V6_MODES = [
 ]
 
 
-def _v6_case(d, k_k, k_v, irregular, dtype, seed):
+def _v6_case(d, k_k, k_v, irregular, dtype, seed, g=1):
     gen = torch.Generator(device=DEV).manual_seed(seed)
     b, h, t_c, t_w = 3, 2, 32 * 7 + 13, 37
-    q = torch.randn(b, h, d, device=DEV, generator=gen).to(dtype)
+    q = torch.randn(b, h * g, d, device=DEV, generator=gen).to(dtype)
 
     def comp(k):
         x = torch.randn(b, h, t_c + 1, d, device=DEV, generator=gen).to(dtype)
@@ -274,16 +274,17 @@ def _v6_case(d, k_k, k_v, irregular, dtype, seed):
 
 # "v6" runs the instantiations with k compiled in where they exist (k_k = k_v = 38 or 64 at D = 128),
 # "v6g" the run-time-k one everywhere: both are checked on those rows
+@pytest.mark.parametrize("g", [1, 4])
 @pytest.mark.parametrize("kernel", ["v6", "v6g"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", V6_MODES)
-def test_sparse_decode_v6_value_modes(dtype, mode, kernel, monkeypatch):
+def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g, monkeypatch):
     d, k_k, k_v, _ = mode
     if kernel == "v6g" and not (d == 128 and k_k == k_v and k_k in (38, 64)):
         pytest.skip("v6 and v6g run the same instantiation here")
     monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
     d, k_k, k_v, irregular = mode
-    args = _v6_case(d, k_k, k_v, irregular, dtype, seed=k_k * 131 + k_v + d)
+    args = _v6_case(d, k_k, k_v, irregular, dtype, seed=k_k * 131 + k_v + d + g, g=g)
     if irregular == "empty_word":
         assert bool(((args[1][..., 0] >> 32) & 0xFFFFFFFF == 0).any()), "no row with an empty 32-bit word"
     ks = torch.tensor([0, 7, 100], dtype=torch.int32, device=DEV)
@@ -295,12 +296,12 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, monkeypatch):
 
 @pytest.mark.parametrize("t_c,t_w,b", [(1, 0, 1), (31, 0, 2), (32, 0, 1), (33, 1, 2), (0, 40, 2),
                                        (4096 + 17, 33, 2), (64 * 1024 + 5, 0, 1), (37, 3, 64)])
-@pytest.mark.parametrize("kernel,s", [("v6", 0.7), ("v6", 0.5), ("v6g", 0.7)])
-def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, monkeypatch):
+@pytest.mark.parametrize("kernel,s,g", [("v6", 0.7, 1), ("v6", 0.5, 1), ("v6g", 0.7, 1), ("v6", 0.7, 4)])
+def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g, monkeypatch):
     """Tile edges (the whole-tile staging of the k-compiled-in kernels vs partial tiles), window only, long
-    sequences (many splits at batch 1), batch 64."""
+    sequences (many splits at batch 1), batch 64; MHA and four query heads per KV head."""
     monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
-    args = _make_case(b, 2, 1, 128, t_c, t_w, torch.float16, s_k=s, s_v=s, seed=t_c + t_w)
+    args = _make_case(b, 2, g, 128, t_c, t_w, torch.float16, s_k=s, s_v=s, seed=t_c + t_w)
     scale = 1.0 / math.sqrt(128)
     out = torch.ops.mustafar.sparse_decode(*args, None, scale)
     ref = _ref64(*args, None, scale)

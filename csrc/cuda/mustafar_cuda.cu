@@ -368,8 +368,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   const int vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals)) ? 1 : 0;
 
   // Kernel choice (MUSTAFAR_CUDA_DECODE): "auto" (default) takes v6 (sd_rows.cuh) for fp16/bf16 with one
-  // query head per KV head (MHA) and at most 64 stored values per row, v5 (sd_scatter.cuh) for fp16/bf16
-  // with grouped-query attention (G >= 2), and v4 (mustafar_cuda.cuh) otherwise (fp32, or MHA with
+  // or four query heads per KV head (MHA, or GQA with G = 4 as in Llama-3-8B) and at most 64 stored values
+  // per row, v5 (sd_scatter.cuh) for other fp16/bf16 GQA, and v4 (mustafar_cuda.cuh) otherwise (fp32, or
   // k > 64); results/kernel_h200.json times all of them side by side. "v4" / "v5" / "v6" force one
   // (v5 and v6 have no fp32 path: fp32 always runs v4; v6 refuses configurations it does not cover).
   // v6 has instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128 (70 % and 50 %);
@@ -379,9 +379,9 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK_VALUE(sel == "auto" || sel == "v4" || sel == "v5" || sel == "v6" || sel == "v6g", op,
                  "MUSTAFAR_CUDA_DECODE=", sel, " (expected auto, v4, v5, v6 or v6g)");
   const bool half_type = q.scalar_type() != at::kFloat;
-  const bool v6_ok = half_type && G == 1 && kk <= kRKMax && kv <= kRKMax;
+  const bool v6_ok = half_type && (G == 1 || G == 4) && kk <= kRKMax && kv <= kRKMax;
   if ((sel == "v6" || sel == "v6g") && half_type) {
-    MF_CHECK_VALUE(v6_ok, op, "MUSTAFAR_CUDA_DECODE=", sel, " needs one query head per KV head (G=", G,
+    MF_CHECK_VALUE(v6_ok, op, "MUSTAFAR_CUDA_DECODE=", sel, " needs 1 or 4 query heads per KV head (G=", G,
                    ") and at most ", kRKMax, " stored values per row (k_k=", kk, ", k_v=", kv, ")");
   }
   const bool v6 = v6_ok && (sel == "v6" || sel == "v6g" || sel == "auto");
@@ -418,8 +418,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     };
     p.r_ldk = ld_mode(kk, p.r_lgk);
     p.r_ldv = ld_mode(kv, p.r_lgv);
-    p.off_vd = (int)r16((D + 4) * 4);  // q (fp32, a zero at D), then one region per warp
-    p.r_off_stk = r16((D + 1) * kRLine);
+    p.off_vd = (int)r16((D + 4) * 4 * G);  // q (fp32, G heads per channel, zeros at D), then one region per warp
+    p.r_off_stk = r16((D + 1) * kRLine) + (G > 1 ? 8 * kRRows * 2 : 0);  // dense V tile (+ the P table for G > 1)
     p.r_off_stv = p.r_off_stk + r16(kRRows * kk * 2);
     p.r_bufstep = p.r_off_stv + r16(kRRows * kv * 2) - p.r_off_stk;  // K + V stage buffers of one tile
     p.r_wbytes = p.r_off_stk + 2 * p.r_bufstep;  // two stage buffers per warp

@@ -113,6 +113,17 @@ __device__ __forceinline__ float r_lds_f32(uint32_t a) {
   asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
   return v;
 }
+// the GQ query heads' q at one channel (GQ = 1, 2 or 4 consecutive fp32)
+template <int GQ>
+__device__ __forceinline__ void r_lds_q(uint32_t a, float (&q)[GQ]) {
+  if constexpr (GQ == 4) {
+    asm("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(q[0]), "=f"(q[1]), "=f"(q[2]), "=f"(q[3]) : "r"(a));
+  } else if constexpr (GQ == 2) {
+    asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(q[0]), "=f"(q[1]) : "r"(a));
+  } else {
+    q[0] = r_lds_f32(a);
+  }
+}
 __device__ __forceinline__ void r_sts_u16(uint32_t a, uint32_t v) {
   asm volatile("st.shared.u16 [%0], %1;" ::"r"(a), "h"((unsigned short)v) : "memory");
 }
@@ -273,13 +284,18 @@ constexpr int r_ld_of(int k) {
 // KC > 0: k_k = k_v = KC known at compile time (the fast path's loops, the split of the middle values
 // between the walks, staging and value addresses become constants; the host launches it only for
 // p.kk == p.kv == KC), 0: read from p.
-template <typename T, int D, int LK, int LV, int KC = 0>
+// GQ: query heads per KV head (1 = MHA, or 4). q sits in shared memory channel-major with the GQ heads'
+// fp32 values side by side, so a K walk step gathers all of them with one load; the heads are the mma's
+// columns (B = P^T, GQ of its 8 columns), the probabilities handed over through a small per-warp table.
+template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDParams p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
+  static_assert(GQ == 1 || GQ == 2 || GQ == 4, "GQ: 1, 2 or 4 query heads per KV head");
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
-  constexpr int QS = 4;         // bytes between channels of q
+  constexpr int QS = 4 * GQ;    // bytes between channels of q (GQ fp32 heads per channel)
+  constexpr int kPOff = ((D + 1) * kRLine + 15) / 16 * 16;  // GQ > 1: the warp's P table [8 heads][32 tokens] (fp16/bf16)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ __align__(16) char smem[];
 
@@ -299,9 +315,12 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   // ---- q (scaled by scale * log2 e) as fp32 at byte 4 c, q[D] = 0 (dummy). The gather q[channel] of a
   // walk step costs ~1.24 shared-memory wavefronts on random top-k rows (the lanes' j-th stored channels
   // lie close together), measured against 1.0 for a private copy per lane that took 16 KB.
-  const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * D;
-  for (int c = tid; c < D + 4; c += (int)blockDim.x)
-    *reinterpret_cast<float*>(smem + 4 * c) = c < D ? to_f(qp[c]) * p.qscale : 0.f;
+  // With GQ heads: float (c * GQ + g) holds head g's channel c (query head hk * GQ + g).
+  const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * GQ * D;
+  for (int i = tid; i < (D + 4) * GQ; i += (int)blockDim.x) {
+    const int c = i / GQ, g = i - c * GQ;
+    *reinterpret_cast<float*>(smem + 4 * i) = c < D ? to_f(qp[g * D + c]) * p.qscale : 0.f;
+  }
 
   // ---- this warp's region: dense V tile (D + 1 lines; line D is the dummy), two pairs of K / V stage
   // buffers. All zeroed, so stale stage data is always finite (lanes without a row scatter it with
@@ -340,8 +359,13 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
     }
   };
 
-  float m = -INFINITY, l = 0.f;
-  float o[NMT][4];
+  float m[GQ], l[GQ];  // per query head (the same in every lane: warp-uniform)
+#pragma unroll
+  for (int g = 0; g < GQ; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  float o[NMT][4];  // O^T: channels x (query head = mma column)
 #pragma unroll
   for (int n = 0; n < NMT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   // ldmatrix row address of this lane: matrix i = lane / 8 -> (channels +8 if i odd, tokens +8 if i >= 2)
@@ -368,7 +392,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
 #pragma unroll 1
   for (; wt < wt1; wt += nwarps) {
     const int nxt = wt + nwarps;
-    float s;
+    float s[GQ];
     if (wt < ntc) {
       // ================= a compressed tile: lane = row
       const int t = wt * kRRows + lane;
@@ -387,7 +411,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
       cp_async_commit();
       cp_async_wait<1>();
       __syncwarp();
-      float sa = 0.f, sb = 0.f;  // K scores of the up / down walks
+      float sa[GQ], sb[GQ];  // K scores of the up / down walks, per query head
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) sa[g] = sb[g] = 0.f;
       if (fast) {
         if (wt * kRRows + kRRows > p.Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
 #pragma unroll
@@ -404,8 +430,12 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         auto vu = r_walk_up<NW32, kRLine>(vw, vdb);
         auto vdn = r_walk_down<NW32, kRLine>(vw, vdb);
         // value u of a group of 8 (x: 4 packed pairs)
-        auto kstep = [&](auto& wk, float& sc, const uint32_t (&x)[4], int u) {
-          sc = fmaf(r_lds_f32(wk.next()), r_half<T>(x[u >> 1], u & 1), sc);
+        auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
+          float qv[GQ];
+          r_lds_q<GQ>(wk.next(), qv);
+          const float xv = r_half<T>(x[u >> 1], u & 1);
+#pragma unroll
+          for (int g = 0; g < GQ; ++g) sc[g] = fmaf(qv[g], xv, sc[g]);
         };
         auto vstep = [&](auto& wv, const uint32_t (&x)[4], int u) {
           r_sts_u16(wv.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
@@ -493,8 +523,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
               const int c = 32 * i + __ffs(w) - 1;
               w &= w - 1u;
               const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + stk + r_val_off(r, j, kk, ldk, lgk));
-              const float qv = *reinterpret_cast<const float*>(smem + 4 * c);
-              sa = fmaf(qv, r_half<T>(bits, 0), sa);
+              const float xv = r_half<T>(bits, 0);
+#pragma unroll
+              for (int g = 0; g < GQ; ++g) sa[g] = fmaf(*reinterpret_cast<const float*>(smem + QS * c + 4 * g), xv, sa[g]);
               ++j;
             }
           }
@@ -515,26 +546,37 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
       // the next compressed tile reads the other buffers
       stk = stk == stk0 ? stk0 + bufstep : stk0;
       stv = stv == stv0 ? stv0 + bufstep : stv0;
-      s = (valid && t >= ks) ? sa + sb : -INFINITY;
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) s[g] = (valid && t >= ks) ? sa[g] + sb[g] : -INFINITY;
     } else {
       // ================= a dense window tile: lane = row, as for a compressed tile (its K dot with q, and
       // its V row into Vd); rows are read with 32-bit loads (the host makes window rows 4-byte aligned)
       const int w0 = (wt - ntc) * kRRows;
       const int nwin = min(kRRows, p.Tw - w0);
       const bool valid = lane < nwin;
-      float sc = 0.f;
+      float sc[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) sc[g] = 0.f;
       if (valid) {
         const uint32_t* kr = reinterpret_cast<const uint32_t*>(sl.kwin + (int64_t)(w0 + lane) * p.kwin_st);
         const uint32_t* vr = reinterpret_cast<const uint32_t*>(sl.vwin + (int64_t)(w0 + lane) * p.vwin_st);
-        float s0 = 0.f, s1 = 0.f;
+        float s0[GQ], s1[GQ];
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) s0[g] = s1[g] = 0.f;
 #pragma unroll 8
         for (int c2 = 0; c2 < D / 2; ++c2) {
           const uint32_t x = kr[c2];
-          const float2 qq = *reinterpret_cast<const float2*>(smem + 8 * c2);
-          s0 = fmaf(qq.x, r_half<T>(x, 0), s0);
-          s1 = fmaf(qq.y, r_half<T>(x, 1), s1);
+          float qa[GQ], qb2[GQ];
+          r_lds_q<GQ>(smem_s + (uint32_t)(QS * 2 * c2), qa);
+          r_lds_q<GQ>(smem_s + (uint32_t)(QS * (2 * c2 + 1)), qb2);
+#pragma unroll
+          for (int g = 0; g < GQ; ++g) {
+            s0[g] = fmaf(qa[g], r_half<T>(x, 0), s0[g]);
+            s1[g] = fmaf(qb2[g], r_half<T>(x, 1), s1[g]);
+          }
         }
-        sc = s0 + s1;
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) sc[g] = s0[g] + s1[g];
 #pragma unroll 8
         for (int c2 = 0; c2 < D / 2; ++c2) {
           const uint32_t x = vr[c2];
@@ -543,42 +585,78 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         }
       }
       const int t = p.Tc + w0 + lane;
-      s = (valid && t >= ks) ? sc : -INFINITY;
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) s[g] = (valid && t >= ks) ? sc[g] : -INFINITY;
     }
 
-    // ================= online softmax of the tile's 32 scores (log2 domain) and O^T += V^T P^T
-    float mt = s;
+    // ================= online softmax of the tile's 32 scores per head (log2 domain) and O^T += V^T P^T
+    float mn[GQ];
+    bool grow = false;
 #pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
-    const float mn = fmaxf(m, mt);
+    for (int g = 0; g < GQ; ++g) {
+      float mt = s[g];
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+      mn[g] = fmaxf(m[g], mt);
+      grow = grow || mn[g] > m[g];
+    }
     __syncwarp();  // every lane's V row is in Vd
-    if (mn != -INFINITY) {
-      if (mn > m) {  // warp-uniform: m, mt are the same in every lane
-        const float alpha = exp2f(m - mn);  // 0 when m = -inf
+    if (mn[0] != -INFINITY) {  // masks are per token: every head's max is -inf or none is
+      if (grow) {  // warp-uniform: m, mt are the same in every lane
+        float alpha[GQ];
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          alpha[g] = exp2f(m[g] - mn[g]);  // 0 when m = -inf
+          l[g] *= alpha[g];
+          m[g] = mn[g];
+        }
+        // this lane's O^T columns (heads) 2 (lane % 4) and + 1 (columns >= GQ are unused)
+        float a0 = alpha[0], a1 = alpha[GQ > 1 ? 1 : 0];
+#pragma unroll
+        for (int h = 1; h < GQ / 2; ++h)
+          if ((lane & 3) == h) {
+            a0 = alpha[2 * h];
+            a1 = alpha[2 * h + 1];
+          }
 #pragma unroll
         for (int n = 0; n < NMT; ++n) {
-          o[n][0] *= alpha;
-          o[n][1] *= alpha;
-          o[n][2] *= alpha;
-          o[n][3] *= alpha;
+          o[n][0] *= a0;
+          o[n][1] *= a1;
+          o[n][2] *= a0;
+          o[n][3] *= a1;
         }
-        l *= alpha;
-        m = mn;
       }
-      const float pv = exp2f(s - m);
-      l += pv;
-      // B = P^T (16 tokens x 8 columns): lane holds tokens 2 (lane % 4) + {0, 1} (b0) and + 8 (b1) of
-      // column lane / 4; only column 0 (the query head) is read back, the others are don't-cares.
-      const int src = 2 * (lane & 3);
-      uint32_t bq[2][2];
+      float pv[GQ];
 #pragma unroll
-      for (int kx = 0; kx < 2; ++kx) {
-        const float x0 = __shfl_sync(0xffffffffu, pv, 16 * kx + src);
-        const float x1 = __shfl_sync(0xffffffffu, pv, 16 * kx + src + 1);
-        const float y0 = __shfl_sync(0xffffffffu, pv, 16 * kx + src + 8);
-        const float y1 = __shfl_sync(0xffffffffu, pv, 16 * kx + src + 9);
-        bq[kx][0] = pack2<T>(x0, x1);
-        bq[kx][1] = pack2<T>(y0, y1);
+      for (int g = 0; g < GQ; ++g) {
+        pv[g] = exp2f(s[g] - m[g]);
+        l[g] += pv[g];
+      }
+      // B = P^T (16 tokens x 8 columns): lane holds tokens 2 (lane % 4) + {0, 1} (b0) and + 8 (b1) of
+      // column lane / 4.
+      uint32_t bq[2][2];
+      if constexpr (GQ == 1) {  // by shuffles; only column 0 (the query head) is read back, the others are don't-cares
+        const int src = 2 * (lane & 3);
+#pragma unroll
+        for (int kx = 0; kx < 2; ++kx) {
+          const float x0 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src);
+          const float x1 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src + 1);
+          const float y0 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src + 8);
+          const float y1 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src + 9);
+          bq[kx][0] = pack2<T>(x0, x1);
+          bq[kx][1] = pack2<T>(y0, y1);
+        }
+      } else {  // through the warp's P table [head][token]: rows GQ..7 stay zero (columns not read back)
+        const uint32_t pt = smem_s + vd + (uint32_t)kPOff;
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) r_sts_u16(pt + (uint32_t)(2 * (32 * g + lane)), pack2<T>(pv[g], 0.f));
+        __syncwarp();
+        const uint32_t rd = pt + (uint32_t)(2 * (32 * (lane >> 2) + 2 * (lane & 3)));
+#pragma unroll
+        for (int kx = 0; kx < 2; ++kx) {
+          asm volatile("ld.shared.b32 %0, [%1];" : "=r"(bq[kx][0]) : "r"(rd + 32u * kx) : "memory");
+          asm volatile("ld.shared.b32 %0, [%1];" : "=r"(bq[kx][1]) : "r"(rd + 32u * kx + 16u) : "memory");
+        }
       }
 #pragma unroll
       for (int n = 0; n < NMT; ++n) {
@@ -601,23 +679,41 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   }
   cp_async_wait<0>();
 
-  // ---- this warp's partial: O^T column 0 = lanes 4 i: channels 16 n + i (c0) and 16 n + i + 8 (c2)
-  float lt = l;
+  // ---- this warp's partials, one per query head: O^T column j (head hk * GQ + j) = lanes 4 i + j / 2,
+  // c0 / c1 (j even / odd): channels 16 n + i, c2 / c3: channels 16 n + i + 8
+  float lt[GQ];
 #pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) lt += __shfl_xor_sync(0xffffffffu, lt, off);
+  for (int g = 0; g < GQ; ++g) {
+    lt[g] = l[g];
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) lt[g] += __shfl_xor_sync(0xffffffffu, lt[g], off);
+  }
   const int NP = p.nsplit * nwarps;
-  const int64_t base = ((int64_t)b * p.Hkv + hk) * NP + split * nwarps + warp;
-  if ((lane & 3) == 0) {
-    float* op = p.ws_o + base * D + (lane >> 2);
+  const int64_t hq0 = ((int64_t)b * p.Hkv + hk) * GQ;  // b * H_q + the group's first query head
+  const int slot = split * nwarps + warp;
+  const int j0 = 2 * (lane & 3);
+  if (j0 < GQ) {
+    float* op = p.ws_o + ((hq0 + j0) * NP + slot) * D + (lane >> 2);
 #pragma unroll
     for (int n = 0; n < NMT; ++n) {
       op[16 * n] = o[n][0];
       op[16 * n + 8] = o[n][2];
     }
   }
+  if (GQ > 1 && j0 + 1 < GQ) {
+    float* op = p.ws_o + ((hq0 + j0 + 1) * NP + slot) * D + (lane >> 2);
+#pragma unroll
+    for (int n = 0; n < NMT; ++n) {
+      op[16 * n] = o[n][1];
+      op[16 * n + 8] = o[n][3];
+    }
+  }
   if (lane == 0) {
-    p.ws_ml[base * 2] = m;
-    p.ws_ml[base * 2 + 1] = lt;
+#pragma unroll
+    for (int g = 0; g < GQ; ++g) {
+      p.ws_ml[((hq0 + g) * NP + slot) * 2] = m[g];
+      p.ws_ml[((hq0 + g) * NP + slot) * 2 + 1] = lt[g];
+    }
   }
 }
 
@@ -629,6 +725,34 @@ int sdr_occ_one(int nwarps, int smem_bytes) {
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, nwarps * 32, smem_bytes));
   return n;
+}
+
+// the instantiation for p: GQ query heads per KV head (1 or 4), k compiled in (fixed_k and k_k = k_v = 38 or
+// 64 at D = 128: the paper's 70 % and 50 %), else the row layouts compiled in where common (MHA only:
+// 70 %: k/2 odd; 50 %: k % 8 == 0), else everything read at run time
+template <typename T, int GQ>
+void sdr_launch(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
+  auto go = [&](auto kern) {
+    if (smem_bytes > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    kern<<<grid, nwarps * 32, smem_bytes, stream>>>(p);
+    MF_CHECK_LAUNCH();
+  };
+  const bool pp = p.r_ldk == kRLdPair && p.r_ldv == kRLdPair, oo = p.r_ldk == kRLdOct && p.r_ldv == kRLdOct;
+  if (D == 64) {
+    if constexpr (GQ == 1) {
+      if (pp) return go(sd_rows_kernel<T, 64, kRLdPair, kRLdPair>);
+      if (oo) return go(sd_rows_kernel<T, 64, kRLdOct, kRLdOct>);
+    }
+    return go(sd_rows_kernel<T, 64, -1, -1, 0, GQ>);
+  }
+  if (fixed_k && p.kk == 38 && p.kv == 38) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair, 38, GQ>);
+  if (fixed_k && p.kk == 64 && p.kv == 64) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct, 64, GQ>);
+  if constexpr (GQ == 1) {
+    if (pp) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair>);
+    if (oo) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct>);
+  }
+  go(sd_rows_kernel<T, 128, -1, -1, 0, GQ>);
 }
 
 template <typename T>
@@ -645,28 +769,10 @@ void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 g
   template <>                                                                                                  \
   void launch_sd_rows<TYPE>(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
                             void* out, int NP, int64_t BHq, bool fixed_k) {                                    \
-    auto go = [&](auto kern) {                                                                                 \
-      if (smem_bytes > 48 * 1024)                                                                              \
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));   \
-      kern<<<grid, nwarps * 32, smem_bytes, stream>>>(p);                                                      \
-      MF_CHECK_LAUNCH();                                                                                       \
-    };                                                                                                         \
-    /* the two common row layouts (70 %: k/2 odd; 50 %: k % 8 == 0) compiled in, any other read at run time */ \
-    const bool pp = p.r_ldk == kRLdPair && p.r_ldv == kRLdPair, oo = p.r_ldk == kRLdOct && p.r_ldv == kRLdOct;  \
-    if (D == 64) {                                                                                             \
-      if (pp) go(sd_rows_kernel<TYPE, 64, kRLdPair, kRLdPair>);                                                \
-      else if (oo) go(sd_rows_kernel<TYPE, 64, kRLdOct, kRLdOct>);                                             \
-      else go(sd_rows_kernel<TYPE, 64, -1, -1>);                                                               \
-      sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);         \
-    } else {                                                                                                   \
-      /* k known at compile time for the paper's two settings at D = 128: 70 % (k = 38), 50 % (k = 64) */        \
-      if (fixed_k && p.kk == 38 && p.kv == 38) go(sd_rows_kernel<TYPE, 128, kRLdPair, kRLdPair, 38>);          \
-      else if (fixed_k && p.kk == 64 && p.kv == 64) go(sd_rows_kernel<TYPE, 128, kRLdOct, kRLdOct, 64>);       \
-      else if (pp) go(sd_rows_kernel<TYPE, 128, kRLdPair, kRLdPair>);                                          \
-      else if (oo) go(sd_rows_kernel<TYPE, 128, kRLdOct, kRLdOct>);                                            \
-      else go(sd_rows_kernel<TYPE, 128, -1, -1>);                                                              \
-      sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);       \
-    }                                                                                                          \
+    if (p.G == 4) sdr_launch<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                        \
+    else sdr_launch<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                                 \
+    if (D == 64) sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out); \
+    else sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);    \
     MF_CHECK_LAUNCH();                                                                                         \
   }
 

@@ -13,7 +13,8 @@ repetition, so every call reads its inputs from HBM):
   ``[B, H_kv, T, D]`` (``enable_gqa`` for GQA);
 * ``fused``: ``mustafar.ops.sparse_decode`` on the compressed cache (all T tokens compressed), with
   the kernel the op picks by default, and (fp16/bf16) each CUDA kernel forced with
-  ``MUSTAFAR_CUDA_DECODE=v4`` / ``v5`` / ``v6`` (``fused_v4_ms`` ...; v6 only for MHA with k <= 64),
+  ``MUSTAFAR_CUDA_DECODE=v4`` / ``v5`` / ``v6`` (``fused_v4_ms`` ...; v6 only for 1 or 4 query heads per
+  KV head with k <= 64),
   plus ``v6g`` (v6's run-time-k instantiation; it differs from ``v6`` where v6 has k compiled in:
   k = 38 and 64 at D = 128);
 * ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA.
@@ -145,7 +146,7 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         # both kernels side by side (the op's default picks one per configuration)
                         t_k, rel_k = {}, {}
                         if dt != torch.float32:
-                            kernels = ("v4", "v5", "v6", "v6g") if (h_q == h_kv and k <= 64) else ("v4", "v5")
+                            kernels = ("v4", "v5", "v6", "v6g") if (h_q // h_kv in (1, 4) and k <= 64) else ("v4", "v5")
                             for kern in kernels:
                                 os.environ["MUSTAFAR_CUDA_DECODE"] = kern
                                 try:
