@@ -47,7 +47,12 @@ enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its 
 // highest set bit with bfind + bmsk on the chain ran ~2x slower per step). 9 SASS instructions per step:
 // IADD, LOP3, LOP3, FLO, IMAD, 3 SEL, IADD. Lanes without a row walk a synthetic complete row
 // (r_synth_row): their slots are real, but their score is masked and their probability is 0.
-template <int NW, int S, bool UP>
+//
+// Q: how many words after the current one the walk may reach (NW - 1 in general). A walk over half of a
+// row's values with NW = 4 reaches the far end word only when one end word holds more than half of the
+// row's values; the host-independent check in the kernel (r_short_ok) lets such tiles use Q = 2: one
+// select less per step.
+template <int NW, int S, bool UP, int Q = NW - 1>
 struct RWalk {
   uint32_t w, n1, n2, n3, adj;
   __device__ __forceinline__ uint32_t next() {
@@ -58,7 +63,12 @@ struct RWalk {
 #define MF_RWALK_STEP(ADJ, MSN)                                                                    \
   "{\n\t.reg .pred p;\n\t.reg .u32 pp, wm, wn, lb;\n\tadd.u32 wm, %1, -1;\n\tand.b32 wn, %1, wm;\n\t" \
   "xor.b32 lb, %1, wn;\n\tbfind.u32 pp, lb;\n\tmad.lo.u32 %0, pp, " MSN ", " ADJ ";\n\tsetp.ne.u32 p, wn, 0;\n\t"
-    if constexpr (NW > 2) {
+    if constexpr (Q == 2) {
+      asm(MF_RWALK_STEP("%4", "%5")
+          "selp.b32 %1, wn, %2, p;\n\tselp.b32 %2, %2, %3, p;\n\t@!p add.u32 %4, %4, %6;\n\t}"
+          : "=r"(a), "+r"(w), "+r"(n1), "+r"(n2), "+r"(adj)
+          : "n"(MS), "n"(WS));
+    } else if constexpr (Q >= 3) {
       asm(MF_RWALK_STEP("%5", "%6")
           "selp.b32 %1, wn, %2, p;\n\tselp.b32 %2, %2, %3, p;\n\tselp.b32 %3, %3, %4, p;\n\t"
           "@!p add.u32 %5, %5, %7;\n\t}"
@@ -75,9 +85,9 @@ struct RWalk {
   }
 };
 
-template <int NW, int S>
-__device__ __forceinline__ RWalk<NW, S, true> r_walk_up(const uint32_t (&wd)[NW], uint32_t base) {
-  RWalk<NW, S, true> r;
+template <int NW, int S, int Q = NW - 1>
+__device__ __forceinline__ RWalk<NW, S, true, Q> r_walk_up(const uint32_t (&wd)[NW], uint32_t base) {
+  RWalk<NW, S, true, Q> r;
   r.w = wd[0];
   r.n1 = wd[1];
   r.n2 = NW > 2 ? wd[NW > 2 ? 2 : 0] : 0u;
@@ -85,9 +95,9 @@ __device__ __forceinline__ RWalk<NW, S, true> r_walk_up(const uint32_t (&wd)[NW]
   r.adj = base;
   return r;
 }
-template <int NW, int S>
-__device__ __forceinline__ RWalk<NW, S, false> r_walk_down(const uint32_t (&wd)[NW], uint32_t base) {
-  RWalk<NW, S, false> r;
+template <int NW, int S, int Q = NW - 1>
+__device__ __forceinline__ RWalk<NW, S, false, Q> r_walk_down(const uint32_t (&wd)[NW], uint32_t base) {
+  RWalk<NW, S, false, Q> r;
   r.w = __brev(wd[NW - 1]);
   r.n1 = __brev(wd[NW - 2]);
   r.n2 = NW > 2 ? __brev(wd[NW > 2 ? NW - 3 : 0]) : 0u;
@@ -96,16 +106,22 @@ __device__ __forceinline__ RWalk<NW, S, false> r_walk_down(const uint32_t (&wd)[
   return r;
 }
 
-// A complete row with k stored values and no empty 32-bit word (k >= NW): the lowest channels of each word.
+// A complete row with k stored values and no empty 32-bit word (k >= NW): the lowest channels of each word,
+// k spread evenly over the words (so that it also passes r_short_ok).
 template <int NW>
 __device__ __forceinline__ void r_synth_row(int k, uint32_t (&wd)[NW]) {
-  int r = k;
 #pragma unroll
   for (int i = 0; i < NW; ++i) {
-    const int n = min(32, r - (NW - 1 - i));
+    const int n = k / NW + (i < k % NW ? 1 : 0);
     wd[i] = n >= 32 ? 0xffffffffu : ((1u << max(n, 0)) - 1u);
-    r -= n;
   }
+}
+
+// Whether the four walks of a row pair (NW = 4) stay within three words each: the upward walk (cu values
+// from channel 0) never needs the top word, i.e. it holds at most cd = k - cu values, and the downward one
+// never needs word 0 (at most cu values).
+__device__ __forceinline__ bool r_short_ok(const uint32_t (&wd)[4], int cu, int cd) {
+  return __popc(wd[0]) <= cu && __popc(wd[3]) <= cd;
 }
 
 __device__ __forceinline__ float r_lds_f32(uint32_t a) {
@@ -171,29 +187,39 @@ __device__ __forceinline__ int r_swz(int r, int c, int lg) {
 __device__ __forceinline__ void r_cp16(uint32_t dst_s, const char* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst_s), "l"(src));
 }
+// the same with a compile-time byte offset on both sides (folded into the instruction's addresses)
+template <int OFF>
+__device__ __forceinline__ void r_cp16_at(uint32_t dst_s, const char* src) {
+  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;\n" ::"r"(dst_s), "l"(src), "n"(OFF));
+}
+// lane's chunks lane + 32 j, j < J, of a whole tile (N16 chunks) at byte offsets d[j & 1] + 512 j (shared) and
+// 16 lane + 512 j (global)
+template <int N16, int J = 0>
+__device__ __forceinline__ void r_cp_tile(uint32_t d_even, uint32_t d_odd, const char* s_lane, int lane) {
+  if constexpr (J < (N16 + 31) / 32) {
+    if (32 * (J + 1) <= N16 || lane + 32 * J < N16) r_cp16_at<512 * J>((J & 1) ? d_odd : d_even, s_lane);
+    r_cp_tile<N16, J + 1>(d_even, d_odd, s_lane, lane);
+  }
+}
 template <int KS>  // KS > 0: k known at compile time (whole tiles take a loop of fixed trip count)
 __device__ __forceinline__ void r_stage_side(char* smem, uint32_t dst, const char* src, int nc, int k, int mode, int lg,
                                              int vec16, int lane) {
   const int bytes = nc * k * 2;
   int done = 0;
   if constexpr (KS > 0 && (kRRows * KS * 2) % 16 == 0) {
-    if (vec16 && nc == kRRows) {  // a whole tile: N16 chunks, (N16 + 31) / 32 per lane at most, no loop
+    // a whole tile: N16 chunks, (N16 + 31) / 32 per lane at most, no loop; chunk lane + 32 j lands at
+    // base + 512 j in the contiguous layout, and in the swizzled one with 8 chunks per row (lg = 3: 4 rows
+    // per j, the swizzle r & 7 alternating with j) at base[j & 1] + 512 j
+    if (vec16 && nc == kRRows && (!(mode == kRLdOct && lg >= 0) || lg == 3)) {
       constexpr int N16 = kRRows * KS * 2 / 16;
       const uint32_t dst_s = (uint32_t)__cvta_generic_to_shared(smem) + dst;
-#pragma unroll
-      for (int j = 0; j < (N16 + 31) / 32; ++j) {
-        const int i = lane + 32 * j;
-        if (32 * (j + 1) <= N16 || i < N16) {
-          uint32_t d;
-          if (mode == kRLdOct && lg >= 0) {
-            const int r = i >> lg;
-            d = (uint32_t)(((r << lg) + r_swz(r, i & ((1 << lg) - 1), lg)) << 4);
-          } else {
-            d = 16u * (uint32_t)i;
-          }
-          r_cp16(dst_s + d, src + 16 * i);
-        }
+      uint32_t d0 = dst_s + 16u * (uint32_t)lane, d1 = d0;
+      if (mode == kRLdOct && lg == 3) {
+        const int r = lane >> 3, c = lane & 7;
+        d0 = dst_s + (uint32_t)(128 * r + 16 * (c ^ r));
+        d1 = dst_s + (uint32_t)(128 * r + 16 * (c ^ r ^ 4));
       }
+      r_cp_tile<N16>(d0, d1, src + 16 * lane, lane);
       return;
     }
   }
@@ -425,10 +451,12 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         const uint32_t kb = r_row_base(stk, kk, ldk, lgk, lane);
         const uint32_t vb = r_row_base(stv, kv, ldv, lgv, lane);
         const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
-        auto ku = r_walk_up<NW32, QS>(kw, qb);
-        auto kd = r_walk_down<NW32, QS>(kw, qb);
-        auto vu = r_walk_up<NW32, kRLine>(vw, vdb);
-        auto vdn = r_walk_down<NW32, kRLine>(vw, vdb);
+        auto walk_tile = [&](auto q_tag) {
+        constexpr int Q = decltype(q_tag)::value;
+        auto ku = r_walk_up<NW32, QS, Q>(kw, qb);
+        auto kd = r_walk_down<NW32, QS, Q>(kw, qb);
+        auto vu = r_walk_up<NW32, kRLine, Q>(vw, vdb);
+        auto vdn = r_walk_down<NW32, kRLine, Q>(vw, vdb);
         // value u of a group of 8 (x: 4 packed pairs)
         auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
           float qv[GQ];
@@ -511,6 +539,14 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
               if (u < muv - 8) vstep(vu, b0, u);
           }
         }
+        };
+        // three-word walks when every row of the tile allows them (r_short_ok), else the general queue
+        bool sq = false;
+        if constexpr (NW32 == 4)
+          sq = __all_sync(0xffffffffu, r_short_ok(kw, 8 * nfk + muk, mdk + 8 * nfk) &&
+                                           r_short_ok(vw, 8 * nfv + muv, mdv + 8 * nfv));
+        if (sq) walk_tile(std::integral_constant<int, NW32 >= 4 ? 2 : NW32 - 1>{});
+        else walk_tile(std::integral_constant<int, NW32 - 1>{});
       } else {
         // general path (rows with fewer than k values or an empty 32-bit word): values by index
         if (valid) {
