@@ -242,6 +242,7 @@ V6_MODES = [
     (64, 64, 2, None),  # every channel stored / fewest values
     (128, 38, 38, "masks"),  # arbitrary masks: rows with fewer than k values
     (128, 38, 38, "empty_word"),  # complete rows but some with an empty 32-bit word
+    (128, 38, 38, "heavy_end_word"),  # an end word with more than half of a row's values: four-word walks
     (64, 19, 32, "unaligned"),  # values not 16-byte aligned: element staging
 ]
 
@@ -260,6 +261,9 @@ def _v6_case(d, k_k, k_v, irregular, dtype, seed, g=1):
         else:
             if irregular == "empty_word":  # channels 32..63 tiny in every 5th row: never among the top k
                 x[:, :, ::5, 32:64] *= 1e-3
+            if irregular == "heavy_end_word":  # 24 of the 38 kept values in word 0 (or word 3) of some rows
+                x[:, :, ::7, 0:24] *= 10.0
+                x[:, :, 3::7, 104:128] *= 10.0
             bm, vals = torch.ops.mustafar.prune_encode_topk(x, k)
         if irregular == "unaligned":  # rows 1.. of a [.., T+1, k] buffer: value base 2k bytes off
             return bm[:, :, 1:], vals[:, :, 1:]
@@ -287,6 +291,9 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g, monkeypatch):
     args = _v6_case(d, k_k, k_v, irregular, dtype, seed=k_k * 131 + k_v + d + g, g=g)
     if irregular == "empty_word":
         assert bool(((args[1][..., 0] >> 32) & 0xFFFFFFFF == 0).any()), "no row with an empty 32-bit word"
+    if irregular == "heavy_end_word":  # rows whose word 0 holds 24 values exist (the walks' short-queue check fails)
+        w0 = args[1][..., 0] & 0xFFFFFFFF
+        assert bool((sum(((w0 >> i) & 1) for i in range(32)) > k_k // 2).any()), "no row with a heavy end word"
     ks = torch.tensor([0, 7, 100], dtype=torch.int32, device=DEV)
     scale = 1.0 / math.sqrt(d)
     out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
