@@ -11,8 +11,9 @@ warning is issued once and the reference is used. The environment variable ``MUS
 selects: ``auto`` (default), ``reference`` (always the plain-torch reference) or ``compiled``
 (a build failure, or a device without compiled kernels, is an error). On CUDA, ``sparse_decode``
 has three kernels, chosen per call in the C++ wrapper: ``MUSTAFAR_CUDA_DECODE=auto`` (default: v6
-for fp16/bf16 with one query head per KV head and at most 64 stored values per row, v5 for
-grouped-query attention in fp16/bf16, v4 otherwise), ``v4``, ``v5`` or ``v6`` (see
+for fp16/bf16 with one or four query heads per KV head and at most 64 stored values per row, v5 for
+other grouped-query attention in fp16/bf16, v4 otherwise), ``v4``, ``v5``, ``v6`` or ``v6g`` (v6 with
+k read at run time instead of its instantiations for k = 38 and 64 at head_dim 128; see
 ``docs/kernel_notes.md``).
 """
 

@@ -1,6 +1,6 @@
 """Driver for Nsight Compute: the fused decode on one benchmark configuration.
 
-    ncu --clock-control none -k regex:sparse_decode_kernel --launch-skip 2 --launch-count 1 --set full \
+    ncu --clock-control none -k regex:sd_rows_kernel --launch-skip 2 --launch-count 1 --set full \
         python3 scripts/gpu_profile.py [--B 8 --T 16384 --H 32 --Hkv 32 --s 0.7 --dtype float16]
 
 Runs ``torch.ops.mustafar.sparse_decode`` four times on random inputs compressed with
