@@ -1,5 +1,5 @@
 #pragma once
-// v6 fused sparse decode for fp16 / bf16 with one query head per KV head (MHA): the "row" kernel.
+// v6 fused sparse decode for fp16 / bf16 with one (MHA) or four (GQA) query heads per KV head: the "row" kernel.
 // Design, predictions and measurements: docs/kernel_notes.md (section v6).
 //
 // v5 (sd_scatter.cuh) already works per *stored* value, but spends ~75 warp instructions per K+V row
@@ -14,18 +14,22 @@
 //     four independent dependency chains per thread (K up, K down, V up, V down);
 //   * q sits in shared memory as fp32 (the per-value gather q[channel] costs ~1.24 wavefronts: at step j
 //     the lanes' j-th stored channels lie close together, so they rarely share a bank);
-//   * a walk step is 9 instructions with a 3-instruction dependency chain (RWalk);
+//   * a walk step is 9 instructions with a 3-instruction dependency chain (RWalk), 8 where every row of the
+//     tile lets each walk stay within three 32-bit words (r_short_ok);
+//   * instantiations with k compiled in for the paper's settings at D = 128 (k = 38: 70 %, k = 64: 50 %),
+//     a run-time-k one for any other k (MUSTAFAR_CUDA_DECODE=v6g forces it);
 //   * values are read from the stage buffer in groups of 8 per chain (32-bit loads when k/2 is odd,
 //     16-byte loads of swizzled or odd-length rows when k % 8 == 0, 16-bit loads otherwise): small
 //     loops for any k, and registers for four chains (a walk fully unrolled over k, with all values in
 //     registers, fit only one chain per side and doubled the instruction-fetch stalls);
 //   * V values are scattered into the warp's channel-major dense tile Vd[channel][token] and
-//     O^T += V^T P^T runs on tensor cores (mma.m16n8k16, A = V^T by ldmatrix, B = P^T by shuffles).
+//     O^T += V^T P^T runs on tensor cores (mma.m16n8k16, A = V^T by ldmatrix, B = P^T by shuffles, or
+//     with four query heads as four of the mma's columns through a small per-warp P table).
 //
 // A tile whose rows are not all complete top-k rows without an empty 32-bit word (arbitrary masks)
 // takes a general path: per-word loops over the set bits, values read from the stage buffer by index.
 // Dense window rows take the same lane-per-row shape (a dense dot with q, the row copied into Vd).
-// Each warp writes one partial (m, l, o) and sparse_decode_merge combines them (as for v4 / v5).
+// Each warp writes one partial (m, l, o) per query head and sparse_decode_merge combines them (as for v4 / v5).
 
 #include "sd_scatter.cuh"
 
