@@ -5,9 +5,11 @@ Importing this module registers (its only side effect):
 * ``AttentionInterface["mustafar"]`` -> :func:`mustafar_attention_forward`
 * ``AttentionMaskInterface["mustafar"]`` -> :func:`mustafar_mask`
 
-:func:`mustafar_mask` builds no mask for plain-causal decode steps (``q_len == 1``): it returns ``None``
+:func:`mustafar_mask` builds no mask for plain-causal decode steps (``q_len == 1``) whose keys are all
+valid (``q_offset + 1 == kv_length``, as for a ``MustafarCache`` or a ``DynamicCache``): it returns ``None``
 without padding, or an int32 ``kv_start [B]`` (first valid position of each sequence) for left padding.
-Every other case (prefill, sliding layers, non-left padding) gets the usual sdpa mask.
+Every other case (prefill, sliding layers, non-left padding, a preallocated cache such as transformers'
+``StaticCache`` whose ``kv_length`` is its capacity) gets the usual sdpa mask.
 
 :func:`mustafar_attention_forward` runs :func:`mustafar.ops.sparse_decode` over the compressed store and
 the dense window when the keys come from a compressed :class:`mustafar.cache.MustafarLayer` in a decode
@@ -50,7 +52,10 @@ def mustafar_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
         local_size is not None and isinstance(q_offset, int) and q_offset + q_length <= local_size
         and getattr(mask_function, "__qualname__", "").startswith("sliding_window_causal_mask_function")
     )
-    if q_length == 1 and plain_causal and isinstance(kv_offset, int) and kv_offset == 0:
+    # every key position valid: the cache holds exactly the past plus this token (a StaticCache reports its
+    # capacity as kv_length and, in transformers 5, a tensor q_offset: the sdpa mask handles it)
+    all_valid = isinstance(q_offset, int) and q_offset + q_length == kv_length
+    if q_length == 1 and plain_causal and all_valid and isinstance(kv_offset, int) and kv_offset == 0:
         if attention_mask is None:
             return None
         pm = attention_mask.to(torch.bool)

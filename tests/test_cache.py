@@ -206,6 +206,30 @@ def test_window_buffer_grows_on_demand_and_matches_simulate():
     torch.testing.assert_close(outs["compressed"][1], outs["simulate"][1], atol=ATOL, rtol=0)
 
 
+def test_static_cache_decode_unchanged_by_mustafar_attention():
+    """A model switched to the "mustafar" attention (every MustafarCache does that) still decodes a
+    transformers StaticCache exactly as sdpa does: a StaticCache reports its capacity as kv_length, so its
+    decode steps need the causal mask over the unfilled tail (the mask function once skipped it)."""
+    from transformers import StaticCache
+
+    model, _ = mustafar.load_model("tiny-llama")  # a fresh copy: sdpa
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=gen)
+
+    def decode_logits():
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.inference_mode():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            pos = torch.full((2, 1), ids.shape[1])
+            return model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos).logits
+
+    ref = decode_logits()
+    mustafar.attention.prepare_model(model)
+    assert model.config._attn_implementation == mustafar.attention.ATTN_NAME
+    torch.testing.assert_close(decode_logits(), ref, atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_attention_detects_lost_compressed_store():
     """A model that replaced the keys between cache.update and attention must not silently drop the store."""
