@@ -456,93 +456,93 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
         const uint32_t vb = r_row_base(stv, kv, ldv, lgv, lane);
         const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
         auto walk_tile = [&](auto q_tag) {
-        constexpr int Q = decltype(q_tag)::value;
-        auto ku = r_walk_up<NW32, QS, Q>(kw, qb);
-        auto kd = r_walk_down<NW32, QS, Q>(kw, qb);
-        auto vu = r_walk_up<NW32, kRLine, Q>(vw, vdb);
-        auto vdn = r_walk_down<NW32, kRLine, Q>(vw, vdb);
-        // value u of a group of 8 (x: 4 packed pairs)
-        auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
-          float qv[GQ];
-          r_lds_q<GQ>(wk.next(), qv);
-          const float xv = r_half<T>(x[u >> 1], u & 1);
+          constexpr int Q = decltype(q_tag)::value;
+          auto ku = r_walk_up<NW32, QS, Q>(kw, qb);
+          auto kd = r_walk_down<NW32, QS, Q>(kw, qb);
+          auto vu = r_walk_up<NW32, kRLine, Q>(vw, vdb);
+          auto vdn = r_walk_down<NW32, kRLine, Q>(vw, vdb);
+          // value u of a group of 8 (x: 4 packed pairs)
+          auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
+            float qv[GQ];
+            r_lds_q<GQ>(wk.next(), qv);
+            const float xv = r_half<T>(x[u >> 1], u & 1);
 #pragma unroll
-          for (int g = 0; g < GQ; ++g) sc[g] = fmaf(qv[g], xv, sc[g]);
-        };
-        auto vstep = [&](auto& wv, const uint32_t (&x)[4], int u) {
-          r_sts_u16(wv.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
-        };
-        int g = 0;
+            for (int g = 0; g < GQ; ++g) sc[g] = fmaf(qv[g], xv, sc[g]);
+          };
+          auto vstep = [&](auto& wv, const uint32_t (&x)[4], int u) {
+            r_sts_u16(wv.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
+          };
+          int g = 0;
 #pragma unroll 1
-        for (; g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
-          uint32_t a0[4], a1[4], b0[4], b1[4];
-          r_load8(smem, kb, 8 * g, 8, ldk, lgk, lane, a0);
-          r_load8(smem, kb, kk - 8 * g - 8, 8, ldk, lgk, lane, a1);
-          r_load8(smem, vb, 8 * g, 8, ldv, lgv, lane, b0);
-          r_load8(smem, vb, kv - 8 * g - 8, 8, ldv, lgv, lane, b1);
+          for (; g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
+            uint32_t a0[4], a1[4], b0[4], b1[4];
+            r_load8(smem, kb, 8 * g, 8, ldk, lgk, lane, a0);
+            r_load8(smem, kb, kk - 8 * g - 8, 8, ldk, lgk, lane, a1);
+            r_load8(smem, vb, 8 * g, 8, ldv, lgv, lane, b0);
+            r_load8(smem, vb, kv - 8 * g - 8, 8, ldv, lgv, lane, b1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            kstep(ku, sa, a0, u);
-            kstep(kd, sb, a1, 7 - u);
-            vstep(vu, b0, u);
-            vstep(vdn, b1, 7 - u);
+            for (int u = 0; u < 8; ++u) {
+              kstep(ku, sa, a0, u);
+              kstep(kd, sb, a1, 7 - u);
+              vstep(vu, b0, u);
+              vstep(vdn, b1, 7 - u);
+            }
           }
-        }
 #pragma unroll 1
-        for (int gk = g; gk < nfk; ++gk) {
-          uint32_t a0[4], a1[4];
-          r_load8(smem, kb, 8 * gk, 8, ldk, lgk, lane, a0);
-          r_load8(smem, kb, kk - 8 * gk - 8, 8, ldk, lgk, lane, a1);
+          for (int gk = g; gk < nfk; ++gk) {
+            uint32_t a0[4], a1[4];
+            r_load8(smem, kb, 8 * gk, 8, ldk, lgk, lane, a0);
+            r_load8(smem, kb, kk - 8 * gk - 8, 8, ldk, lgk, lane, a1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            kstep(ku, sa, a0, u);
-            kstep(kd, sb, a1, 7 - u);
+            for (int u = 0; u < 8; ++u) {
+              kstep(ku, sa, a0, u);
+              kstep(kd, sb, a1, 7 - u);
+            }
           }
-        }
 #pragma unroll 1
-        for (int gv = g; gv < nfv; ++gv) {
-          uint32_t b0[4], b1[4];
-          r_load8(smem, vb, 8 * gv, 8, ldv, lgv, lane, b0);
-          r_load8(smem, vb, kv - 8 * gv - 8, 8, ldv, lgv, lane, b1);
+          for (int gv = g; gv < nfv; ++gv) {
+            uint32_t b0[4], b1[4];
+            r_load8(smem, vb, 8 * gv, 8, ldv, lgv, lane, b0);
+            r_load8(smem, vb, kv - 8 * gv - 8, 8, ldv, lgv, lane, b1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            vstep(vu, b0, u);
-            vstep(vdn, b1, 7 - u);
+            for (int u = 0; u < 8; ++u) {
+              vstep(vu, b0, u);
+              vstep(vdn, b1, 7 - u);
+            }
           }
-        }
-        // the middle: muk values upward from 8 nfk (two windows when k < 16), mdk downward from kk - 8 nfk - 1
-        if (mk) {
-          uint32_t a0[4], a1[4];
-          r_load8(smem, kb, 8 * nfk, min(muk, 8), ldk, lgk, lane, a0);
-          if (mdk) r_load8(smem, kb, kk - 8 * nfk - 8, 8, ldk, lgk, lane, a1);
+          // the middle: muk values upward from 8 nfk (two windows when k < 16), mdk downward from kk - 8 nfk - 1
+          if (mk) {
+            uint32_t a0[4], a1[4];
+            r_load8(smem, kb, 8 * nfk, min(muk, 8), ldk, lgk, lane, a0);
+            if (mdk) r_load8(smem, kb, kk - 8 * nfk - 8, 8, ldk, lgk, lane, a1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            if (u < muk) kstep(ku, sa, a0, u);
-            if (u < mdk) kstep(kd, sb, a1, 7 - u);
-          }
-          if (muk > 8) {  // k < 16 only
-            r_load8(smem, kb, 8, muk - 8, ldk, lgk, lane, a0);
+            for (int u = 0; u < 8; ++u) {
+              if (u < muk) kstep(ku, sa, a0, u);
+              if (u < mdk) kstep(kd, sb, a1, 7 - u);
+            }
+            if (muk > 8) {  // k < 16 only
+              r_load8(smem, kb, 8, muk - 8, ldk, lgk, lane, a0);
 #pragma unroll
-            for (int u = 0; u < 7; ++u)
-              if (u < muk - 8) kstep(ku, sa, a0, u);
+              for (int u = 0; u < 7; ++u)
+                if (u < muk - 8) kstep(ku, sa, a0, u);
+            }
           }
-        }
-        if (mv) {
-          uint32_t b0[4], b1[4];
-          r_load8(smem, vb, 8 * nfv, min(muv, 8), ldv, lgv, lane, b0);
-          if (mdv) r_load8(smem, vb, kv - 8 * nfv - 8, 8, ldv, lgv, lane, b1);
+          if (mv) {
+            uint32_t b0[4], b1[4];
+            r_load8(smem, vb, 8 * nfv, min(muv, 8), ldv, lgv, lane, b0);
+            if (mdv) r_load8(smem, vb, kv - 8 * nfv - 8, 8, ldv, lgv, lane, b1);
 #pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            if (u < muv) vstep(vu, b0, u);
-            if (u < mdv) vstep(vdn, b1, 7 - u);
-          }
-          if (muv > 8) {
-            r_load8(smem, vb, 8, muv - 8, ldv, lgv, lane, b0);
+            for (int u = 0; u < 8; ++u) {
+              if (u < muv) vstep(vu, b0, u);
+              if (u < mdv) vstep(vdn, b1, 7 - u);
+            }
+            if (muv > 8) {
+              r_load8(smem, vb, 8, muv - 8, ldv, lgv, lane, b0);
 #pragma unroll
-            for (int u = 0; u < 7; ++u)
-              if (u < muv - 8) vstep(vu, b0, u);
+              for (int u = 0; u < 7; ++u)
+                if (u < muv - 8) vstep(vu, b0, u);
+            }
           }
-        }
         };
         // three-word walks when every row of the tile allows them (r_short_ok), else the general queue
         bool sq = false;
