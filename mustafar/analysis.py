@@ -511,6 +511,16 @@ _ROW_KEYS = ("rows", "results", "records", "data", "runs", "measurements")
 _META_KEYS = ("provenance", "meta", "metadata", "env", "environment")
 
 
+def _results_file(name_or_path: str | os.PathLike) -> Path:
+    """An existing results file: ``name_or_path`` itself, or ``results/<name>`` for a plain name."""
+    p = Path(name_or_path)
+    if not p.is_file() and "/" not in str(name_or_path):
+        p = results_path(str(name_or_path))
+    if not p.is_file():
+        raise FileNotFoundError(f"results file {p} does not exist")
+    return p
+
+
 def load_results(name_or_path: str | os.PathLike):
     """Read a results JSON into ``(DataFrame, meta)``.
 
@@ -528,11 +538,7 @@ def load_results(name_or_path: str | os.PathLike):
     """
     import pandas as pd
 
-    p = Path(name_or_path)
-    if not p.is_file():
-        p = results_path(str(name_or_path)) if "/" not in str(name_or_path) else p
-    if not p.is_file():
-        raise FileNotFoundError(f"results file {p} does not exist")
+    p = _results_file(name_or_path)
     data = json.loads(p.read_text())
     meta: dict = {"path": str(p)}
     if isinstance(data, list):
@@ -866,11 +872,7 @@ def read_results_json(name_or_path: str | os.PathLike) -> dict:
     -------
     dict. Raises ``FileNotFoundError`` if the file does not exist.
     """
-    p = Path(name_or_path)
-    if not p.is_file() and "/" not in str(name_or_path):
-        p = results_path(str(name_or_path))
-    if not p.is_file():
-        raise FileNotFoundError(f"results file {p} does not exist")
+    p = _results_file(name_or_path)
     data = json.loads(p.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(data).__name__}")
