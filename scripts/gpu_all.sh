@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call: build, check, sanitize, time. Run from the repo root on the GPU machine.
-#   STAGES="build test sanitize sass bench e2e" bash scripts/gpu_all.sh      (default: all but e2e)
+#   STAGES="build test sanitize sass overhead bench e2e" bash scripts/gpu_all.sh      (default: all but e2e)
 # Logs and JSON land in $OUT (or ./gpu_out when OUT is unset). The device copy has no .git: pass the
 # commit for the results' provenance, e.g. run "MUSTAFAR_GIT_COMMIT=<git rev-parse HEAD here> bash scripts/gpu_all.sh".
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" results
-STAGES=${STAGES:-"build test sanitize sass bench"}
+STAGES=${STAGES:-"build test sanitize sass overhead bench"}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -55,6 +55,11 @@ for fn in re.split(r"\n\s*Function : ", txt)[1:]:
 open(sys.argv[2], "w").write("\n".join(keep))
 PYEOF
   fi
+fi
+if has overhead; then
+  stamp overhead
+  timeout ${OVH_TIMEOUT:-300} $PY scripts/gpu_overhead.py --out results/decode_overhead_h200.json 2>&1 | tee "$OUT/overhead.log" | tail -60
+  cp results/decode_overhead_h200.json "$OUT/" 2>/dev/null
 fi
 if has bench; then
   stamp bench

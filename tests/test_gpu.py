@@ -345,6 +345,25 @@ def test_sparse_decode_public_api_and_window_full():
         assert _rel(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("case", [(1, 4, 1, 128, 40000, 17), (1, 2, 4, 64, 30000, 0), (16, 8, 1, 128, 700, 33)])
+def test_sparse_decode_merge_with_and_without_pdl(case, decode_kernel, monkeypatch):
+    """The merge launched as a programmatic dependent of the decode kernel (default) gives the same bits as
+    the merge launched after it (MUSTAFAR_CUDA_PDL=0), on cases with many partials per head (B=1, long T)
+    and with many heads; both match the reference. Repeated calls on fresh inputs reuse the workspace."""
+    b, h_kv, g, d, t_c, t_w = case
+    scale = 1.0 / math.sqrt(d)
+    for rep in range(3):
+        args = _make_case(b, h_kv, g, d, t_c, t_w, torch.float16, s_k=0.7, s_v=0.7, seed=rep + sum(case))
+        _skip_unless_v6_covers(decode_kernel, g, torch.float16, args[2], args[4])
+        monkeypatch.delenv("MUSTAFAR_CUDA_PDL", raising=False)
+        a = torch.ops.mustafar.sparse_decode(*args, None, scale)
+        monkeypatch.setenv("MUSTAFAR_CUDA_PDL", "0")
+        c = torch.ops.mustafar.sparse_decode(*args, None, scale)
+        monkeypatch.delenv("MUSTAFAR_CUDA_PDL")
+        assert torch.equal(a, c)
+        assert _rel(a, _ref64(*args, None, scale)) < 1e-2
+
+
 def test_sparse_decode_deterministic():
     args = _make_case(2, 4, 1, 128, 5000, 16, torch.float16, seed=3)
     a = torch.ops.mustafar.sparse_decode(*args, None, 0.088)

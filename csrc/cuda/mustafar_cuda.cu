@@ -5,7 +5,10 @@
 #include "sd_rows.cuh"
 #include "../mf_check.h"
 
+#include <array>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include <torch/library.h>
@@ -273,6 +276,28 @@ static at::Tensor rows_ok(const at::Tensor& t) {
 
 static int g_num_sms = 0;
 
+// Resident CTAs per SM of one decode kernel configuration (kernel family, dtype, D, warps or query heads per
+// CTA, value mode, shared memory bytes) on the current device. The occupancy query costs microseconds and
+// the v6 choice of warps per CTA asks for up to nine of them per call; the answer never changes, so it is
+// cached.
+template <typename F>
+static int occupancy_cached(std::array<int64_t, 6> key, F&& query) {
+  static std::mutex mu;
+  static std::map<std::pair<int, std::array<int64_t, 6>>, int> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto k = std::make_pair(dev, key);
+  {
+    std::lock_guard<std::mutex> g(mu);
+    const auto it = cache.find(k);
+    if (it != cache.end()) return it->second;
+  }
+  const int n = query();
+  std::lock_guard<std::mutex> g(mu);
+  cache[k] = n;
+  return n;
+}
+
 at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap_in, const at::Tensor& k_values_in,
                               const at::Tensor& v_bitmap_in, const at::Tensor& v_values_in,
                               const at::Tensor& k_window_in, const at::Tensor& v_window_in,
@@ -428,11 +453,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
     for (int nw = kRMaxWarps; nw >= 4; --nw) {
       const int sb = p.off_vd + nw * p.r_wbytes;
       if (sb > 227 * 1024) continue;
-      int n = 0;
-      dispatch_float(q.scalar_type(), [&](auto tag) {
-        using scalar = decltype(tag);
-        if constexpr (!std::is_same<scalar, float>::value)
-          n = sd_rows_blocks_per_sm<scalar>((int)D, nw, sb);
+      const int n = occupancy_cached({6, (int64_t)q.scalar_type(), D, nw, 0, sb}, [&] {
+        int r = 0;
+        dispatch_float(q.scalar_type(), [&](auto tag) {
+          using scalar = decltype(tag);
+          if constexpr (!std::is_same<scalar, float>::value) r = sd_rows_blocks_per_sm<scalar>((int)D, nw, sb);
+        });
+        return r;
       });
       if (n * nw > best) {
         best = n * nw;
@@ -475,14 +502,18 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
            ", k_v=", kv, ")");
   // splits: whole waves of resident CTAs (flash-decoding; batch 1 fills the GPU), >= 2 tiles per split
   if (!v6) {
-    dispatch_float(q.scalar_type(), [&](auto tag) {
-      using scalar = decltype(tag);
-      if constexpr (std::is_same<scalar, float>::value) {
-        per_sm = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
-      } else {
-        per_sm = v5 ? sd_scatter_blocks_per_sm<scalar>((int)D, GT, VM, smem_bytes)
-                    : sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
-      }
+    per_sm = occupancy_cached({v5 ? 5 : 4, (int64_t)q.scalar_type(), D, GT, v5 ? VM : 0, smem_bytes}, [&] {
+      int r = 0;
+      dispatch_float(q.scalar_type(), [&](auto tag) {
+        using scalar = decltype(tag);
+        if constexpr (std::is_same<scalar, float>::value) {
+          r = sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
+        } else {
+          r = v5 ? sd_scatter_blocks_per_sm<scalar>((int)D, GT, VM, smem_bytes)
+                 : sparse_decode_blocks_per_sm<scalar>((int)D, GT, smem_bytes);
+        }
+      });
+      return r;
     });
   }
   const int64_t cap = (int64_t)per_sm * g_num_sms;
@@ -552,13 +583,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using scalar = decltype(tag);
     if constexpr (std::is_same<scalar, float>::value) {
-      launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream);
     } else {
-      if (v6) launch_sd_rows<scalar>(p, (int)D, nwarps, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq,
-                                    v6_fixed_k);
-      else if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
-      else launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream, out.data_ptr(), NP, B * Hq);
+      if (v6) launch_sd_rows<scalar>(p, (int)D, nwarps, smem_bytes, grid, stream, v6_fixed_k);
+      else if (v5) launch_sd_scatter<scalar>(p, (int)D, GT, VM, smem_bytes, grid, stream);
+      else launch_sparse_decode<scalar>(p, (int)D, GT, smem_bytes, grid, stream);
     }
+    launch_merge<scalar>((int)D, p.ws_o, p.ws_ml, NP, reinterpret_cast<scalar*>(out.data_ptr()), B * Hq, stream);
   });
   return out;
 }

@@ -40,6 +40,22 @@ inline bool poison_outputs() {
   return e != nullptr && e[0] != '\0' && e[0] != '0';
 }
 
+// Programmatic dependent launch (Hopper, PTX griddepcontrol): every decode kernel lets the merge kernel
+// that follows it in the stream be launched as soon as all of its CTAs are running, and the merge waits
+// for the decode grid to finish (and its writes to be visible) before it reads the partials. So the merge's
+// launch latency overlaps the decode instead of following it. Both are no-ops on older GPUs and when the
+// merge is launched without the attribute (MUSTAFAR_CUDA_PDL=0).
+__device__ __forceinline__ void mf_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mf_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 // type helpers
 // ------------------------------------------------------------------------------------------------
@@ -283,6 +299,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
   extern __shared__ __align__(16) char smem[];
   __shared__ uint2 lut[16];
   init_nib_lut(lut);  // first read after the __syncthreads at the top of the tile loop
+  mf_pdl_launch_dependents();  // the merge kernel may launch now (it waits for this grid)
 
   const int split = blockIdx.x;
   const int hk = blockIdx.y / p.nchunk;
@@ -567,30 +584,94 @@ if constexpr (kHalfMath) {
   }
 }
 
+// Merge of the decode partials (m, l, o[D]) of one (b, query head) per CTA: 8 warps, warp w takes the
+// partials w, w + 8, ... (all of a warp's loads independent: one or two L2 round trips for the NP of a
+// decode call instead of NP / 4 in a loop over partials), lane = D / 32 consecutive channels (one
+// 16- or 8-byte load per partial), then a sum over the warps in shared memory.
+constexpr int kMergeWarps = 8;
 template <typename T, int D>
-__global__ void sparse_decode_merge(const float* __restrict__ ws_o, const float* __restrict__ ws_ml, int NP,
-                                    T* __restrict__ out) {
+__global__ void __launch_bounds__(kMergeWarps * 32) sparse_decode_merge(const float* __restrict__ ws_o,
+                                                                        const float* __restrict__ ws_ml, int NP,
+                                                                        T* __restrict__ out) {
+  constexpr int CPL = D / 32;  // channels per lane
+  static_assert(CPL == 2 || CPL == 4, "D = 64 or 128");
+  __shared__ float s_o[kMergeWarps][D];
+  __shared__ float s_l[kMergeWarps], s_m[kMergeWarps];
+  mf_pdl_wait();
   const int64_t bh = blockIdx.x;
-  const int c = threadIdx.x;  // blockDim.x == D
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const float* ml = ws_ml + bh * NP * 2;
   float M = -INFINITY;
-  for (int i = 0; i < NP; ++i) M = fmaxf(M, ml[2 * i]);
-  float acc = 0.f, L = 0.f;
+  for (int i = tid; i < NP; i += kMergeWarps * 32) M = fmaxf(M, ml[2 * i]);
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+  if (lane == 0) s_m[warp] = M;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) M = fmaxf(M, s_m[w]);
+  float acc[CPL] = {};
+  float L = 0.f;  // the same in every lane of the warp
   if (M != -INFINITY) {
-    for (int i = 0; i < NP; ++i) {
-      const float w = exp2f(ml[2 * i] - M);  // 0 for empty partials (m = -inf)
-      L += w * ml[2 * i + 1];
-      acc += w * ws_o[(bh * NP + i) * D + c];
+#pragma unroll 4
+    for (int i = warp; i < NP; i += kMergeWarps) {
+      const float2 x = *reinterpret_cast<const float2*>(ml + 2 * i);
+      const float w = exp2f(x.x - M);  // 0 for empty partials (m = -inf)
+      L += w * x.y;
+      const float* op = ws_o + (bh * NP + i) * D + CPL * lane;
+      if constexpr (CPL == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(op);
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
+        acc[2] += w * v.z;
+        acc[3] += w * v.w;
+      } else {
+        const float2 v = *reinterpret_cast<const float2*>(op);
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
+      }
     }
   }
-  out[bh * D + c] = from_f<T>(L > 0.f ? acc / L : 0.f);
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) s_o[warp][CPL * lane + j] = acc[j];
+  if (lane == 0) s_l[warp] = L;
+  __syncthreads();
+  for (int c = tid; c < D; c += kMergeWarps * 32) {
+    float a = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) {
+      a += s_o[w][c];
+      l += s_l[w];
+    }
+    out[bh * D + c] = from_f<T>(l > 0.f ? a / l : 0.f);
+  }
 }
 
+inline bool pdl_enabled() {
+  const char* e = std::getenv("MUSTAFAR_CUDA_PDL");
+  return e == nullptr || e[0] == '\0' || e[0] != '0';
+}
+
+// the merge after any of the decode kernels (v4, v5, v6): B * H_q CTAs, launched as a programmatic
+// dependent of the decode kernel just launched on `stream` (unless MUSTAFAR_CUDA_PDL=0)
+template <typename T>
+void launch_merge(int D, const float* ws_o, const float* ws_ml, int NP, T* out, int64_t BHq, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)BHq);
+  cfg.blockDim = dim3(kMergeWarps * 32);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  if (D == 64) C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 64>, ws_o, ws_ml, NP, out));
+  else C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 128>, ws_o, ws_ml, NP, out));
+}
 
 // host launcher of the fused decode (one translation unit per dtype, so they compile in parallel)
 template <typename T>
-void launch_sparse_decode(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
-                          int NP, int64_t BHq);
+void launch_sparse_decode(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid, cudaStream_t stream);
 
 // resident CTAs per SM of the fused kernel (for choosing the number of splits)
 template <typename T>
@@ -627,17 +708,15 @@ void launch_sd_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t st
   }                                                                                                         \
   template <>                                                                                               \
   void launch_sparse_decode<TYPE>(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid,              \
-                                  cudaStream_t stream, void* out, int NP, int64_t BHq) {                    \
+                                  cudaStream_t stream) {                                                    \
     if (D == 64) {                                                                                          \
       if (GT == 4) launch_sd_one<TYPE, 64, 4>(p, smem_bytes, grid, stream);                                 \
       else if (GT == 2) launch_sd_one<TYPE, 64, 2>(p, smem_bytes, grid, stream);                            \
       else launch_sd_one<TYPE, 64, 1>(p, smem_bytes, grid, stream);                                         \
-      sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);     \
     } else {                                                                                                \
       if (GT == 4) launch_sd_one<TYPE, 128, 4>(p, smem_bytes, grid, stream);                                \
       else if (GT == 2) launch_sd_one<TYPE, 128, 2>(p, smem_bytes, grid, stream);                           \
       else launch_sd_one<TYPE, 128, 1>(p, smem_bytes, grid, stream);                                        \
-      sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);   \
     }                                                                                                       \
     MF_CHECK_LAUNCH();                                                                                      \
   }

@@ -332,6 +332,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int nwarps = (int)(blockDim.x >> 5);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  mf_pdl_launch_dependents();  // the merge kernel may launch now (it waits for this grid)
   const int ks = p.kv_start ? max(0, p.kv_start[b]) : 0;
   const int ntc = (p.Tc + kRRows - 1) / kRRows;
   const int nall = ntc + (p.Tw + kRRows - 1) / kRRows;
@@ -798,8 +799,7 @@ void sdr_launch(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid,
 template <typename T>
 int sd_rows_blocks_per_sm(int D, int nwarps, int smem_bytes);
 template <typename T>
-void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, void* out,
-                    int NP, int64_t BHq, bool fixed_k);
+void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
 #define MUSTAFAR_DEFINE_SDR_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
@@ -808,12 +808,9 @@ void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 g
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_sd_rows<TYPE>(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                            void* out, int NP, int64_t BHq, bool fixed_k) {                                    \
+                            bool fixed_k) {                                                                    \
     if (p.G == 4) sdr_launch<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                        \
     else sdr_launch<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                                 \
-    if (D == 64) sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out); \
-    else sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);    \
-    MF_CHECK_LAUNCH();                                                                                         \
   }
 
 }  // namespace mustafar_cuda

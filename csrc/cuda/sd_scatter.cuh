@@ -213,6 +213,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
   const int chunk = blockIdx.y % p.nchunk;
   const int b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  mf_pdl_launch_dependents();  // the merge kernel may launch now (it waits for this grid)
   const int hq0 = hk * p.G + chunk * GT;
   const int ks = p.kv_start ? max(0, p.kv_start[b]) : 0;
   const int ntc = (p.Tc + kTile - 1) / kTile;
@@ -630,8 +631,7 @@ auto sds_dispatch(int D, int GT, int VM, F&& f) {
 template <typename T>
 int sd_scatter_blocks_per_sm(int D, int GT, int VM, int smem_bytes);
 template <typename T>
-void launch_sd_scatter(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid, cudaStream_t stream,
-                       void* out, int NP, int64_t BHq);
+void launch_sd_scatter(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid, cudaStream_t stream);
 
 #define MUSTAFAR_DEFINE_SDS_LAUNCHER(TYPE)                                                                    \
   template <>                                                                                               \
@@ -642,15 +642,12 @@ void launch_sd_scatter(const SDParams& p, int D, int GT, int VM, int smem_bytes,
   }                                                                                                         \
   template <>                                                                                               \
   void launch_sd_scatter<TYPE>(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid,          \
-                               cudaStream_t stream, void* out, int NP, int64_t BHq) {                       \
+                               cudaStream_t stream) {                                                       \
     sds_dispatch<TYPE>(D, GT, VM, [&](auto dc, auto gc, auto vc) {                                          \
       launch_sds_one<TYPE, decltype(dc)::value, decltype(gc)::value, decltype(vc)::value>(p, smem_bytes,     \
                                                                                           grid, stream);    \
       return 0;                                                                                             \
     });                                                                                                     \
-    if (D == 64) sparse_decode_merge<TYPE, 64><<<(unsigned)BHq, 64, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out); \
-    else sparse_decode_merge<TYPE, 128><<<(unsigned)BHq, 128, 0, stream>>>(p.ws_o, p.ws_ml, NP, (TYPE*)out);       \
-    MF_CHECK_LAUNCH();                                                                                      \
   }
 
 }  // namespace mustafar_cuda

@@ -17,7 +17,9 @@ repetition, so every call reads its inputs from HBM):
   KV head with k <= 64),
   plus ``v6g`` (v6's run-time-k instantiation; it differs from ``v6`` where v6 has k compiled in:
   k = 38 and 64 at D = 128);
-* ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA.
+* ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA;
+* ``fused_nopdl``: the default kernel with its merge kernel launched after it rather than as a
+  programmatic dependent (``MUSTAFAR_CUDA_PDL=0``).
 
 and reports speed-ups over dense and the achieved bandwidth over the bytes actually read
 (bitmaps + packed values + q + output) against a device-to-device copy bandwidth measured in the
@@ -143,6 +145,13 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         o_u = unfused().squeeze(2).float()
                         rel = float((o_f - o_u).norm() / o_u.norm())
                         t_fused = _bench(fused)
+                        # the same with the merge kernel launched after the decode kernel instead of as its
+                        # programmatic dependent (csrc/cuda/mustafar_cuda.cuh, launch_merge)
+                        os.environ["MUSTAFAR_CUDA_PDL"] = "0"
+                        try:
+                            t_nopdl = _bench(fused)
+                        finally:
+                            os.environ.pop("MUSTAFAR_CUDA_PDL", None)
                         # both kernels side by side (the op's default picks one per configuration)
                         t_k, rel_k = {}, {}
                         if dt != torch.float32:
@@ -163,7 +172,8 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         comp_bytes = (kb.numel() * 8 + kv.numel() * isz) * 2 + q.numel() * isz * 2
                         row = {
                             "H_q": h_q, "H_kv": h_kv, "D": d, "dtype": dt_name, "B": b, "T": t, "sparsity": s,
-                            "k": k, "dense_ms": t_dense, "fused_ms": t_fused, "unfused_ms": t_unf,
+                            "k": k, "dense_ms": t_dense, "fused_ms": t_fused, "fused_nopdl_ms": t_nopdl,
+                            "unfused_ms": t_unf,
                             "speedup_fused": t_dense / t_fused, "speedup_unfused": t_dense / t_unf,
                             "dense_bytes": dense_bytes, "fused_bytes": comp_bytes,
                             "bytes_ratio": comp_bytes / dense_bytes,
@@ -180,7 +190,7 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                             row[f"rel_err_{kern}_vs_unfused"] = rel_k.get(kern)
                         rows.append(row)
                         log(f"H{h_q}/{h_kv} {dt_name:8s} B={b:2d} T={t:6d} s={s:.1f}: dense {t_dense:.4f} ms  "
-                            f"fused {t_fused:.4f} ms ({t_dense / t_fused:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw)  "
+                            f"fused {t_fused:.4f} ms ({t_dense / t_fused:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw; no PDL {t_nopdl:.4f})  "
                             + ("[" + " / ".join(f"{n} {v:.4f}" for n, v in t_k.items()) + " ms]  " if t_k else "") +
                             f"unfused {t_unf:.4f} ms ({t_dense / t_unf:.2f}x)  comp256 {t_comp:.4f} ms  rel {rel:.1e}")
                         del kb, kv, vb, vv
