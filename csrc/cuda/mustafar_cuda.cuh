@@ -585,9 +585,10 @@ if constexpr (kHalfMath) {
 }
 
 // Merge of the decode partials (m, l, o[D]) of one (b, query head) per CTA: 8 warps, warp w takes the
-// partials w, w + 8, ... (all of a warp's loads independent: one or two L2 round trips for the NP of a
-// decode call instead of NP / 4 in a loop over partials), lane = D / 32 consecutive channels (one
-// 16- or 8-byte load per partial), then a sum over the warps in shared memory.
+// partials w, w + 8, ... with its own running maximum (online softmax), so all of a warp's loads are
+// independent of each other and of the maximum: one L2 round trip for the NP of a decode call (the old
+// one-thread-per-channel loop over NP took NP / 4 of them, twice); lane = D / 32 consecutive channels (one
+// 16- or 8-byte load per partial); then the warps' results rescaled to the CTA's maximum and summed.
 constexpr int kMergeWarps = 8;
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeWarps * 32) sparse_decode_merge(const float* __restrict__ ws_o,
@@ -601,46 +602,52 @@ __global__ void __launch_bounds__(kMergeWarps * 32) sparse_decode_merge(const fl
   const int64_t bh = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const float* ml = ws_ml + bh * NP * 2;
-  float M = -INFINITY;
-  for (int i = tid; i < NP; i += kMergeWarps * 32) M = fmaxf(M, ml[2 * i]);
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-  if (lane == 0) s_m[warp] = M;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kMergeWarps; ++w) M = fmaxf(M, s_m[w]);
   float acc[CPL] = {};
-  float L = 0.f;  // the same in every lane of the warp
-  if (M != -INFINITY) {
+  float mw = -INFINITY, L = 0.f;  // the same in every lane of the warp
 #pragma unroll 4
-    for (int i = warp; i < NP; i += kMergeWarps) {
-      const float2 x = *reinterpret_cast<const float2*>(ml + 2 * i);
-      const float w = exp2f(x.x - M);  // 0 for empty partials (m = -inf)
-      L += w * x.y;
-      const float* op = ws_o + (bh * NP + i) * D + CPL * lane;
-      if constexpr (CPL == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(op);
-        acc[0] += w * v.x;
-        acc[1] += w * v.y;
-        acc[2] += w * v.z;
-        acc[3] += w * v.w;
-      } else {
-        const float2 v = *reinterpret_cast<const float2*>(op);
-        acc[0] += w * v.x;
-        acc[1] += w * v.y;
-      }
+  for (int i = warp; i < NP; i += kMergeWarps) {
+    const float2 x = *reinterpret_cast<const float2*>(ml + 2 * i);
+    const float* op = ws_o + (bh * NP + i) * D + CPL * lane;
+    float v[CPL];
+    if constexpr (CPL == 4) {
+      const float4 y = *reinterpret_cast<const float4*>(op);
+      v[0] = y.x, v[1] = y.y, v[2] = y.z, v[3] = y.w;
+    } else {
+      const float2 y = *reinterpret_cast<const float2*>(op);
+      v[0] = y.x, v[1] = y.y;
     }
+    if (x.x == -INFINITY) continue;  // an empty partial (l = 0, o = 0)
+    if (x.x > mw) {
+      const float r = exp2f(mw - x.x);  // 0 while mw = -inf
+      L *= r;
+#pragma unroll
+      for (int j = 0; j < CPL; ++j) acc[j] *= r;
+      mw = x.x;
+    }
+    const float w = exp2f(x.x - mw);
+    L += w * x.y;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) acc[j] += w * v[j];
   }
 #pragma unroll
   for (int j = 0; j < CPL; ++j) s_o[warp][CPL * lane + j] = acc[j];
-  if (lane == 0) s_l[warp] = L;
+  if (lane == 0) {
+    s_l[warp] = L;
+    s_m[warp] = mw;
+  }
   __syncthreads();
+  float M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) M = fmaxf(M, s_m[w]);
   for (int c = tid; c < D; c += kMergeWarps * 32) {
     float a = 0.f, l = 0.f;
+    if (M != -INFINITY) {
 #pragma unroll
-    for (int w = 0; w < kMergeWarps; ++w) {
-      a += s_o[w][c];
-      l += s_l[w];
+      for (int w = 0; w < kMergeWarps; ++w) {
+        const float r = s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - M);
+        a += r * s_o[w][c];
+        l += r * s_l[w];
+      }
     }
     out[bh * D + c] = from_f<T>(l > 0.f ? a / l : 0.f);
   }

@@ -343,16 +343,6 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   const int ldk = LK >= 0 ? LK : p.r_ldk, ldv = LV >= 0 ? LV : p.r_ldv;
   const int lgk = KC ? r_lg_of(KC) : p.r_lgk, lgv = KC ? r_lg_of(KC) : p.r_lgv;
 
-  // ---- q (scaled by scale * log2 e) as fp32 at byte 4 c, q[D] = 0 (dummy). The gather q[channel] of a
-  // walk step costs ~1.24 shared-memory wavefronts on random top-k rows (the lanes' j-th stored channels
-  // lie close together), measured against 1.0 for a private copy per lane that took 16 KB.
-  // With GQ heads: float (c * GQ + g) holds head g's channel c (query head hk * GQ + g).
-  const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * GQ * D;
-  for (int i = tid; i < (D + 4) * GQ; i += (int)blockDim.x) {
-    const int c = i / GQ, g = i - c * GQ;
-    *reinterpret_cast<float*>(smem + 4 * i) = c < D ? to_f(qp[g * D + c]) * p.qscale : 0.f;
-  }
-
   // ---- this warp's region: dense V tile (D + 1 lines; line D is the dummy), two pairs of K / V stage
   // buffers. All zeroed, so stale stage data is always finite (lanes without a row scatter it with
   // probability 0).
@@ -362,7 +352,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   const uint32_t bufstep = (uint32_t)p.r_bufstep;
   for (int i = lane; i < p.r_wbytes / 16; i += 32)
     *reinterpret_cast<uint4*>(smem + wreg + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
-  __syncthreads();
+  __syncwarp();  // the zeros land before this warp's first cp.async into its stage buffers
 
   const SDSlice<T> sl(p, b, hk);
   auto stage = [&](int wt, uint32_t sk, uint32_t sv) {
@@ -419,6 +409,18 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDPar
   if (wt < ntc_here) stage(wt, stk, stv);
   cp_async_commit();
   load_bm(wt, kwn, vwn);
+
+  // ---- q, read while the first tile is on its way: scaled by scale * log2 e, as fp32 at byte 4 c, q[D] = 0
+  // (dummy). The gather q[channel] of a walk step costs ~1.24 shared-memory wavefronts on random top-k rows
+  // (the lanes' j-th stored channels lie close together), measured against 1.0 for a private copy per lane
+  // that took 16 KB.
+  // With GQ heads: float (c * GQ + g) holds head g's channel c (query head hk * GQ + g).
+  const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * GQ * D;
+  for (int i = tid; i < (D + 4) * GQ; i += (int)blockDim.x) {
+    const int c = i / GQ, g = i - c * GQ;
+    *reinterpret_cast<float*>(smem + 4 * i) = c < D ? to_f(qp[g * D + c]) * p.qscale : 0.f;
+  }
+  __syncthreads();  // q is shared by the CTA's warps
 
 #pragma unroll 1
   for (; wt < wt1; wt += nwarps) {
