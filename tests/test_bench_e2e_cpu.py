@@ -293,16 +293,25 @@ def test_grid_cli_rejects_bad_input(capsys):
 
 
 # --------------------------------------------------------------------------------------------- kernel-time reader
+_T0 = [0]
+
+
 class _FakeEvent:  # a FunctionEvent (prof.events()) and a raw kineto event at once
-    def __init__(self, dev, us, name="k"):
+    def __init__(self, dev, us, name="k", start=None):
         from types import SimpleNamespace
 
-        self._dev, self._us, self._name = dev, us, name
+        if start is None:  # back to back after the previous event by default
+            start = _T0[0]
+        _T0[0] = start + us + 1
+        self._dev, self._us, self._name, self._start = dev, us, name, start
         self.device_type = dev
-        self.time_range = SimpleNamespace(elapsed_us=lambda: us)
+        self.time_range = SimpleNamespace(elapsed_us=lambda: us, start=start, end=start + us)
 
     def duration_ns(self):
         return self._us * 1000
+
+    def start_ns(self):
+        return self._start * 1000
 
     def name(self):
         return self._name
@@ -314,8 +323,8 @@ class _FakeProf:
 
         self._events = events
         self.n_slow = 0
-        kin = [SimpleNamespace(device_type=lambda e=e: e._dev, duration_ns=e.duration_ns, name=e.name)
-               for e in kineto_events]
+        kin = [SimpleNamespace(device_type=lambda e=e: e._dev, duration_ns=e.duration_ns, start_ns=e.start_ns,
+                               name=e.name) for e in kineto_events]
         self.profiler = SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: kin))
 
     def events(self):
@@ -342,3 +351,18 @@ def test_kernel_us_fast_path_cross_checked(monkeypatch):
     monkeypatch.setattr(e2e, "_KINETO_FAST", None)
     assert e2e._kernel_us(_FakeProf([_FakeEvent(cpu, 3)], [_FakeEvent(cpu, 3)])) == 0  # CPU: undecided
     assert e2e._KINETO_FAST is None
+
+
+def test_kernel_us_counts_overlapping_kernels_once(monkeypatch):
+    """GPU-busy time is the union of the device events' intervals: a kernel running alongside another
+    (the merge launched as a programmatic dependent of the decode kernel) adds only what sticks out."""
+    from torch.autograd import DeviceType
+
+    cuda = DeviceType.CUDA
+    evs = [_FakeEvent(cuda, 100, start=1000), _FakeEvent(cuda, 104, start=1000),  # decode + waiting merge
+           _FakeEvent(cuda, 10, start=1200), _FakeEvent(cuda, 5, start=1205), _FakeEvent(cuda, 1, start=1300)]
+    for fast in (None, False):
+        monkeypatch.setattr(e2e, "_KINETO_FAST", fast)
+        assert e2e._kernel_us(_FakeProf(evs, evs)) == 104 + 10 + 1
+    assert e2e._busy_us([]) == 0.0
+    assert e2e._busy_us([(5, 7), (0, 2), (1, 3), (7, 8)]) == 6.0

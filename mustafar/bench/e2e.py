@@ -24,8 +24,8 @@ which costs ~1.2-1.8 ms of CPU per attention call (measured with ``--profile-ste
 With ``--step-timing N`` it also times N single decode steps (``model(next_token, past_key_values=
 cache)``, synchronised, median) after a prefill for dense and MustafarCache, at each batch of
 ``--step-batches`` whose KV estimate fits ``--kv-budget-gib``, and records the GPU-busy time per
-step (summed kernel time of three steps under ``torch.profiler``): HF's eager loop is CPU-bound on
-the H200 (25-60 ms of CPU per 7-8B step), so the GPU-busy time is the comparison that a runtime
+step (the union of the kernels' time intervals over three steps under ``torch.profiler``): HF's
+eager loop is CPU-bound on the H200 (25-60 ms of CPU per 7-8B step), so the GPU-busy time is the comparison that a runtime
 without Python overhead would see. ``--dense-caches dense static`` adds transformers'
 ``StaticCache`` (preallocated) as a second dense baseline next to ``DynamicCache`` (which grows by
 ``torch.cat``, re-copying the cache every step). ``--gen 0`` skips the ``generate`` runs.
@@ -55,8 +55,8 @@ tokens/s from them:
   ``nbytes()``: bitmaps, kept values and the dense window at capacity).
 * Per (model, cache, batch) one cache is filled and extended context by context; at each context
   ``--steps`` wall-clock-timed steps (median) and 3 steps under ``torch.profiler`` give the GPU-busy
-  time per step (summed kernel time / 3), plus the peak memory during the steps (after a reset,
-  minus the weights) and the cache's bytes. A StaticCache reads its whole preallocated buffer at
+  time per step (union of the kernel intervals / 3), plus the peak memory during the steps (after a
+  reset, minus the weights) and the cache's bytes. A StaticCache reads its whole preallocated buffer at
   every step, so it is measured once per ``max_cache_len = P + G``.
 * tokens/s of (P, G, B) = ``B * G / (G * (t(P) + t(P + G)) / 2)``: a decode step's time is affine in
   the context (weights constant; attention and the DynamicCache re-copy linear), so the mean over
@@ -160,27 +160,44 @@ def token_check(model, n_new: int, sparsity: float = 0.7, prompt: int = 600, bat
 _KINETO_FAST: bool | None = None  # whether the raw kineto event sum matched prof.events() (decided at first use)
 
 
+def _busy_us(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals (any unit): time during which any of them runs."""
+    total, cur_s, cur_e = 0.0, None, None
+    for st, en in sorted(intervals):
+        if cur_e is None or st > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = st, en
+        else:
+            cur_e = max(cur_e, en)
+    return float(total + (cur_e - cur_s if cur_e is not None else 0.0))
+
+
 def _kernel_us(prof) -> float:
-    """Summed duration (us) of the device (CUDA) events of a finished ``torch.profiler`` session.
+    """GPU-busy time (us) of a finished ``torch.profiler`` session: the length of the union of the
+    device (CUDA) events' time intervals, so that work overlapping in time counts once (the decode's
+    merge kernel is launched as a programmatic dependent and runs, waiting, alongside the decode
+    kernel; a plain sum of kernel durations counted that stretch twice).
 
     ``prof.events()`` builds the whole CPU/GPU event tree in Python (~0.5-1 s for three 32-layer
-    decode steps); the same sum is read straight from the raw kineto events when they agree with it.
-    The first session that has device events computes both and keeps the fast path only if they
+    decode steps); the same intervals are read straight from the raw kineto events when they agree with
+    it. The first session that has device events computes both and keeps the fast path only if they
     agree within 0.5 %; otherwise (or if the private kineto API is missing) ``prof.events()`` is used."""
     global _KINETO_FAST
     from torch.autograd import DeviceType
 
     def slow():
-        return float(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
+        return _busy_us((e.time_range.start, e.time_range.end) for e in prof.events()
+                        if e.device_type == DeviceType.CUDA)
 
     if _KINETO_FAST is False:
         return slow()
     try:
         from torch.autograd.profiler_util import _filter_name
 
-        fast = sum(e.duration_ns() for e in prof.profiler.kineto_results.events()
-                   if e.device_type() == DeviceType.CUDA and not _filter_name(e.name())
-                   and not getattr(e, "is_hidden_event", lambda: False)()) / 1e3
+        fast = _busy_us((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
+                        if e.device_type() == DeviceType.CUDA and not _filter_name(e.name())
+                        and not getattr(e, "is_hidden_event", lambda: False)()) / 1e3
     except Exception:  # noqa: BLE001  (private API of torch.profiler)
         _KINETO_FAST = False
         return slow()
@@ -189,7 +206,7 @@ def _kernel_us(prof) -> float:
         if ref > 0:
             _KINETO_FAST = abs(fast - ref) <= 5e-3 * ref
             if not _KINETO_FAST:
-                print(f"mustafar.bench.e2e: kineto kernel sum {fast:.1f} us != prof.events() {ref:.1f} us; using "
+                print(f"mustafar.bench.e2e: kineto busy time {fast:.1f} us != prof.events() {ref:.1f} us; using "
                       "prof.events() (~1 s more per profiled measurement)", file=sys.stderr, flush=True)
         return ref
     return fast
@@ -205,8 +222,8 @@ def _run_steps(model, cache, nxt, pos: int, steps: int, profile_steps: int = 3, 
     """Greedy decode steps through the real model at positions ``pos, pos + 1, ...`` on ``cache``.
 
     ``steps`` steps are timed one by one (synchronised wall clock); then ``profile_steps`` more run
-    under ``torch.profiler`` when the model is on CUDA (or ``profile_log`` is given): their summed
-    kernel time / ``profile_steps`` is ``gpu_busy_ms`` (``None`` without device events, e.g. on CPU).
+    under ``torch.profiler`` when the model is on CUDA (or ``profile_log`` is given): their GPU-busy
+    time (union of the kernels' intervals, :func:`_kernel_us`) / ``profile_steps`` is ``gpu_busy_ms`` (``None`` without device events, e.g. on CPU).
     ``profiled_wall_ms`` is the wall clock per profiled step (profiler overhead included).
 
     Returns ``{"times_ms", "step_ms_median", "profiled_wall_ms", "gpu_busy_ms", "next", "pos"}``;
@@ -1010,7 +1027,7 @@ GRID_METHOD = (
     "written with cache.update per layer instead of computed by a prefill (mustafar.bench.e2e.fill_cache); the "
     "timed steps run the real model. Per (model, cache, batch) one cache is filled and extended context by "
     "context (StaticCache: one cache per max_cache_len = P+G). At each context: {steps} wall-clock-timed steps "
-    "(median) then 3 steps under torch.profiler; gpu_busy_ms = summed kernel time / 3 (HF's eager loop is "
+    "(median) then 3 steps under torch.profiler; gpu_busy_ms = union of the kernel intervals / 3 (HF's eager loop is "
     "CPU-bound on the H200, so GPU-busy time is the comparison a runtime without Python overhead would see); "
     "on CPU the wall-clock median is used instead (time_source). Tokens/s of (P, G, B): "
     "B*G / (G*(t(P)+t(P+G))/2), the decode step time being affine in the context (checked: linearity.midpoint "
