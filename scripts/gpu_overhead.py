@@ -8,7 +8,9 @@
    token. Paths: dense SDPA, the fused decode with its merge kernel launched as a programmatic
    dependent (default) and launched after it (``MUSTAFAR_CUDA_PDL=0``).
 2. Kernels: ``torch.profiler`` device time of each kernel of one call (decode, merge; dense's own
-   kernels) at the target points B=1, T=32K and B=8, T=16K.
+   kernels) at the target points B=1, T=32K and B=8, T=16K. The merge is launched as a programmatic
+   dependent of the decode kernel, so its recorded duration includes its wait for the decode grid:
+   read it as "merge end minus decode start", not as the merge's own work.
 3. Host time per call: wall-clock time of 300 calls on a tiny cache (the GPU idles, so the host is
    what is measured), fused vs dense.
 """

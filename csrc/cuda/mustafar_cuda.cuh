@@ -11,7 +11,8 @@
 //                      in shared memory, each lane owning D/32 consecutive channels and expanding
 //                      them from the packed row with a byte permute (no per-element branches),
 //                      fp32 scores and online softmax; each warp writes one partial (m, l, o) and a
-//                      second kernel merges the partials.
+//                      second kernel (sparse_decode_merge, shared by v4 / v5 / v6, launched as a
+//                      programmatic dependent: MUSTAFAR_CUDA_PDL) merges the partials.
 //
 // Debugging: MUSTAFAR_CUDA_POISON=1 fills every output (and the decode workspace) with NaN / -1
 // before the kernels run, so elements that a kernel forgets to write show up in tests.

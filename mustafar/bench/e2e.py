@@ -25,8 +25,8 @@ With ``--step-timing N`` it also times N single decode steps (``model(next_token
 cache)``, synchronised, median) after a prefill for dense and MustafarCache, at each batch of
 ``--step-batches`` whose KV estimate fits ``--kv-budget-gib``, and records the GPU-busy time per
 step (the union of the kernels' time intervals over three steps under ``torch.profiler``): HF's
-eager loop is CPU-bound on the H200 (25-60 ms of CPU per 7-8B step), so the GPU-busy time is the comparison that a runtime
-without Python overhead would see. ``--dense-caches dense static`` adds transformers'
+eager loop is CPU-bound on the H200 (25-60 ms of CPU per 7-8B step), so the GPU-busy time is the
+comparison that a runtime without Python overhead would see. ``--dense-caches dense static`` adds transformers'
 ``StaticCache`` (preallocated) as a second dense baseline next to ``DynamicCache`` (which grows by
 ``torch.cat``, re-copying the cache every step). ``--gen 0`` skips the ``generate`` runs.
 
@@ -223,7 +223,8 @@ def _run_steps(model, cache, nxt, pos: int, steps: int, profile_steps: int = 3, 
 
     ``steps`` steps are timed one by one (synchronised wall clock); then ``profile_steps`` more run
     under ``torch.profiler`` when the model is on CUDA (or ``profile_log`` is given): their GPU-busy
-    time (union of the kernels' intervals, :func:`_kernel_us`) / ``profile_steps`` is ``gpu_busy_ms`` (``None`` without device events, e.g. on CPU).
+    time (union of the kernels' intervals, :func:`_kernel_us`) / ``profile_steps`` is ``gpu_busy_ms``
+    (``None`` without device events, e.g. on CPU).
     ``profiled_wall_ms`` is the wall clock per profiled step (profiler overhead included).
 
     Returns ``{"times_ms", "step_ms_median", "profiled_wall_ms", "gpu_busy_ms", "next", "pos"}``;
