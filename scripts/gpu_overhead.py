@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mustafar._build import load_extension  # noqa: E402
-from mustafar.bench.kernel import _bench, provenance  # noqa: E402
+from mustafar.bench.kernel import _bench, env_set, provenance  # noqa: E402
 
 H, D = 32, 128
 DT = torch.float16
@@ -54,15 +54,8 @@ def _inputs(b: int, t: int, s: float, gen):
 
 def _with_env(name: str, value: str, fn):
     def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with env_set(name, value):
             return fn()
-        finally:
-            if old is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = old
     return run
 
 

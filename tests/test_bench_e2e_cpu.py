@@ -366,3 +366,23 @@ def test_kernel_us_counts_overlapping_kernels_once(monkeypatch):
         assert e2e._kernel_us(_FakeProf(evs, evs)) == 104 + 10 + 1
     assert e2e._busy_us([]) == 0.0
     assert e2e._busy_us([(5, 7), (0, 2), (1, 3), (7, 8)]) == 6.0
+
+
+def test_kernel_bench_env_set_restores(monkeypatch):
+    """The kernel benchmark's switch of MUSTAFAR_CUDA_DECODE / _PDL restores the previous value (or its absence)."""
+    import os
+
+    from mustafar.bench.kernel import env_set
+
+    monkeypatch.delenv("MUSTAFAR_CUDA_PDL", raising=False)
+    with env_set("MUSTAFAR_CUDA_PDL", "0"):
+        assert os.environ["MUSTAFAR_CUDA_PDL"] == "0"
+    assert "MUSTAFAR_CUDA_PDL" not in os.environ
+    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v5")
+    try:
+        with env_set("MUSTAFAR_CUDA_DECODE", "v6"):
+            assert os.environ["MUSTAFAR_CUDA_DECODE"] == "v6"
+            raise RuntimeError
+    except RuntimeError:
+        pass
+    assert os.environ["MUSTAFAR_CUDA_DECODE"] == "v5"

@@ -30,6 +30,7 @@ one decode step. Results go to JSON with provenance (device, versions, commit, d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -61,6 +62,21 @@ def _bench(fn, warmup_ms: float = 25.0, rep_ms: float = 150.0) -> float:
             times.append(s.elapsed_time(e))
         times.sort()
         return times[len(times) // 2]
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """Set the environment variable ``name`` to ``value`` inside the block (the CUDA op reads
+    ``MUSTAFAR_CUDA_DECODE`` / ``MUSTAFAR_CUDA_PDL`` at every call), then restore it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def copy_bandwidth() -> float:
@@ -147,22 +163,16 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                         t_fused = _bench(fused)
                         # the same with the merge kernel launched after the decode kernel instead of as its
                         # programmatic dependent (csrc/cuda/mustafar_cuda.cuh, launch_merge)
-                        os.environ["MUSTAFAR_CUDA_PDL"] = "0"
-                        try:
+                        with env_set("MUSTAFAR_CUDA_PDL", "0"):
                             t_nopdl = _bench(fused)
-                        finally:
-                            os.environ.pop("MUSTAFAR_CUDA_PDL", None)
                         # both kernels side by side (the op's default picks one per configuration)
                         t_k, rel_k = {}, {}
                         if dt != torch.float32:
                             kernels = ("v4", "v5", "v6", "v6g") if (h_q // h_kv in (1, 4) and k <= 64) else ("v4", "v5")
                             for kern in kernels:
-                                os.environ["MUSTAFAR_CUDA_DECODE"] = kern
-                                try:
+                                with env_set("MUSTAFAR_CUDA_DECODE", kern):
                                     rel_k[kern] = float((fused().float() - o_u).norm() / o_u.norm())
                                     t_k[kern] = _bench(fused)
-                                finally:
-                                    os.environ.pop("MUSTAFAR_CUDA_DECODE", None)
                         t_unf = _bench(unfused)
                         # compression of 256 new tokens (K and V) vs one decode step
                         kn = kd[:, :, :256]
