@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ext: $(STAMP)
-	$(VPY) -m mustafar._build
+	$(VPY) -m mustafar.ops.build
 
 # --- tests ----------------------------------------------------------------------------------------
 test: ext
@@ -50,11 +50,11 @@ test-fast: ext
 	$(VPY) -m pytest tests -q -m "not gpu and not slow"
 
 test-gpu:
-	$(PYTHON) -m mustafar._build
+	$(PYTHON) -m mustafar.ops.build
 	$(PYTHON) -m pytest tests -q -m gpu
 
 check-cuda: $(STAMP)
-	$(VPY) -m mustafar._build --check-cuda
+	$(VPY) -m mustafar.ops.build --check-cuda
 
 # --- results --------------------------------------------------------------------------------------
 bench: ext

@@ -13,9 +13,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["collect", "commit_of", "git_commit"]
+__all__ = ["collect", "commit_of", "git_commit", "repo_root", "results_dir", "figures_dir"]
 
 _REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_root() -> Path:
+    """The repository root: the folder holding ``mustafar/``, ``csrc/``, ``results/`` and ``figures/``."""
+    return _REPO
+
+
+def results_dir() -> Path:
+    """``<repo>/results``: every measurement file (JSON/CSV with provenance); superseded ones in ``archive/``."""
+    return _REPO / "results"
+
+
+def figures_dir() -> Path:
+    """``<repo>/figures``: every figure (PNG + PDF), named after its notebook."""
+    return _REPO / "figures"
 
 
 def git_commit() -> dict:

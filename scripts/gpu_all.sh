@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 
 if has build; then
   stamp build
-  MAX_JOBS=16 $PY -m mustafar._build -v > "$OUT/build.log" 2>&1; rc=$?
+  MAX_JOBS=16 $PY -m mustafar.ops.build -v > "$OUT/build.log" 2>&1; rc=$?
   grep -E "registers|spill|error" "$OUT/build.log" | grep -B0 -A0 -E "error|spill" | sort | uniq -c | head -20
   tail -5 "$OUT/build.log"
   [ $rc -eq 0 ] || { echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }

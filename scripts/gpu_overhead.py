@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mustafar._build import load_extension  # noqa: E402
+from mustafar.ops.build import load_extension  # noqa: E402
 from mustafar.bench.kernel import _bench, env_set, provenance  # noqa: E402
 
 H, D = 32, 128

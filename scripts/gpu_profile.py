@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from mustafar._build import load_extension
+from mustafar.ops.build import load_extension
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--B", type=int, default=8)

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from mustafar._build import load_extension
+from mustafar.ops.build import load_extension
 
 load_extension()
 torch.manual_seed(0)

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mustafar import ops
-from mustafar import reference as ref
+from mustafar.ops import dispatch as ops
+from mustafar.ops import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -236,7 +236,7 @@ def test_fake_impls_under_opcheck():
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
-    import mustafar._build as build
+    import mustafar.ops.build as build
 
     def broken(verbose=False):
         raise RuntimeError("simulated compiler error")

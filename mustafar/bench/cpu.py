@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mustafar import ops
-from mustafar import reference as ref
+from mustafar.ops import reference as ref
 from mustafar.format import kept_count
 
 __all__ = ["run", "main", "SHAPES"]

@@ -6,8 +6,8 @@ a GPU, ``CUDA_HOME`` and ``nvcc`` are present) with :func:`torch.utils.cpp_exten
 
 Command line::
 
-    python -m mustafar._build               # build (or reuse) and print what was built
-    python -m mustafar._build --check-cuda  # nvcc-compile every csrc/cuda/*.cu for sm_90 (no GPU needed)
+    python -m mustafar.ops.build               # build (or reuse) and print what was built
+    python -m mustafar.ops.build --check-cuda  # nvcc-compile every csrc/cuda/*.cu for sm_90 (no GPU needed)
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ _loaded: dict = {}
 
 def repo_root() -> str:
     """The repository root (the folder holding ``csrc/``)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from mustafar.provenance import repo_root as _root
+
+    return str(_root())
 
 
 def cpu_sources() -> list[str]:
@@ -167,11 +169,11 @@ def check_cuda(verbose: bool = True) -> int:
     """
     srcs = cuda_sources()
     if not srcs:
-        print("mustafar._build --check-cuda: no csrc/cuda/*.cu files; nothing to check")
+        print("mustafar.ops.build --check-cuda: no csrc/cuda/*.cu files; nothing to check")
         return 0
     nvcc = _nvcc()
     if nvcc is None:
-        print("mustafar._build --check-cuda: nvcc not found (set CUDA_HOME)", file=sys.stderr)
+        print("mustafar.ops.build --check-cuda: nvcc not found (set CUDA_HOME)", file=sys.stderr)
         return len(srcs)
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
@@ -218,7 +220,7 @@ def check_cuda(verbose: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mustafar._build", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mustafar.ops.build", description=__doc__.split("\n")[0])
     ap.add_argument("--check-cuda", action="store_true", help="nvcc-compile csrc/cuda/*.cu for sm_90 (no GPU needed)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)

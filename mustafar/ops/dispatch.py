@@ -4,9 +4,9 @@ Each function validates its inputs (``ValueError`` naming the bad value) and the
 
 * the CUDA kernel for CUDA tensors when the extension was built with CUDA kernels,
 * the C++ kernel (``torch.ops.mustafar.*``, CPU) for CPU tensors,
-* otherwise :mod:`mustafar.reference` (plain torch).
+* otherwise :mod:`mustafar.ops.reference` (plain torch).
 
-The extension is built/loaded lazily on first use (see :mod:`mustafar._build`). If that fails a
+The extension is built/loaded lazily on first use (see :mod:`mustafar.ops.build`). If that fails a
 warning is issued once and the reference is used. The environment variable ``MUSTAFAR_BACKEND``
 selects: ``auto`` (default), ``reference`` (always the plain-torch reference) or ``compiled``
 (a build failure, or a device without compiled kernels, is an error). On CUDA, ``sparse_decode``
@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from mustafar import reference
+from mustafar.ops import reference
 
 __all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend"]
 
@@ -51,7 +51,7 @@ def _load() -> bool:
         if _state["tried"]:
             return _state["ok"]
         try:
-            from mustafar._build import load_extension
+            from mustafar.ops.build import load_extension
 
             load_extension()
             for name in _OPS:
