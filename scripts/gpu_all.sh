@@ -58,18 +58,18 @@ PYEOF
 fi
 if has overhead; then
   stamp overhead
-  timeout ${OVH_TIMEOUT:-300} $PY scripts/gpu_overhead.py --out results/decode_overhead_h200.json 2>&1 | tee "$OUT/overhead.log" | tail -60
+  timeout ${OVH_TIMEOUT:-300} $PY -m mustafar.bench overhead --out results/decode_overhead_h200.json 2>&1 | tee "$OUT/overhead.log" | tail -60
   cp results/decode_overhead_h200.json "$OUT/" 2>/dev/null
 fi
 if has bench; then
   stamp bench
-  timeout ${BENCH_TIMEOUT:-900} $PY -m mustafar.bench.kernel ${BENCH_ARGS:-} --out results/kernel_h200.json 2>&1 | tee "$OUT/bench_kernel.log" | tail -80
+  timeout ${BENCH_TIMEOUT:-900} $PY -m mustafar.bench kernel ${BENCH_ARGS:-} --out results/kernel_h200.json 2>&1 | tee "$OUT/bench_kernel.log" | tail -80
   cp results/kernel_h200.json "$OUT/" 2>/dev/null
 fi
 if has e2e; then
   stamp e2e
   E2E_OUT=${E2E_OUT:-results/e2e_h200.json}
-  timeout ${E2E_TIMEOUT:-300} $PY -m mustafar.bench.e2e ${E2E_ARGS:-} --out "$E2E_OUT" 2>&1 | tee "$OUT/bench_e2e.log" | tail -40
+  timeout ${E2E_TIMEOUT:-300} $PY -m mustafar.bench e2e ${E2E_ARGS:-} --out "$E2E_OUT" 2>&1 | tee "$OUT/bench_e2e.log" | tail -40
   cp "$E2E_OUT" "$OUT/" 2>/dev/null
 fi
 stamp done

@@ -1,21 +1,29 @@
-"""``python -m mustafar.bench {cpu,kernel,e2e,generate} [options]``: dispatch to ``mustafar.bench.<name>.main``."""
+"""``python -m mustafar.bench <command> [options]``: the one CLI of the benchmarks.
+
+Each command is ``mustafar.bench.<module>.main(argv)``; modules are imported lazily, so ``cpu`` works
+without the GPU modules' dependencies.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-_COMMANDS = {
+#: command -> (module, one-line description)
+COMMANDS = {
     "cpu": ("mustafar.bench.cpu", "encoder + sparse decode attention vs dense SDPA on this CPU"),
     "kernel": ("mustafar.bench.kernel", "CUDA decode kernels vs dense SDPA (GPU)"),
-    "e2e": ("mustafar.bench.e2e", "end-to-end generation throughput (GPU)"),
+    "overhead": ("mustafar.bench.overhead", "fixed cost, kernels and host time of one fused decode call (GPU)"),
+    "e2e": ("mustafar.bench.e2e", "end-to-end generation throughput (GPU; --grid/--longest: the e2e-grid)"),
+    "e2e-grid": ("mustafar.bench.e2e_grid", "decode tokens/s grid and longest context from step times (GPU)"),
     "generate": ("mustafar.bench.generate_cpu", "SmolLM2 decode tokens/s, MustafarCache vs DynamicCache (CPU)"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m mustafar.bench {" + ",".join(_COMMANDS) + "} [options]", ""]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m mustafar.bench {" + ",".join(COMMANDS) + "} [options]", ""]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`python -m mustafar.bench <command> --help` for a command's options."]
     return "\n".join(lines)
 
@@ -26,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in _COMMANDS:
+    if name not in COMMANDS:
         print(f"unknown benchmark {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(_COMMANDS[name][0])  # lazy: GPU modules only when asked for
+    module = importlib.import_module(COMMANDS[name][0])  # lazy: GPU modules only when asked for
     rc = module.main(rest)
     return int(rc or 0)
 

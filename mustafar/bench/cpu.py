@@ -1,7 +1,7 @@
 """CPU benchmark: the compiled encoder and sparse decode attention against dense torch attention.
 
 Both sides run in one process on the same inputs' shapes, timed as the median of many repetitions
-after warm-up (``time.perf_counter``):
+after warm-up (:func:`mustafar.bench.common.time_ms`: ``time.perf_counter`` on the CPU):
 
 * **encode**: ``mustafar.ops.prune_encode_topk`` (fused per-token top-k + bitmap encoding) on a
   ``[B, H_kv, T, D]`` K tensor, vs the plain-torch reference encoder (``mustafar.reference``).
@@ -18,19 +18,16 @@ T=4K). Writes ``results/cpu_bench.json`` with provenance.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mustafar import ops
-from mustafar.ops import reference as ref
+from mustafar.bench.common import command_line, default_out, loadavg, set_threads, time_ms, write_results
 from mustafar.format import kept_count
+from mustafar.ops import reference as ref
 
 __all__ = ["run", "main", "SHAPES"]
 
@@ -46,26 +43,18 @@ QUICK_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[4]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
-def _provenance(argv: list[str]) -> dict:
-    from mustafar.provenance import collect
-
-    return collect("python -m mustafar.bench cpu " + " ".join(argv))
-
-
 def run(shapes=SHAPES, dtypes=("float32", "bfloat16"), sparsities=(0.5, 0.7), reps: int = 30,
         encode_reps: int = 5) -> dict:
     """Time encode and decode for every shape x dtype x sparsity.
+
+    Parameters
+    ----------
+    shapes : list of ``(label, B, H_kv, G, D, T)``
+        q is ``[B, H_kv * G, D]``, K and V ``[B, H_kv, T, D]``.
+    dtypes : names in :data:`DTYPES`
+    sparsities : K and V sparsities
+    reps, encode_reps : int
+        Timed repetitions of the decode calls and of the encoders (the reference encoder gets half).
 
     Returns
     -------
@@ -86,10 +75,10 @@ def run(shapes=SHAPES, dtypes=("float32", "bfloat16"), sparsities=(0.5, 0.7), re
         vb, vv = ops.prune_encode_topk(v_dense, k)
         qg = q.reshape(b, h_kv, g, d)  # [B, H_kv, G, D]: GQA without expanding K/V
 
-        dense_ms = _median_ms(lambda: F.scaled_dot_product_attention(qg, k_dense, v_dense), reps)
-        sparse_ms = _median_ms(lambda: ops.sparse_decode(q, kb, kv, vb, vv), reps)
-        encode_ms = _median_ms(lambda: ops.prune_encode_topk(k_dense, k), encode_reps, warmup=1)
-        encode_ref_ms = _median_ms(lambda: ref.prune_encode_topk(k_dense, k), max(1, encode_reps // 2), warmup=1)
+        dense_ms = time_ms(lambda: F.scaled_dot_product_attention(qg, k_dense, v_dense), reps)
+        sparse_ms = time_ms(lambda: ops.sparse_decode(q, kb, kv, vb, vv), reps)
+        encode_ms = time_ms(lambda: ops.prune_encode_topk(k_dense, k), encode_reps, warmup=1)
+        encode_ref_ms = time_ms(lambda: ref.prune_encode_topk(k_dense, k), max(1, encode_reps // 2), warmup=1)
         # accuracy of this very run (vs the float64 reference on the same compressed data)
         out = ops.sparse_decode(q, kb, kv, vb, vv)
         want = ref.sparse_decode(q.double(), kb, kv.double(), vb, vv.double(),
@@ -116,35 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per point (default 30, quick 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dtypes", default=None, help="comma list of float32,bfloat16,float16")
-    ap.add_argument("--out", default=os.path.join("results", "cpu_bench.json"))
+    ap.add_argument("--out", default=None, help="output JSON (default results/cpu_bench.json)")
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads={args.threads} must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dtypes = tuple(args.dtypes.split(",")) if args.dtypes else (("float32",) if args.quick else ("float32", "bfloat16"))
     for dt in dtypes:
         if dt not in DTYPES:
             raise ValueError(f"dtype {dt!r} not in {sorted(DTYPES)}")
     reps = args.reps or (10 if args.quick else 30)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = loadavg()
     res = run(shapes=QUICK_SHAPES if args.quick else SHAPES, dtypes=dtypes, reps=reps,
               encode_reps=2 if args.quick else 5)
     res["settings"] = {"reps": reps, "threads": torch.get_num_threads(), "timer": "median of perf_counter",
                        "loadavg_before": load_before,
-                       "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                       "loadavg_after": loadavg(),
                        "dense_baseline": "F.scaled_dot_product_attention(q[B,H_kv,G,D], K, V) on dense K/V"}
-    res["provenance"] = _provenance(argv)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    out = write_results(args.out or default_out("cpu_bench.json"), res, command_line("cpu", argv))
     print(f"{'shape':>8} {'T':>5} {'dtype':>8} {'s':>4} {'dense ms':>9} {'sparse ms':>9} {'x':>6} "
           f"{'enc ms':>8} {'enc ref ms':>10} {'bytes':>6}")
     for r in res["rows"]:
         print(f"{r['shape']:>8} {r['T']:>5} {r['dtype']:>8} {r['sparsity']:>4} {r['dense_ms']:>9.3f} "
               f"{r['sparse_ms']:>9.3f} {r['speedup']:>5.2f}x {r['encode_ms']:>8.2f} {r['encode_ref_ms']:>10.2f} "
               f"{r['sparse_kv_bytes'] / r['dense_kv_bytes']:>6.3f}")
-    print(f"wrote {args.out} (threads={torch.get_num_threads()}, loadavg {load_before})")
+    print(f"wrote {out} (threads={torch.get_num_threads()}, loadavg {load_before})")
     return 0
 
 

@@ -4,18 +4,18 @@ For each context length the prompt (real English text: CPython's ``pydoc_data.to
 prefilled once with a ``DynamicCache``; the MustafarCache is filled from that same K/V through its
 normal multi-token ``update`` (exactly what its own prefill does). Then both caches decode the same
 greedy tokens alternately, step by step, and each step is timed (``time.perf_counter``; median over
-steps). Results go to ``results/generate_cpu.json``.
+steps). Results go to ``results/generate_cpu.json`` (:func:`mustafar.provenance.results_dir`).
 
-Run: ``python -m mustafar.bench.generate_cpu [--contexts 1024 2048 4096 8128] [--steps 16]``
+Run: ``python -m mustafar.bench generate [--contexts 1024 2048 4096 8128] [--steps 16] [--sparsity 0.7]
+[--random-weights CONFIG_JSON] [--threads N] [--out PATH]`` (also ``python -m mustafar.bench.generate_cpu``)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -23,15 +23,10 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 import mustafar
-from mustafar.cache import MustafarCache, MustafarConfig
+from mustafar import MustafarCache, MustafarConfig, cache_kwargs
+from mustafar.bench.common import command_line, default_out, fill_cache, set_threads, timed_call, write_results
 
-RESULTS = Path(__file__).resolve().parents[2] / "results"
-
-
-def _provenance() -> dict:
-    from mustafar.provenance import collect
-
-    return {**collect(), "threads": torch.get_num_threads(), "backend": mustafar.ops.backend()}
+__all__ = ["main", "memory_table", "run"]
 
 
 def _prompt_ids(tok, n: int) -> torch.Tensor:
@@ -51,15 +46,30 @@ def _fill_from(cache, dyn: DynamicCache):
 
 @torch.no_grad()
 def _step(model, cache, token) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
-    out = model(input_ids=token, past_key_values=cache, use_cache=True)
-    dt = time.perf_counter() - t0
+    """One greedy decode step: ``(seconds, next token [1, 1])``."""
+    out, dt = timed_call(lambda: model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)), "cpu")
     return dt, out.logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()
 def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, sparsity: float = 0.7,
         random_weights: Path | None = None) -> dict:
+    """Dense vs MustafarCache decode steps at each context (see the module doc).
+
+    Parameters
+    ----------
+    contexts : prompt lengths (tokens)
+    steps, warmup : timed and untimed decode steps per cache, interleaved dense / mustafar
+    sparsity : K and V sparsity of the MustafarCache
+    random_weights : path of a config.json, optional
+        Build the model from it with random weights instead of loading SmolLM2-135M.
+
+    Returns
+    -------
+    dict
+        ``rows`` (one per context: step times, tokens/s, bytes, whether the greedy tokens agree),
+        ``memory`` (:func:`memory_table`), model and config notes; :func:`main` adds the provenance.
+    """
     if random_weights is None:
         model, tok = mustafar.load_model("smollm2-135m")
         model_name = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
@@ -75,14 +85,10 @@ def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, spa
     for n in tqdm(contexts, desc="contexts"):
         ids = _prompt_ids(tok, n) if tok is not None else torch.randint(3, model.config.vocab_size, (1, n))
         dyn = DynamicCache()
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=dyn, use_cache=True)
-        prefill_s = time.perf_counter() - t0
+        out, prefill_s = timed_call(lambda: model(input_ids=ids, use_cache=True, **cache_kwargs(model, dyn)), "cpu")
         first = out.logits[:, -1:].argmax(-1)
         mc = MustafarCache(model, cfg, max_cache_len=n + steps + warmup)
-        t0 = time.perf_counter()
-        _fill_from(mc, dyn)
-        compress_s = time.perf_counter() - t0
+        _, compress_s = timed_call(lambda: _fill_from(mc, dyn), "cpu")
         tok_d = tok_m = first
         td, tm, same = [], [], True
         for s in range(steps + warmup):
@@ -107,7 +113,7 @@ def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, spa
     return dict(model=model_name, dtype=str(model.dtype),
                 head_dim=model.config.head_dim, layers=model.config.num_hidden_layers,
                 kv_heads=model.config.num_key_value_heads, config=dict(vars(cfg)), rows=rows,
-                memory=memory_table(), provenance=_provenance(),
+                memory=memory_table(),
                 notes=("step = one full model forward of one token (30 layers, MLP included); medians over "
                        f"{steps} steps after {warmup} warm-up steps, dense and mustafar steps interleaved; "
                        "the window holds 32..288 dense tokens (compress_chunk=256); 2-core shared CPU, "
@@ -118,7 +124,8 @@ def run(contexts=(1024, 2048, 4096, 8128), steps: int = 16, warmup: int = 2, spa
 def memory_table(t: int = 4096, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> list[dict]:
     """Bytes of the cache at ``t`` tokens for SmolLM2's geometry, fp16 and fp32, 50% and 70%.
 
-    Random K/V through the cache's own update path (prefill of ``t`` tokens, capacity exact).
+    Random K/V through the cache's own update path (:func:`mustafar.bench.common.fill_cache`: one
+    prefill-style update of ``t`` tokens per layer, capacity exact).
     ``compressed_ratio``: stored rows (values + bitmaps) / dense bytes of the same tokens (window and
     bookkeeping excluded); ``total_ratio``: nbytes() / dense_nbytes() (everything included).
     """
@@ -132,11 +139,7 @@ def memory_table(t: int = 4096, layers: int = 30, kv_heads: int = 3, head_dim: i
         shell = shell.to(dtype)
         for s in (0.5, 0.7):
             cache = MustafarCache(shell, MustafarConfig(k_sparsity=s, v_sparsity=s), max_cache_len=t)
-            g = torch.Generator().manual_seed(0)
-            for i in range(layers):
-                k = torch.randn(1, kv_heads, t, head_dim, generator=g).to(dtype)
-                v = torch.randn(1, kv_heads, t, head_dim, generator=g).to(dtype)
-                cache.update(k, v, i)
+            fill_cache(shell, cache, 1, t, seed=0)
             bd = cache.breakdown()
             n_c = bd["compressed_tokens"]
             dense_c = 2 * layers * kv_heads * n_c * head_dim * dtype.itemsize
@@ -147,21 +150,21 @@ def memory_table(t: int = 4096, layers: int = 30, kv_heads: int = 3, head_dim: i
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m mustafar.bench generate", description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8128])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--sparsity", type=float, default=0.7)
-    p.add_argument("--out", type=Path, default=RESULTS / "generate_cpu.json")
+    p.add_argument("--out", type=Path, default=None, help="output JSON (default results/generate_cpu.json)")
     p.add_argument("--random-weights", type=Path, default=None, metavar="CONFIG_JSON",
                    help="build the model from this config.json with random weights (no checkpoint needed)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads or None)  # 0: torch's default, as before
     res = run(tuple(a.contexts), a.steps, sparsity=a.sparsity, random_weights=a.random_weights)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1, default=str))
+    out = write_results(a.out or default_out("generate_cpu.json"), res, command_line("generate", argv),
+                        backend=mustafar.ops.backend())
     for r in res["rows"]:
         print(f"T={r['context']:5d}  dense {r['dense_step_ms_median']:7.1f} ms/step ({r['dense_tok_s']:5.1f} tok/s)  "
               f"mustafar {r['mustafar_step_ms_median']:7.1f} ms/step ({r['mustafar_tok_s']:5.1f} tok/s)  "
@@ -169,8 +172,9 @@ def main(argv=None):
     for m in res["memory"]:
         print(f"{m['dtype']:14s} s={m['sparsity']}: compressed rows {m['compressed_ratio']:.3f} of dense, "
               f"everything {m['total_ratio']:.3f}")
-    print(f"wrote {a.out}")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

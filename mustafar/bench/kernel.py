@@ -1,8 +1,8 @@
 """Decode-attention kernel benchmark on a CUDA GPU: dense SDPA vs the fused sparse kernel vs the
 unfused sparse baseline (decode the bitmap to dense, then SDPA).
 
-``python -m mustafar.bench.kernel [--quick] [--out results/kernel_h200.json]``
-(``python -m mustafar.bench kernel`` where the package's ``__main__`` dispatches here.)
+``python -m mustafar.bench kernel [--quick] [--targets] [--out results/kernel_h200.json]``
+(also ``python -m mustafar.bench.kernel``).
 
 For every configuration (head_dim 128; MHA 32/32 and GQA 32/8; fp16 and bf16; B in {1, 8, 32};
 T in {4K, 16K, 32K}; sparsity 0.5 and 0.7 for K and V) it times, as the median of many
@@ -12,16 +12,15 @@ repetition, so every call reads its inputs from HBM):
 * ``dense``: ``torch.nn.functional.scaled_dot_product_attention`` with q ``[B, H, 1, D]`` and K/V
   ``[B, H_kv, T, D]`` (``enable_gqa`` for GQA);
 * ``fused``: ``mustafar.ops.sparse_decode`` on the compressed cache (all T tokens compressed), with
-  the kernel the op picks by default, and (fp16/bf16) each CUDA kernel forced with
-  ``MUSTAFAR_CUDA_DECODE=v4`` / ``v5`` / ``v6`` (``fused_v4_ms`` ...; v6 only for 1 or 4 query heads per
-  KV head with k <= 64),
-  plus ``v6g`` (v6's run-time-k instantiation; it differs from ``v6`` where v6 has k compiled in:
-  k = 38 and 64 at D = 128);
+  the kernel the op picks by default (``kernel="auto"``), and (fp16/bf16) each CUDA kernel chosen
+  with ``kernel="v4"`` / ``"v5"`` / ``"v6"`` (``fused_v4_ms`` ...; v6 only for 1 or 4 query heads per
+  KV head with k <= 64), plus ``"v6g"`` (v6's run-time-k instantiation; it differs from ``v6`` where
+  v6 has k compiled in: k = 38 and 64 at D = 128);
 * ``unfused``: ``decode_bitmap`` of K and V, then the same SDPA;
 * ``fused_nopdl``: the default kernel with its merge kernel launched after it rather than as a
-  programmatic dependent (``MUSTAFAR_CUDA_PDL=0``).
+  programmatic dependent (``pdl=False``).
 
-and reports speed-ups over dense and the achieved bandwidth over the bytes actually read
+Every time is :func:`mustafar.bench.common.gpu_bench_ms`. It reports speed-ups over dense and the achieved bandwidth over the bytes actually read
 (bitmaps + packed values + q + output) against a device-to-device copy bandwidth measured in the
 same run. It also times the compression of 256 new tokens (``prune_encode_topk`` of K and V) against
 one decode step. Results go to JSON with provenance (device, versions, commit, date, command).
@@ -30,53 +29,17 @@ one decode step. Results go to JSON with provenance (device, versions, commit, d
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
-import os
 import sys
 
 import torch
 
-__all__ = ["main", "run"]
+from mustafar.bench.common import command_line, default_out, gpu_bench_ms, require_cuda, write_results
 
+__all__ = ["KERNELS", "TARGET_POINTS", "copy_bandwidth", "kernels_for", "main", "run"]
 
-def _bench(fn, warmup_ms: float = 25.0, rep_ms: float = 150.0) -> float:
-    """Median time of ``fn()`` in milliseconds."""
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except ImportError:  # pragma: no cover - CUDA events, flushing L2 with a 256 MB write
-        flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(50):
-            flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        times.sort()
-        return times[len(times) // 2]
-
-
-@contextlib.contextmanager
-def env_set(name: str, value: str):
-    """Set the environment variable ``name`` to ``value`` inside the block (the CUDA op reads
-    ``MUSTAFAR_CUDA_DECODE`` / ``MUSTAFAR_CUDA_PDL`` at every call), then restore it."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+#: the CUDA decode kernels ``mustafar.ops.sparse_decode(kernel=...)`` can be asked for
+KERNELS = ("v4", "v5", "v6", "v6g")
 
 
 def copy_bandwidth() -> float:
@@ -85,31 +48,35 @@ def copy_bandwidth() -> float:
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     a.random_(0, 255)
-    ms = _bench(lambda: b.copy_(a))
+    ms = gpu_bench_ms(lambda: b.copy_(a))
     del a, b
     return 2 * n / (ms * 1e-3)
-
-
-def provenance(argv: list[str], module: str = "mustafar.bench.kernel") -> dict:
-    """:func:`mustafar.provenance.collect` plus the GPU's multiprocessor count."""
-    from mustafar.provenance import collect
-
-    prov = collect(command=f"python -m {module} " + " ".join(argv))
-    prov["sm_count"] = torch.cuda.get_device_properties(0).multi_processor_count
-    return prov
 
 
 TARGET_POINTS = {(8, 16384), (32, 4096), (1, 32768)}
 
 
-def _k_of(s: float, d: int) -> int:
-    return d - int(math.floor(s * d + 0.5))
+def kernels_for(group: int, k: int) -> tuple[str, ...]:
+    """The CUDA kernels that cover ``group`` query heads per KV head with ``k`` values per row
+    (fp16/bf16): v6 and v6g need a group of 1 or 4 and k <= 64; v4 and v5 cover every configuration."""
+    return KERNELS if (group in (1, 4) and k <= 64) else ("v4", "v5")
 
 
 def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bfloat16"), batches=(1, 8, 32),
         seqs=(4096, 16384, 32768), sparsities=(0.5, 0.7), d: int = 128, mem_budget_gib: float = 100.0,
         points=None, log=print) -> dict:
+    """Time every configuration (see the module doc); ``points``: only these ``(B, T)``; ``quick``: B in
+    {1, 8}, T in {4K, 16K}, fp16 only. A configuration whose dense K + V (x 2.2 for the compressed copy and
+    the temporaries) exceeds ``mem_budget_gib`` is skipped.
+
+    Returns
+    -------
+    dict
+        ``copy_bandwidth_Bps`` and ``rows`` (one dict per heads x dtype x B x T x sparsity: times in ms,
+        speed-ups over dense, bytes read, bandwidth fractions, relative errors vs the unfused path).
+    """
     from mustafar import ops
+    from mustafar.format import kept_count
 
     assert ops.backend("cuda") == "cuda", f"CUDA kernels not available: backend={ops.backend('cuda')}"
     bw = copy_bandwidth()
@@ -140,44 +107,42 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                     def dense_fn(kd=kd, vd=vd, q4=q4, gqa=gqa):
                         return sdpa(q4, kd, vd, enable_gqa=gqa) if gqa else sdpa(q4, kd, vd)
 
-                    t_dense = _bench(dense_fn)
+                    t_dense = gpu_bench_ms(dense_fn)
                     empty = q.new_empty(b, h_kv, 0, d)
                     for s in sparsities:
-                        k = _k_of(s, d)
+                        k = kept_count(d, s)
                         kb, kv = ops.prune_encode_topk(kd, k)
                         vb, vv = ops.prune_encode_topk(vd, k)
                         scale = 1.0 / math.sqrt(d)
 
-                        def fused(kb=kb, kv=kv, vb=vb, vv=vv):
-                            return torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, empty, empty, None, scale)
+                        def fused(kb=kb, kv=kv, vb=vb, vv=vv, kernel="auto", pdl=True):
+                            return ops.sparse_decode(q, kb, kv, vb, vv, empty, empty, None, scale,
+                                                     kernel=kernel, pdl=pdl)
 
                         def unfused(kb=kb, kv=kv, vb=vb, vv=vv, gqa=gqa):
-                            kk_ = torch.ops.mustafar.decode_bitmap(kb, kv, d)
-                            vv_ = torch.ops.mustafar.decode_bitmap(vb, vv, d)
+                            kk_ = ops.decode_bitmap(kb, kv, d)
+                            vv_ = ops.decode_bitmap(vb, vv, d)
                             return sdpa(q4, kk_, vv_, enable_gqa=gqa) if gqa else sdpa(q4, kk_, vv_)
 
                         # correctness spot check against the unfused path (fp32 compare)
                         o_f = fused().float()
                         o_u = unfused().squeeze(2).float()
                         rel = float((o_f - o_u).norm() / o_u.norm())
-                        t_fused = _bench(fused)
+                        t_fused = gpu_bench_ms(fused)
                         # the same with the merge kernel launched after the decode kernel instead of as its
-                        # programmatic dependent (csrc/cuda/mustafar_cuda.cuh, launch_merge)
-                        with env_set("MUSTAFAR_CUDA_PDL", "0"):
-                            t_nopdl = _bench(fused)
-                        # both kernels side by side (the op's default picks one per configuration)
+                        # programmatic dependent
+                        t_nopdl = gpu_bench_ms(lambda fused=fused: fused(pdl=False))
+                        # the kernels side by side (the op's default picks one per configuration)
                         t_k, rel_k = {}, {}
                         if dt != torch.float32:
-                            kernels = ("v4", "v5", "v6", "v6g") if (h_q // h_kv in (1, 4) and k <= 64) else ("v4", "v5")
-                            for kern in kernels:
-                                with env_set("MUSTAFAR_CUDA_DECODE", kern):
-                                    rel_k[kern] = float((fused().float() - o_u).norm() / o_u.norm())
-                                    t_k[kern] = _bench(fused)
-                        t_unf = _bench(unfused)
+                            for kern in kernels_for(h_q // h_kv, k):
+                                rel_k[kern] = float((fused(kernel=kern).float() - o_u).norm() / o_u.norm())
+                                t_k[kern] = gpu_bench_ms(lambda fused=fused, kern=kern: fused(kernel=kern))
+                        t_unf = gpu_bench_ms(unfused)
                         # compression of 256 new tokens (K and V) vs one decode step
                         kn = kd[:, :, :256]
                         vn = vd[:, :, :256]
-                        t_comp = _bench(lambda kn=kn, vn=vn, k=k: (ops.prune_encode_topk(kn, k),
+                        t_comp = gpu_bench_ms(lambda kn=kn, vn=vn, k=k: (ops.prune_encode_topk(kn, k),
                                                                   ops.prune_encode_topk(vn, k)))
                         comp_bytes = (kb.numel() * 8 + kv.numel() * isz) * 2 + q.numel() * isz * 2
                         row = {
@@ -193,7 +158,7 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
                             "compress_256_ms": t_comp, "compress_256_over_step": t_comp / t_fused,
                             "rel_err_vs_unfused": rel,
                         }
-                        for kern in ("v4", "v5", "v6", "v6g"):  # None where a kernel does not cover the configuration
+                        for kern in KERNELS:  # None where a kernel does not cover the configuration
                             row[f"fused_{kern}_ms"] = t_k.get(kern)
                             row[f"speedup_fused_{kern}"] = (t_dense / t_k[kern]) if kern in t_k else None
                             row[f"fused_{kern}_bw_frac"] = (comp_bytes / (t_k[kern] * 1e-3) / bw) if kern in t_k else None
@@ -211,21 +176,17 @@ def run(quick: bool = False, heads=((32, 32), (32, 8)), dtypes=("float16", "bflo
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m mustafar.bench.kernel", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mustafar.bench kernel", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
     ap.add_argument("--targets", action="store_true",
                     help="only the (B, T) points of the speed targets: (8, 16K), (32, 4K), (1, 32K)")
-    ap.add_argument("--out", default=os.path.join("results", "kernel_h200.json"))
+    ap.add_argument("--out", default=None, help="output JSON (default results/kernel_h200.json)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("mustafar.bench.kernel: needs a CUDA GPU", file=sys.stderr)
+    if not require_cuda("mustafar.bench kernel"):
         return 2
     res = run(quick=args.quick, points=TARGET_POINTS if args.targets else None)
-    res["provenance"] = provenance(argv)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {args.out}")
+    out = write_results(args.out or default_out("kernel_h200.json"), res, command_line("kernel", argv))
+    print(f"wrote {out}")
     # short table last
     def x(r, kern):
         v = r.get(f"speedup_fused_{kern}")

@@ -1,5 +1,6 @@
-"""CPU tests of the e2e grid (`python -m mustafar.bench.e2e --grid --longest`): the random-K/V cache
-fill, the budget arithmetic, the tokens/s derivation and a smoke run writing a JSON with provenance."""
+"""CPU tests of the e2e grid (`python -m mustafar.bench e2e-grid`, = `e2e --grid --longest`): the window
+cycle, the budget arithmetic, the tokens/s derivation, the GPU-busy reader and a smoke run writing a
+JSON with provenance. (The random-K/V cache fill it uses: tests/bench/test_common.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pytest
 import torch
 
 from mustafar import MustafarCache, MustafarConfig
-from mustafar.bench import e2e
-from mustafar.bench.e2e import (
+from mustafar.bench import e2e, e2e_grid, steps
+from mustafar.bench.e2e_plan import (
     derive,
-    fill_cache,
     kv_bytes,
     kv_geometry,
     longest_context,
@@ -36,101 +36,6 @@ def tiny_llama():
     return load_model("tiny-llama")
 
 
-def _decode_step(model, cache, batch, pos):
-    ids = torch.zeros(batch, 1, dtype=torch.long)
-    with torch.inference_mode():
-        return model(input_ids=ids, past_key_values=cache, use_cache=True,
-                     position_ids=torch.full((batch, 1), pos, dtype=torch.long)).logits
-
-
-def _prefill(model, cache, batch, length):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
-    with torch.inference_mode():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-
-# --------------------------------------------------------------------------------------------- fill_cache
-@pytest.mark.parametrize("s", [0.5, 0.7])
-def test_fill_cache_mustafar_matches_prefill(tiny_llama, s):
-    """A MustafarCache filled with random K/V holds what a real prefill of the same length leaves:
-    same length, compressed/window split and bytes (== kv_bytes); a decode step then gives finite
-    logits and compresses nothing; extending a filled cache equals filling it at once."""
-    model, _ = tiny_llama
-    b, n, max_len = 2, 300, 320
-    cfg = MustafarConfig(k_sparsity=s, v_sparsity=s)
-    real, fake, ext = (MustafarCache(model, cfg, max_cache_len=max_len) for _ in range(3))
-    _prefill(model, real, b, n)
-    fill_cache(model, fake, b, n, seed=3)
-    fill_cache(model, ext, b, 200, seed=3)
-    fill_cache(model, ext, b, n, seed=4)
-    for c in (fake, ext):
-        assert c.get_seq_length() == real.get_seq_length() == n
-        br, bf = real.breakdown(), c.breakdown()
-        assert (bf["compressed_tokens"], bf["window_tokens"]) == (br["compressed_tokens"], br["window_tokens"]) \
-            == (n - 32, 32)
-        assert c.nbytes() == real.nbytes()
-    geo = kv_geometry(model, torch.float32)
-    assert geo == GEO
-    assert kv_bytes("compressed", s, geo, b, max_len) == fake.nbytes()
-    logits = _decode_step(model, fake, b, n)
-    assert logits.shape == (b, 1, model.config.vocab_size) and torch.isfinite(logits).all()
-    assert fake.get_seq_length() == n + 1 and fake.breakdown()["compressed_tokens"] == n - 32
-
-
-def test_fill_cache_dense_and_static(tiny_llama):
-    """DynamicCache: one update per layer, the dense byte count; StaticCache: written in chunks at the
-    right positions (the slots after `length` stay empty); decode steps after both are finite."""
-    from transformers import DynamicCache, StaticCache
-
-    model, _ = tiny_llama
-    b, n = 2, 150
-    dyn = e2e._new_cache("dense", model, 0.0, n + 8)
-    assert isinstance(dyn, DynamicCache)
-    fill_cache(model, dyn, b, n)
-    assert dyn.get_seq_length() == n
-    assert e2e._cache_nbytes(dyn) == kv_bytes("dense", 0.0, GEO, b, n) == b * n * DENSE_PER_TOKEN
-    st = e2e._new_cache("static", model, 0.0, n + 8)
-    assert isinstance(st, StaticCache) and model.config._attn_implementation == "sdpa"
-    fill_cache(model, st, b, n, chunk=64)  # 64 + 64 + 22 tokens per layer
-    assert int(st.get_seq_length()) == n
-    keys = st.layers[1].keys
-    assert (keys[:, :, :n].abs().sum(-1) > 0).all() and (keys[:, :, n:] == 0).all()
-    for c in (dyn, st):
-        logits = _decode_step(model, c, b, n)
-        assert torch.isfinite(logits).all()
-        assert int(c.get_seq_length()) == n + 1
-
-
-def test_fill_cache_tail_and_errors(tiny_llama):
-    """`tail` tokens go in one per update (a MustafarCache keeps them in its window); asking for fewer
-    tokens than the cache holds, or a tail longer than the new tokens, raises."""
-    model, _ = tiny_llama
-    c = MustafarCache(model, MustafarConfig(), max_cache_len=400)
-    fill_cache(model, c, 1, 300, tail=200)
-    assert c.breakdown()["window_tokens"] == 32 + 200 and c.get_seq_length() == 300
-    assert not e2e_pending()
-    with pytest.raises(ValueError, match="already holds"):
-        fill_cache(model, c, 1, 100)
-    with pytest.raises(ValueError, match="tail"):
-        fill_cache(model, c, 1, 310, tail=11)
-
-
-def e2e_pending():
-    from mustafar.cache import PENDING_DECODE
-
-    return {k: v for k, v in PENDING_DECODE.items() if v}
-
-
-def test_step_timing_random_fill(tiny_llama):
-    model, _ = tiny_llama
-    with e2e._sdpa_backends():
-        r = e2e.step_timing(model, "compressed", 0.7, 2, 120, 2, fill="random")
-        d = e2e.step_timing(model, "dense", 0.0, 2, 120, 2, fill="random")
-    assert r["step_ms_median"] > 0 and d["step_ms_median"] > 0
-    assert r["gpu_busy_ms"] is None and d["gpu_busy_ms"] is None
-
-
 def test_window_cycle_schedule(tiny_llama):
     """The window-cycle measurement compresses exactly one chunk at its second step and leaves the
     cache 8 tokens before the sweep's first context."""
@@ -138,7 +43,7 @@ def test_window_cycle_schedule(tiny_llama):
     geo = kv_geometry(model, torch.float32)
     cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.7), max_cache_len=400)
     with torch.inference_mode():
-        row, nxt, pos = e2e._window_cycle(model, cache, 2, 320, geo, 0, lambda *a: None, "test")
+        row, nxt, pos = e2e_grid._window_cycle(model, cache, 2, 320, geo, 0, lambda *a: None, "test")
     n0, n1, n2, n3 = row["compressed_tokens_before_after"]
     assert row["schedule_ok"] and n1 == n0 and n2 - n1 == 256 and n3 == n2
     assert pos == 312 == cache.get_seq_length() and nxt.shape == (2, 1)
@@ -161,8 +66,10 @@ def test_longest_context_compressed_by_hand():
     # D=64 -> one 64-bit bitmap word per token vector; 50 %: 32 kept fp32 values each for K and V
     per_token = GEO["layers"] * GEO["kv_heads"] * (2 * 8 + 2 * 32 * 4)  # 1088 bytes
     window = GEO["layers"] * (GEO["kv_heads"] * 2 * (32 + 256 + 1) * 64 * 4 + 16)  # dense window + counters
-    assert kv_bytes("compressed", 0.5, GEO, 1, 0) == window
-    assert kv_bytes("compressed", 0.5, GEO, 1, 3000) - window == 3000 * per_token
+    # the cache's account (mustafar.cache.preallocated_layer_nbytes): an empty cache holds its counters only;
+    # the local_window (32) newest tokens live in the dense window, the rest in the compressed store
+    assert kv_bytes("compressed", 0.5, GEO, 1, 0) == GEO["layers"] * 16
+    assert kv_bytes("compressed", 0.5, GEO, 1, 3000) - window == (3000 - 32) * per_token
     budget = window + 3000 * per_token
     assert longest_context("compressed", 0.5, GEO, budget) == 2048
     assert longest_context("compressed", 0.5, GEO, budget + 72 * per_token) == 3072
@@ -292,6 +199,19 @@ def test_grid_cli_rejects_bad_input(capsys):
     assert "estimated H200 wall time" in capsys.readouterr().out
 
 
+def test_e2e_grid_subcommand_same_options(capsys):
+    """`python -m mustafar.bench e2e-grid` takes the grid's options itself (the same checks)."""
+    from mustafar.bench import __main__ as bench_main
+
+    assert bench_main.main(["e2e-grid", "--device", "cpu", "--kv-budget-gib", "0"]) == 2
+    assert bench_main.main(["e2e-grid", "--device", "cpu", "--steps", "0"]) == 2
+    assert e2e_grid.main(["--device", "cpu", "--ratios", "2048-1024"]) == 2
+    capsys.readouterr()
+    assert bench_main.main(["e2e-grid", "--estimate-only", "--models", "llama2-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated H200 wall time" in out and "llama2-7b compressed s=0.7" in out
+
+
 # --------------------------------------------------------------------------------------------- kernel-time reader
 _T0 = [0]
 
@@ -339,18 +259,18 @@ def test_kernel_us_fast_path_cross_checked(monkeypatch):
 
     cuda, cpu = DeviceType.CUDA, DeviceType.CPU
     evs = [_FakeEvent(cuda, 10), _FakeEvent(cuda, 5), _FakeEvent(cpu, 100)]
-    monkeypatch.setattr(e2e, "_KINETO_FAST", None)
+    monkeypatch.setattr(steps, "_KINETO_FAST", None)
     p = _FakeProf(evs, evs)
-    assert e2e._kernel_us(p) == 15 and p.n_slow == 1 and e2e._KINETO_FAST is True
+    assert steps.kernel_us(p) == 15 and p.n_slow == 1 and steps._KINETO_FAST is True
     p2 = _FakeProf(evs, evs + [_FakeEvent(cuda, 1)])
-    assert e2e._kernel_us(p2) == 16 and p2.n_slow == 0  # fast path now
-    monkeypatch.setattr(e2e, "_KINETO_FAST", None)
+    assert steps.kernel_us(p2) == 16 and p2.n_slow == 0  # fast path now
+    monkeypatch.setattr(steps, "_KINETO_FAST", None)
     p3 = _FakeProf(evs, evs + [_FakeEvent(cuda, 100)])  # disagrees: prof.events() wins, from now on
-    assert e2e._kernel_us(p3) == 15 and e2e._KINETO_FAST is False
-    assert e2e._kernel_us(_FakeProf(evs, [])) == 15
-    monkeypatch.setattr(e2e, "_KINETO_FAST", None)
-    assert e2e._kernel_us(_FakeProf([_FakeEvent(cpu, 3)], [_FakeEvent(cpu, 3)])) == 0  # CPU: undecided
-    assert e2e._KINETO_FAST is None
+    assert steps.kernel_us(p3) == 15 and steps._KINETO_FAST is False
+    assert steps.kernel_us(_FakeProf(evs, [])) == 15
+    monkeypatch.setattr(steps, "_KINETO_FAST", None)
+    assert steps.kernel_us(_FakeProf([_FakeEvent(cpu, 3)], [_FakeEvent(cpu, 3)])) == 0  # CPU: undecided
+    assert steps._KINETO_FAST is None
 
 
 def test_kernel_us_counts_overlapping_kernels_once(monkeypatch):
@@ -362,27 +282,7 @@ def test_kernel_us_counts_overlapping_kernels_once(monkeypatch):
     evs = [_FakeEvent(cuda, 100, start=1000), _FakeEvent(cuda, 104, start=1000),  # decode + waiting merge
            _FakeEvent(cuda, 10, start=1200), _FakeEvent(cuda, 5, start=1205), _FakeEvent(cuda, 1, start=1300)]
     for fast in (None, False):
-        monkeypatch.setattr(e2e, "_KINETO_FAST", fast)
-        assert e2e._kernel_us(_FakeProf(evs, evs)) == 104 + 10 + 1
-    assert e2e._busy_us([]) == 0.0
-    assert e2e._busy_us([(5, 7), (0, 2), (1, 3), (7, 8)]) == 6.0
-
-
-def test_kernel_bench_env_set_restores(monkeypatch):
-    """The kernel benchmark's switch of MUSTAFAR_CUDA_DECODE / _PDL restores the previous value (or its absence)."""
-    import os
-
-    from mustafar.bench.kernel import env_set
-
-    monkeypatch.delenv("MUSTAFAR_CUDA_PDL", raising=False)
-    with env_set("MUSTAFAR_CUDA_PDL", "0"):
-        assert os.environ["MUSTAFAR_CUDA_PDL"] == "0"
-    assert "MUSTAFAR_CUDA_PDL" not in os.environ
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v5")
-    try:
-        with env_set("MUSTAFAR_CUDA_DECODE", "v6"):
-            assert os.environ["MUSTAFAR_CUDA_DECODE"] == "v6"
-            raise RuntimeError
-    except RuntimeError:
-        pass
-    assert os.environ["MUSTAFAR_CUDA_DECODE"] == "v5"
+        monkeypatch.setattr(steps, "_KINETO_FAST", fast)
+        assert steps.kernel_us(_FakeProf(evs, evs)) == 104 + 10 + 1
+    assert steps.busy_us([]) == 0.0
+    assert steps.busy_us([(5, 7), (0, 2), (1, 3), (7, 8)]) == 6.0

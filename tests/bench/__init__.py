@@ -1,0 +1,1 @@
+"""Tests of ``mustafar.bench`` (a package, so that module basenames may repeat in other test folders)."""
