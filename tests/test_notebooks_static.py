@@ -9,7 +9,9 @@ Every ``notebooks/[0-9]*.ipynb``:
   against a fresh run (``python scripts/strip_notebooks.py --fill-from build/notebooks`` after
   ``make reproduce`` refreshes them);
 * defines no functions or classes (library code belongs in ``mustafar``);
-* saves figures only under its own stem: ``save_figure(fig, "<stem>_<what>")``, and at least one.
+* saves figures only under its own stem: ``save_figure(fig, "<stem>_<what>")``, and at least one;
+* imports only modules of ``mustafar.analysis`` that exist, and reads superseded measurements
+  (``results/archive/``) only by naming them with ``results.archive_path``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from mustafar.provenance import repo_root, results_dir
+
+ROOT = repo_root()
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 _SAVE = re.compile(r"save_figure\(\s*[^,]+,\s*(?:f?)[\"']([^\"']+)[\"']")
 _DEF = re.compile(r"^\s*(async\s+def|def|class)\s+\w+", re.M)
+_FROM_ANALYSIS = re.compile(r"^\s*from\s+mustafar\.analysis(?:\.(\w+))?\s+import\s+([\w ,]+)$", re.M)
+_RESULTS_NAME = re.compile(r"\b(results_path|archive_path)\(\s*[\"']([^\"']+)[\"']")
 
 
 def _load(path: Path) -> dict:
@@ -108,3 +114,26 @@ def test_strip_script_agrees():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "strip_notebooks.py"), "--check", *map(str, NOTEBOOKS)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_imports_existing_analysis_modules(path):
+    code = "\n".join(_src(c) for c in _load(path)["cells"] if c["cell_type"] == "code")
+    package = ROOT / "mustafar" / "analysis"
+    for module, names in _FROM_ANALYSIS.findall(code):
+        wanted = [module] if module else [n.strip().split(" as ")[0] for n in names.split(",") if n.strip()]
+        missing = [m for m in wanted if not (package / f"{m}.py").is_file()]
+        assert not missing, f"{path.name} imports mustafar.analysis modules that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_archived_results_are_read_only_as_history(path):
+    code = "\n".join(_src(c) for c in _load(path)["cells"] if c["cell_type"] == "code")
+    archive = results_dir() / "archive"
+    for how, name in _RESULTS_NAME.findall(code):
+        file = name if name.endswith(".json") else name + ".json"
+        if how == "results_path":
+            assert not (archive / file).is_file(), (
+                f"{path.name} reads {file} as a current result, but it is archived: use results.archive_path")
+        else:
+            assert (archive / file).is_file(), f"{path.name} reads {file} from results/archive/, which lacks it"

@@ -1,4 +1,4 @@
-"""CPU tests of the ``mustafar.analysis`` readers of the recorded e2e grid (``results/e2e_grid_h200.json``,
+"""CPU tests of the ``mustafar.e2e_grid.e2e_grid`` readers of the recorded e2e grid (``results/e2e_grid_h200.json``,
 ``results/e2e_grid_static_h200.json``, ``results/e2e_checks_h200.json``) and of notebook 05's cells
 that show them.
 
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from mustafar import analysis
+from mustafar.analysis import e2e_grid, results
 from mustafar.bench.e2e import derive
+from mustafar.provenance import repo_root, results_dir
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
+ROOT = repo_root()
+RESULTS = results_dir()
 NOTEBOOK = ROOT / "notebooks" / "05_throughput_and_memory.ipynb"
 
 
@@ -58,7 +58,7 @@ def _hand_tps(kind: str, b: int, p: int, g: int) -> float:
 
 def test_best_table_synthetic_matches_hand_computation():
     raw = _synthetic()
-    best = analysis.e2e_best_table(raw)
+    best = e2e_grid.e2e_best_table(raw)
     assert best.attrs["baseline"] == "dense"
     assert list(best["P:G"]) == ["1024:1024"] * 2 + ["2048:1024"] * 2  # the settings' pair order
     assert list(best["cache"]) == ["dense DynamicCache", "mustafar 70%"] * 2  # baseline first
@@ -77,7 +77,7 @@ def test_best_table_synthetic_matches_hand_computation():
 
 def test_best_table_ratios_equal_the_stored_ones_synthetic():
     raw = _synthetic()
-    best = analysis.e2e_best_table(raw)
+    best = e2e_grid.e2e_best_table(raw)
     for e in raw["best"]:
         if e["cache"] != "compressed":
             continue
@@ -89,19 +89,19 @@ def test_best_table_ratios_equal_the_stored_ones_synthetic():
 
 def test_targets_verdicts():
     raw = _synthetic(pairs=((4096, 1024),))
-    best = analysis.e2e_best_table(raw)
+    best = e2e_grid.e2e_best_table(raw)
     row = best[best["cache"] == "mustafar 70%"].iloc[0]
     b8, bb = row["at_batch_8_over_dense"], row["best_over_best_dense"]
-    t = analysis.e2e_targets(best, model="m", prompt=4096, batch_8_target=b8, best_target=bb)  # exactly at target
+    t = e2e_grid.e2e_targets(best, model="m", prompt=4096, batch_8_target=b8, best_target=bb)  # exactly at target
     assert list(t["batch_8_met"]) == ["met"] and list(t["best_met"]) == ["met"]
     assert t["baseline"].iloc[0] == "DynamicCache"
-    t = analysis.e2e_targets(best, model="m", prompt=4096, batch_8_target=b8 * 1.001, best_target=bb * 1.001)
+    t = e2e_grid.e2e_targets(best, model="m", prompt=4096, batch_8_target=b8 * 1.001, best_target=bb * 1.001)
     assert list(t["batch_8_met"]) == ["not met"] and list(t["best_met"]) == ["not met"]
-    assert analysis.e2e_targets(best, model="m", prompt=2048).empty  # no such prompt
-    assert analysis.e2e_targets(best, model="other", prompt=4096).empty
+    assert e2e_grid.e2e_targets(best, model="m", prompt=2048).empty  # no such prompt
+    assert e2e_grid.e2e_targets(best, model="other", prompt=4096).empty
     no8 = best.copy()
     no8["at_batch_8_over_dense"] = float("nan")
-    assert list(analysis.e2e_targets(no8, model="m", prompt=4096)["batch_8_met"]) == ["n/a"]
+    assert list(e2e_grid.e2e_targets(no8, model="m", prompt=4096)["batch_8_met"]) == ["n/a"]
 
 
 def test_tokens_vs_batch_keeps_the_first_file_and_orders_panels():
@@ -109,7 +109,7 @@ def test_tokens_vs_batch_keeps_the_first_file_and_orders_panels():
     b = _synthetic(pairs=((2048, 1024), (512, 512)))
     for d in b["derived"]:
         d["tok_per_s"] = -1.0  # must lose against file a wherever both have the row
-    df = analysis.e2e_tokens_vs_batch(a, None, b)
+    df = e2e_grid.e2e_tokens_vs_batch(a, None, b)
     assert df.attrs["pairs"] == ["1024:1024", "2048:1024", "512:512"]
     assert df.attrs["models"] == ["m"]
     assert not df.duplicated(["model", "P:G", "cache", "batch"]).any()
@@ -117,28 +117,28 @@ def test_tokens_vs_batch_keeps_the_first_file_and_orders_panels():
     assert set(df[df["P:G"] == "512:512"]["source"]) == {2}
     one = df[(df["P:G"] == "1024:1024") & (df["cache"] == "dense DynamicCache") & (df["batch"] == 8)]
     assert one["tok_per_s"].iloc[0] == pytest.approx(_hand_tps("dense", 8, 1024, 1024))
-    assert analysis.e2e_tokens_vs_batch(None).empty
+    assert e2e_grid.e2e_tokens_vs_batch(None).empty
 
 
 def test_cache_labels():
-    assert analysis.e2e_cache_label("dense", 0.0) == "dense DynamicCache"
-    assert analysis.e2e_cache_label("static") == "dense StaticCache"
-    assert analysis.e2e_cache_label("compressed", 0.5) == "mustafar 50%"
+    assert e2e_grid.e2e_cache_label("dense", 0.0) == "dense DynamicCache"
+    assert e2e_grid.e2e_cache_label("static") == "dense StaticCache"
+    assert e2e_grid.e2e_cache_label("compressed", 0.5) == "mustafar 50%"
     with pytest.raises(ValueError):
-        analysis.e2e_cache_label("compressed")
+        e2e_grid.e2e_cache_label("compressed")
     with pytest.raises(ValueError):
-        analysis.e2e_cache_label("paged", 0.0)
+        e2e_grid.e2e_cache_label("paged", 0.0)
 
 
 def test_read_results_json_and_provenance(tmp_path):
     with pytest.raises(FileNotFoundError):
-        analysis.read_results_json(tmp_path / "nope.json")
+        results.read_results_json(tmp_path / "nope.json")
     p = tmp_path / "x.json"
     p.write_text(json.dumps(_synthetic()))
-    raw = analysis.read_results_json(p)
-    assert analysis.provenance_brief(raw) == {"device": "TestGPU", "commit": "abc1234", "date": "2026-01-01"}
-    assert analysis.provenance_line(raw, "x.json") == "x.json: device TestGPU, commit abc1234, date 2026-01-01"
-    assert analysis.provenance_line({}) == "device ?, commit ?, date ?"
+    raw = results.read_results_json(p)
+    assert results.provenance_brief(raw) == {"device": "TestGPU", "commit": "abc1234", "date": "2026-01-01"}
+    assert results.provenance_line(raw, "x.json") == "x.json: device TestGPU, commit abc1234, date 2026-01-01"
+    assert results.provenance_line({}) == "device ?, commit ?, date ?"
 
 
 def test_longest_and_checks_synthetic():
@@ -150,11 +150,11 @@ def test_longest_and_checks_synthetic():
         {"model": "m", "dtype": "float16", "new_tokens": 8, "leading_tokens_equal": [3, 8],
          "first_difference": [{"position": 3, "simulate_top1_minus_top2": 0.5, "max_logit_diff_up_to_here": 0.1}, None]},
     ]}
-    lt = analysis.e2e_longest_table(raw)
+    lt = e2e_grid.e2e_longest_table(raw)
     assert list(lt["cache"]) == ["dense DynamicCache", "mustafar 70%"]
     assert list(lt["context_over_dense"]) == [1.0, 3.0]
     assert list(lt["oom_steps_down"]) == [1, 0]
-    ck = analysis.e2e_token_checks(raw)
+    ck = e2e_grid.e2e_token_checks(raw)
     assert list(ck["leading_tokens_equal"]) == [3, 8]
     assert ck["first_difference"].iloc[0] == 3 and ck["first_difference"].isna().iloc[1]
     assert ck["margin_within_noise"].iloc[0] is False  # margin 0.5 > noise 0.1: not a rounding flip
@@ -175,7 +175,7 @@ def _by_hand_best(raw, model, prompt, gen, cache, sparsity):
                                                ("llama3-8b", 1024, 4096, 0.7), ("llama3-8b", 2048, 2048, 0.5)])
 def test_best_table_of_the_committed_grid_matches_its_derived_rows(model, prompt, gen, s):
     raw = _committed("e2e_grid_h200")
-    best = analysis.e2e_best_table(raw)
+    best = e2e_grid.e2e_best_table(raw)
     c_best, c_batch, c_8 = _by_hand_best(raw, model, prompt, gen, "compressed", s)
     d_best, _, d_8 = _by_hand_best(raw, model, prompt, gen, "dense", 0.0)
     row = best[(best["model"] == model) & (best["P:G"] == f"{prompt}:{gen}") & (best["cache"] == f"mustafar {s:.0%}")]
@@ -194,23 +194,23 @@ def test_best_table_of_the_committed_grid_matches_its_derived_rows(model, prompt
 
 def test_committed_tables_cover_the_grid():
     raw = _committed("e2e_grid_h200")
-    best = analysis.e2e_best_table(raw)
+    best = e2e_grid.e2e_best_table(raw)
     assert len(best) == len(raw["best"])
     assert list(dict.fromkeys(best["P:G"])) == raw["settings"]["ratios"]
-    tvb = analysis.e2e_tokens_vs_batch(raw)
+    tvb = e2e_grid.e2e_tokens_vs_batch(raw)
     assert len(tvb) == len(raw["derived"])  # one file: nothing dropped
     assert len(tvb.attrs["models"]) * len(tvb.attrs["pairs"]) == 8  # the 2 x 4 panels of the figure
 
 
 def test_static_comparison_of_the_committed_file():
     raw = _committed("e2e_grid_static_h200")
-    best = analysis.e2e_best_table(raw)
+    best = e2e_grid.e2e_best_table(raw)
     assert best.attrs["baseline"] == "static" and "best_over_best_static" in best.columns
     c_best, _, c_8 = _by_hand_best(raw, "llama2-7b", 4096, 1024, "compressed", 0.7)
     st = [d for d in raw["derived"] if (d["model"], d["prompt"], d["gen"], d["cache"]) == ("llama2-7b", 4096, 1024, "static")]
     s_best = max(d["tok_per_s"] for d in st)
     s_8 = next(d["tok_per_s"] for d in st if d["batch"] == 8)
-    t = analysis.e2e_targets(best)
+    t = e2e_grid.e2e_targets(best)
     assert len(t) == 1 and t["baseline"].iloc[0] == "StaticCache"
     assert t["at_batch_8_over_dense"].iloc[0] == pytest.approx(c_8 / s_8)
     assert t["best_over_best_dense"].iloc[0] == pytest.approx(c_best / s_best)
@@ -220,7 +220,7 @@ def test_static_comparison_of_the_committed_file():
 
 def test_linearity_of_the_committed_grid_recomputed_from_grid_rows():
     raw = _committed("e2e_grid_h200")
-    lin = analysis.e2e_linearity_table(raw)
+    lin = e2e_grid.e2e_linearity_table(raw)
     assert len(lin) == len(raw["linearity"]["midpoint"]) > 0
     for _, r in lin.iterrows():
         kind = {"dense DynamicCache": "dense"}.get(r["cache"], "compressed")
@@ -231,14 +231,14 @@ def test_linearity_of_the_committed_grid_recomputed_from_grid_rows():
         measured = t[r["context"]]
         assert r["measured_ms"] == pytest.approx(measured)
         assert r["rel_error_pct"] == pytest.approx(100 * (interp - measured) / measured)
-    fits = analysis.e2e_fit_residuals(raw)
+    fits = e2e_grid.e2e_fit_residuals(raw)
     assert fits["sweeps"].sum() == len(raw["linearity"]["fits"])
     assert fits["max_rel_residual_pct"].max() == pytest.approx(100 * max(f["max_rel_residual"] for f in raw["linearity"]["fits"]))
 
 
 def test_cycle_table_of_the_committed_grid_equals_the_fitted_points():
     raw = _committed("e2e_grid_h200")
-    cyc = analysis.e2e_cycle_table(raw)
+    cyc = e2e_grid.e2e_cycle_table(raw)
     assert cyc["schedule_ok"].all()
     for f in raw["cycle_fit"]:
         sub = cyc[(cyc["model"] == f["model"]) & (cyc["cache"] == f"mustafar {f['sparsity']:.0%}")].set_index("batch")
@@ -249,7 +249,7 @@ def test_cycle_table_of_the_committed_grid_equals_the_fitted_points():
 
 def test_longest_and_checks_of_the_committed_files():
     raw = _committed("e2e_grid_h200")
-    lt = analysis.e2e_longest_table(raw)
+    lt = e2e_grid.e2e_longest_table(raw)
     assert len(lt) == len(raw["longest"])
     for m in set(lt["model"]):
         dense = next(r["context"] for r in raw["longest"] if r["model"] == m and r["cache"] == "dense")
@@ -257,7 +257,7 @@ def test_longest_and_checks_of_the_committed_files():
             assert r["context_over_dense"] == pytest.approx(r["context"] / dense)
     assert (lt["kv_gib"] <= lt["budget_gib"]).all()
     checks = _committed("e2e_checks_h200")
-    ck = analysis.e2e_token_checks(checks)
+    ck = e2e_grid.e2e_token_checks(checks)
     assert len(ck) == sum(len(c["leading_tokens_equal"]) for c in checks["checks"])
     for c in checks["checks"]:
         sub = ck[(ck["model"] == c["model"]) & (ck["dtype"] == c["dtype"])]
@@ -287,11 +287,11 @@ def _run_cells(monkeypatch, tmp_path, results_dir, capsys) -> str:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from mustafar import plotting
+    from mustafar.analysis import plotting
 
     monkeypatch.setenv("MUSTAFAR_RESULTS", str(results_dir))
     monkeypatch.setenv("MUSTAFAR_FIGURES", str(tmp_path / "figures"))
-    ns = {"analysis": analysis, "plotting": plotting, "plt": plt, "pd": pd}
+    ns = {"results": results, "e2e_grid": e2e_grid, "plotting": plotting, "plt": plt, "pd": pd}
     try:
         for src in _grid_cells():
             exec(compile(src, "<notebook 05>", "exec"), ns)  # noqa: S102 - the notebook's own cells

@@ -1,4 +1,4 @@
-"""Figures: one house style, ``save_figure`` and the plot helpers the notebooks share.
+"""Figures: one house style, ``save_figure`` and the plot helpers every notebook shares.
 
 Every notebook calls :func:`setup_style` once, draws with the helpers below (each draws on an
 ``Axes`` it is given and returns it, so notebooks compose figures freely) and saves with
@@ -83,23 +83,15 @@ def setup_style(font_size: float = 11.0) -> None:
     )
 
 
-def _repo_root() -> Path | None:
-    """The checkout this code runs from: the first parent of the cwd (or of this file) holding
-    ``pyproject.toml`` and a ``mustafar/`` package."""
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for p in (start, *start.parents):
-            if (p / "pyproject.toml").is_file() and (p / "mustafar" / "__init__.py").is_file():
-                return p
-    return None
-
-
 def figures_dir() -> Path:
-    """Where figures go: ``$MUSTAFAR_FIGURES`` if set, else ``<repo>/figures``, else ``./figures``."""
+    """Where figures go: ``$MUSTAFAR_FIGURES`` if set, else ``mustafar.provenance.figures_dir()``
+    (``<repo>/figures``)."""
     env = os.environ.get("MUSTAFAR_FIGURES")
     if env:
         return Path(env)
-    root = _repo_root()
-    return (root / "figures") if root is not None else Path.cwd() / "figures"
+    from mustafar.provenance import figures_dir as repo_figures
+
+    return repo_figures()
 
 
 def save_figure(fig, name: str, directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
