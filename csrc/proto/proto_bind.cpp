@@ -25,7 +25,7 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor kbm, torch::Tensor kval, tor
   p.q = q.data_ptr();
   p.kbm = (const uint32_t*)kbm.data_ptr(); p.vbm = (const uint32_t*)vbm.data_ptr();
   p.kval = (const uint8_t*)kval.data_ptr(); p.vval = (const uint8_t*)vval.data_ptr();
-  p.ksc = fp8 ? (const __half*)ksc->data_ptr() : nullptr; p.vsc = fp8 ? (const __half*)vsc->data_ptr() : nullptr;
+  p.ksc = fp8 ? ksc->data_ptr() : nullptr; p.vsc = fp8 ? vsc->data_ptr() : nullptr;
   p.ws = ws.data_ptr<float>();
   p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = G; p.T = T; p.Tcap = Tcap; p.NS = NS;
   const int NT = Tcap / 32;
