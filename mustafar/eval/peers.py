@@ -593,7 +593,9 @@ def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir=
                          n=len(a["scores"]), sample_scores=a["scores"], preds=a["preds"],
                          answers=[x.answers for x in smps], chance=round(ruler.chance_score(smps), 3),
                          bytes_ratio=round(sum(a["br"]) / len(a["br"]), 6),
-                         bytes_ratio_end=round(a["real"] / a["dense"], 6) if a["dense"] else None,
+                         # joint cells are simulated (dense tensors): no real end-of-decode bytes
+                         bytes_ratio_end=(round(a["real"] / a["dense"], 6) if a["dense"] and s.family != "joint"
+                                          else None),
                          context_tokens=a["context_tokens"], prompt_sha256=a["prompt_sha256"],
                          seconds_decode=round(a["sec"], 2), seconds_prefill_shared=round(prefill_s, 2))
                 results["cells"].append(c)
