@@ -1,6 +1,5 @@
 """Tiny driver for compute-sanitizer (memcheck / racecheck): every CUDA op once on small inputs."""
 import math
-import os
 
 import torch
 
@@ -24,11 +23,11 @@ for dt in (torch.float16, torch.bfloat16):
         ks = torch.tensor([0, 33], dtype=torch.int32, device="cuda")
         # every decode kernel on complete top-k rows and on arbitrary masks (v6 covers G = 1 and 4; v6g is
         # its run-time-k instantiation)
+        # (the op's kernel argument); the merge as a programmatic dependent and after the decode kernel (pdl)
         for kern in ("v4", "v5", "v6", "v6g"):
-            os.environ["MUSTAFAR_CUDA_DECODE"] = kern
-            out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
-            out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d))
-            torch.cuda.synchronize()
-            print(dt, d, g, kern, "ok", float(out.float().abs().sum()), float(out2.float().abs().sum()),
-                  float(dense.float().abs().sum()))
-        os.environ.pop("MUSTAFAR_CUDA_DECODE", None)
+            for pdl in (True, False):
+                out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), kern, pdl)
+                out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d), kern, pdl)
+                torch.cuda.synchronize()
+                print(dt, d, g, kern, f"pdl={pdl}", "ok", float(out.float().abs().sum()),
+                      float(out2.float().abs().sum()), float(dense.float().abs().sum()))

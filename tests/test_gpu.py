@@ -1,7 +1,10 @@
 """CUDA kernels vs the plain-torch reference (float64), on fresh random inputs.
 
 Every output is poisoned (``MUSTAFAR_CUDA_POISON=1``: filled with NaN / -1 before the kernel runs),
-so an element a kernel forgets to write fails the comparison. Tolerance: ||out - ref|| / ||ref|| <
+so an element a kernel forgets to write fails the comparison. The extension reads the variable once, at
+the first CUDA op of the process: this module sets it when it is imported (collection), before any test
+of the session runs an op. Decode kernels are chosen with the op's ``kernel`` argument, the merge's
+launch with ``pdl``. Tolerance: ||out - ref|| / ||ref|| <
 1e-2 for fp16/bf16 and 1e-4 for fp32 against a float64 reference; encode/decode must be exact.
 Skipped without CUDA.
 """
@@ -14,9 +17,10 @@ import os
 import pytest
 import torch
 
-from mustafar import reference
+from mustafar.ops import reference
 
 pytestmark = pytest.mark.gpu
+os.environ["MUSTAFAR_CUDA_POISON"] = "1"  # read once by the extension, at its first CUDA op
 
 if not torch.cuda.is_available():  # pragma: no cover - CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -27,14 +31,11 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 @pytest.fixture(scope="module", autouse=True)
 def _ext():
-    os.environ["MUSTAFAR_CUDA_POISON"] = "1"
-    from mustafar._build import load_extension
+    from mustafar.ops.build import load_extension
 
     load_extension()
     for n in ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mustafar::{n}", "CUDA"), n
-    yield
-    os.environ.pop("MUSTAFAR_CUDA_POISON", None)
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -126,18 +127,19 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
     return q, kb, kv, vb, vv, kw, vw
 
 
-# every fused decode kernel (MUSTAFAR_CUDA_DECODE; fp32 always runs v4). v6 covers fp16/bf16 with one or
-# four query heads per KV head and k <= 64 stored values per row: other cases skip it (and it refuses
-# them, test_sparse_decode_v6_refuses).
+# every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with one or
+# four query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
+# they refuse them, test_sparse_decode_v6_refuses / test_sparse_decode_fp16_kernels_refuse_float32).
 @pytest.fixture(params=["v6", "v5", "v4"])
-def decode_kernel(request, monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", request.param)
+def decode_kernel(request):
     return request.param
 
 
 def _skip_unless_v6_covers(kernel, g, dtype, *values):
     if kernel == "v6" and (g not in (1, 4) or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
         pytest.skip("v6 covers fp16/bf16, G in {1, 4}, k <= 64")
+    if kernel == "v5" and dtype == torch.float32:
+        pytest.skip("v5 covers fp16/bf16")
 
 
 def _ref64(q, kb, kv, vb, vv, kw, vw, ks, scale):
@@ -167,7 +169,7 @@ def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, seed=sum(case))
     _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     scale = 1.0 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, None, scale)
+    out = torch.ops.mustafar.sparse_decode(*args, None, scale, decode_kernel)
     ref = _ref64(*args, None, scale)
     assert out.shape == (b, h_kv * g, d) and out.dtype == dtype
     assert _rel(out, ref) < 1e-2
@@ -183,14 +185,14 @@ def test_sparse_decode_masking_padding_strides(dtype, d, decode_kernel):
     _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     ks = torch.tensor([0, 17, 299, 310, 320], dtype=torch.int32, device=DEV)  # last: all masked
     scale = 0.7 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, decode_kernel)
     ref = _ref64(*args, ks, scale)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert _rel(out[:4], ref[:4]) < tol
     assert torch.equal(out[4], torch.zeros_like(out[4]))  # every position masked -> zeros
 
 
-# v5 reads values in three ways depending on k (sd_scatter.cuh): pairs (k even), 16-byte groups
+# v5 reads values in three ways depending on k (csrc/cuda/decode_v5.cuh): pairs (k even), 16-byte groups
 # (k % 8 == 0) and single values (any k); each with 1, 2 and 4 query heads per KV head
 V5_MODES = [
     # d, s_k, s_v, padded            k_k / k_v -> mode
@@ -210,20 +212,19 @@ V5_MODES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", V5_MODES)
 @pytest.mark.parametrize("g", [1, 2, 4])
-def test_sparse_decode_v5_value_modes(dtype, mode, g, monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v5")
+def test_sparse_decode_v5_value_modes(dtype, mode, g):
     d, s_k, s_v, padded = mode
     b, h_kv, t_c, t_w = 3, 2, 64 * 5 + 23, 41
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=s_k, s_v=s_v, padded=padded,
                       seed=int(1000 * s_k) + d + g)
     ks = torch.tensor([0, 5, 100], dtype=torch.int32, device=DEV)
     scale = 1.0 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, "v5")
     ref = _ref64(*args, ks, scale)
     assert _rel(out, ref) < 1e-2
 
 
-# v6 (sd_rows.cuh) reads a lane's row in one of three ways picked from k (32-bit pairs when k/2 is odd,
+# v6 (csrc/cuda/decode_v6.cuh) reads a lane's row in one of three ways picked from k (32-bit pairs when k/2 is odd,
 # 16-byte chunks when k % 8 == 0 with an odd or power-of-two chunk count, 16-bit values otherwise) and
 # takes a general path for tiles with rows that are not complete top-k rows without an empty 32-bit word
 V6_MODES = [
@@ -282,11 +283,10 @@ def _v6_case(d, k_k, k_v, irregular, dtype, seed, g=1):
 @pytest.mark.parametrize("kernel", ["v6", "v6g"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", V6_MODES)
-def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g, monkeypatch):
+def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g):
     d, k_k, k_v, _ = mode
     if kernel == "v6g" and not (d == 128 and k_k == k_v and k_k in (38, 64)):
         pytest.skip("v6 and v6g run the same instantiation here")
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
     d, k_k, k_v, irregular = mode
     args = _v6_case(d, k_k, k_v, irregular, dtype, seed=k_k * 131 + k_v + d + g, g=g)
     if irregular == "empty_word":
@@ -296,7 +296,7 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g, monkeypatch):
         assert bool((sum(((w0 >> i) & 1) for i in range(32)) > k_k // 2).any()), "no row with a heavy end word"
     ks = torch.tensor([0, 7, 100], dtype=torch.int32, device=DEV)
     scale = 1.0 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, ks, scale)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, kernel)
     ref = _ref64(*args, ks, scale)
     assert _rel(out, ref) < 1e-2
 
@@ -304,33 +304,47 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g, monkeypatch):
 @pytest.mark.parametrize("t_c,t_w,b", [(1, 0, 1), (31, 0, 2), (32, 0, 1), (33, 1, 2), (0, 40, 2),
                                        (4096 + 17, 33, 2), (64 * 1024 + 5, 0, 1), (37, 3, 64)])
 @pytest.mark.parametrize("kernel,s,g", [("v6", 0.7, 1), ("v6", 0.5, 1), ("v6g", 0.7, 1), ("v6", 0.7, 4)])
-def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g, monkeypatch):
+def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g):
     """Tile edges (the whole-tile staging of the k-compiled-in kernels vs partial tiles), window only, long
     sequences (many splits at batch 1), batch 64; MHA and four query heads per KV head."""
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
     args = _make_case(b, 2, g, 128, t_c, t_w, torch.float16, s_k=s, s_v=s, seed=t_c + t_w)
     scale = 1.0 / math.sqrt(128)
-    out = torch.ops.mustafar.sparse_decode(*args, None, scale)
+    out = torch.ops.mustafar.sparse_decode(*args, None, scale, kernel)
     ref = _ref64(*args, None, scale)
     assert _rel(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("kernel", ["v6", "v6g"])
-def test_sparse_decode_v6_refuses(kernel, monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", kernel)
+def test_sparse_decode_v6_refuses(kernel):
+    from mustafar import ops
+
     args = _make_case(1, 2, 2, 128, 70, 3, torch.float16)  # G = 2
-    with pytest.raises(ValueError, match=f"MUSTAFAR_CUDA_DECODE={kernel} needs"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1)
+    with pytest.raises(ValueError, match=f"kernel={kernel} needs"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, kernel)
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float16, s_k=0.3)  # k_k = 90 > 64
-    with pytest.raises(ValueError, match=f"MUSTAFAR_CUDA_DECODE={kernel} needs"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1)
+    with pytest.raises(ValueError, match=f"kernel={kernel} needs"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, kernel)
+    with pytest.raises(ValueError, match=f"kernel={kernel} needs"):  # through the wrapper too
+        ops.sparse_decode(*args, kernel=kernel)
 
 
-def test_sparse_decode_bad_kernel_choice_raises(monkeypatch):
-    monkeypatch.setenv("MUSTAFAR_CUDA_DECODE", "v9")
+@pytest.mark.parametrize("kernel", ["v5", "v6", "v6g"])
+def test_sparse_decode_fp16_kernels_refuse_float32(kernel):
+    args = _make_case(1, 2, 1, 128, 70, 3, torch.float32)
+    with pytest.raises(ValueError, match=f"kernel={kernel} cannot serve q.dtype=Float"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, kernel)
+    for name in ("auto", "v4"):  # float32 runs v4
+        assert _rel(torch.ops.mustafar.sparse_decode(*args, None, 0.1, name), _ref64(*args, None, 0.1)) < 1e-4
+
+
+def test_sparse_decode_bad_kernel_choice_raises():
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float16)
-    with pytest.raises(ValueError, match="MUSTAFAR_CUDA_DECODE=v9"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1)
+    with pytest.raises(ValueError, match="kernel=v9"):
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, "v9")
+    from mustafar import ops
+
+    with pytest.raises(ValueError, match="kernel='v9'"):
+        ops.sparse_decode(*args, kernel="v9")
 
 
 def test_sparse_decode_public_api_and_window_full():
@@ -340,26 +354,24 @@ def test_sparse_decode_public_api_and_window_full():
     assert ops.backend(DEV) == "cuda"
     for t_c, t_w in ((0, 200), (512, 0)):
         args = _make_case(4, 8, 4, 128, t_c, t_w, torch.float16, seed=t_c)
-        out = ops.sparse_decode(*args)
         ref = _ref64(*args, None, 1.0 / math.sqrt(128))
-        assert _rel(out, ref) < 1e-2
+        for kernel, pdl in (("auto", True), ("v5", False), ("v4", True)):
+            out = ops.sparse_decode(*args, kernel=kernel, pdl=pdl)
+            assert _rel(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("case", [(1, 4, 1, 128, 40000, 17), (1, 2, 4, 64, 30000, 0), (16, 8, 1, 128, 700, 33)])
-def test_sparse_decode_merge_with_and_without_pdl(case, decode_kernel, monkeypatch):
+def test_sparse_decode_merge_with_and_without_pdl(case, decode_kernel):
     """The merge launched as a programmatic dependent of the decode kernel (default) gives the same bits as
-    the merge launched after it (MUSTAFAR_CUDA_PDL=0), on cases with many partials per head (B=1, long T)
+    the merge launched after it (pdl=False), on cases with many partials per head (B=1, long T)
     and with many heads; both match the reference. Repeated calls on fresh inputs reuse the workspace."""
     b, h_kv, g, d, t_c, t_w = case
     scale = 1.0 / math.sqrt(d)
     for rep in range(3):
         args = _make_case(b, h_kv, g, d, t_c, t_w, torch.float16, s_k=0.7, s_v=0.7, seed=rep + sum(case))
         _skip_unless_v6_covers(decode_kernel, g, torch.float16, args[2], args[4])
-        monkeypatch.delenv("MUSTAFAR_CUDA_PDL", raising=False)
-        a = torch.ops.mustafar.sparse_decode(*args, None, scale)
-        monkeypatch.setenv("MUSTAFAR_CUDA_PDL", "0")
-        c = torch.ops.mustafar.sparse_decode(*args, None, scale)
-        monkeypatch.delenv("MUSTAFAR_CUDA_PDL")
+        a = torch.ops.mustafar.sparse_decode(*args, None, scale, decode_kernel)  # pdl=True (the default)
+        c = torch.ops.mustafar.sparse_decode(*args, None, scale, decode_kernel, False)
         assert torch.equal(a, c)
         assert _rel(a, _ref64(*args, None, scale)) < 1e-2
 
@@ -378,7 +390,7 @@ def test_encode_bitmap_too_many_raises():  # kept last: it runs a subprocess
 
     code = (
         "import torch\n"
-        "from mustafar._build import load_extension\n"
+        "from mustafar.ops.build import load_extension\n"
         "load_extension()\n"
         "x = torch.randn(4, 64, device='cuda')\n"
         "m = torch.ones(4, 64, dtype=torch.bool, device='cuda')\n"
@@ -401,7 +413,7 @@ def test_sparse_decode_bad_head_dim_raises():
 
     code = (
         "import torch\n"
-        "from mustafar._build import load_extension\n"
+        "from mustafar.ops.build import load_extension\n"
         "load_extension()\n"
         "q = torch.randn(1, 2, 256, device='cuda', dtype=torch.float16)\n"
         "bm = torch.zeros(1, 2, 3, 4, dtype=torch.int64, device='cuda')\n"

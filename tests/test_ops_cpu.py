@@ -24,10 +24,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def _compiled(monkeypatch):
+def _compiled():
     # a broken build must fail here, not silently fall back to the reference
-    monkeypatch.setenv("MUSTAFAR_BACKEND", "compiled")
+    ops.set_backend_mode("compiled")
     assert ops.backend("cpu") == "cpu"
+    yield
+    ops.set_backend_mode(None)  # MUSTAFAR_BACKEND again, read at the next use
 
 
 def _gen(seed):
@@ -188,8 +190,8 @@ def test_encode_decode_compiled_vs_reference(dtype):
 
 # ---------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
-def test_bad_inputs_raise_value_error(monkeypatch, backend):
-    monkeypatch.setenv("MUSTAFAR_BACKEND", backend)
+def test_bad_inputs_raise_value_error(backend):
+    ops.set_backend_mode(backend)
     q, kb, kv, vb, vv, kw, vw = _make_case(2, 2, 64, 5, torch.float32, 0.5, 2, seed=30)
     x = torch.randn(4, 64)
     cases = [
@@ -210,10 +212,34 @@ def test_bad_inputs_raise_value_error(monkeypatch, backend):
         (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kv_start=torch.zeros(2)), "kv_start"),
         (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kv_start=torch.zeros(3, dtype=torch.int32)), "kv_start"),
         (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, scale=float("nan")), "scale"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kernel="v9"), "kernel='v9'"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kernel=None), "kernel=None"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, pdl=1), "pdl=1"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+
+
+def test_sparse_decode_kernel_argument_on_cpu():
+    """CUDA kernel names apply to CUDA tensors: the CPU kernel takes kernel="auto" only (any pdl); the
+    reference ignores both arguments."""
+    case = _make_case(2, 2, 64, 9, torch.float32, 0.5, 2, seed=31)
+    want = ops.sparse_decode(*case)
+    torch.testing.assert_close(ops.sparse_decode(*case, kernel="auto", pdl=False), want, atol=0, rtol=0)
+    for name in ("v4", "v5", "v6", "v6g"):
+        with pytest.raises(ValueError, match=f"kernel={name} .*CUDA tensors"):
+            ops.sparse_decode(*case, kernel=name)
+        with pytest.raises(ValueError, match=f"kernel={name} "):
+            torch.ops.mustafar.sparse_decode(*case, None, 0.125, name, True)
+    with pytest.raises(ValueError, match="kernel=bogus"):
+        torch.ops.mustafar.sparse_decode(*case, None, 0.125, "bogus", True)
+    # the schema's defaults: kernel="auto", pdl=True
+    torch.testing.assert_close(torch.ops.mustafar.sparse_decode(*case, None, 0.125),
+                               ops.sparse_decode(*case, scale=0.125), atol=0, rtol=0)
+    ops.set_backend_mode("reference")
+    torch.testing.assert_close(ops.sparse_decode(*case, kernel="v6", pdl=False).double(), _ref64(*case),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_cpp_checks_raise_value_error_directly():
@@ -233,6 +259,37 @@ def test_fake_impls_under_opcheck():
     torch.library.opcheck(torch.ops.mustafar.decode_bitmap.default, (kb, kv, 64), test_utils=tests)
     torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
                           (q, kb, kv, vb, vv, kw, vw, None, 0.125), test_utils=tests)
+    torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
+                          (q, kb, kv, vb, vv, kw, vw, torch.tensor([1], dtype=torch.int32), 0.125, "auto", False),
+                          test_utils=tests)
+
+
+@pytest.mark.parametrize("through", ["wrapper", "torch.ops"])
+def test_torch_compile_fullgraph_matches_eager(through):
+    """The ops trace under torch.compile(fullgraph=True) (fake kernels registered at load) both through the
+    validating Python wrappers and as torch.ops.mustafar.*, and give eager's results."""
+    torch._dynamo.reset()
+    q, kb, kv, vb, vv, kw, vw = _make_case(2, 2, 64, 20, torch.float32, 0.5, 3, seed=41)
+    starts = torch.tensor([0, 4], dtype=torch.int32)
+    x = torch.randn(2, 2, 5, 64, generator=_gen(42))
+    if through == "wrapper":
+        def f(q, kb, kv, vb, vv, kw, vw, starts, x):
+            xb, xv = ops.prune_encode_topk(x, 20)
+            dense = ops.decode_bitmap(xb, xv, 64)
+            out = ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kv_start=starts, scale=0.1, kernel="auto", pdl=True)
+            return out * 2, dense + 1
+    else:
+        def f(q, kb, kv, vb, vv, kw, vw, starts, x):
+            xb, xv = torch.ops.mustafar.prune_encode_topk(x, 20)
+            dense = torch.ops.mustafar.decode_bitmap(xb, xv, 64)
+            out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, starts, 0.1, "auto", True)
+            return out * 2, dense + 1
+    args = (q, kb, kv, vb, vv, kw, vw, starts, x)
+    want = f(*args)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
@@ -242,15 +299,32 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("simulated compiler error")
 
     monkeypatch.setattr(build, "load_extension", broken)
-    monkeypatch.setattr(ops, "_state", {"tried": False, "ok": False, "error": None, "warned": False})
-    monkeypatch.setenv("MUSTAFAR_BACKEND", "auto")
+    monkeypatch.setattr(ops, "_state", {"tried": False, "ok": False, "error": None, "warned": False, "cuda": False})
+    ops.set_backend_mode("auto")
     with pytest.warns(RuntimeWarning, match="simulated compiler error"):
         assert ops.backend() == "reference"
     x = torch.randn(2, 64)
     b, v = ops.prune_encode_topk(x, 5)  # served by the reference, no second warning
     assert torch.equal(b, ref.prune_encode_topk(x, 5)[0])
-    monkeypatch.setenv("MUSTAFAR_BACKEND", "compiled")
+    ops.set_backend_mode("compiled")
     with pytest.raises(RuntimeError, match="MUSTAFAR_BACKEND=compiled"):
         ops.backend()
-    monkeypatch.setenv("MUSTAFAR_BACKEND", "reference")
+    ops.set_backend_mode("reference")
     assert ops.backend() == "reference"
+
+
+def test_backend_mode_env_read_once(monkeypatch):
+    """MUSTAFAR_BACKEND is read at the first use after set_backend_mode(None), not at every call."""
+    monkeypatch.setenv("MUSTAFAR_BACKEND", "reference")
+    ops.set_backend_mode(None)
+    assert ops.backend() == "reference"
+    monkeypatch.setenv("MUSTAFAR_BACKEND", "compiled")
+    assert ops.backend() == "reference"  # not re-read
+    ops.set_backend_mode(None)
+    assert ops.backend() == "cpu"
+    monkeypatch.setenv("MUSTAFAR_BACKEND", "bogus")
+    ops.set_backend_mode(None)
+    with pytest.raises(ValueError, match="MUSTAFAR_BACKEND='bogus'"):
+        ops.backend()
+    with pytest.raises(ValueError, match="mode='fast'"):
+        ops.set_backend_mode("fast")

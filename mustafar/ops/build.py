@@ -1,7 +1,8 @@
 """Build and load the ``mustafar`` extension (``torch.ops.mustafar.*``).
 
-``load_extension()`` compiles ``csrc/mustafar.cpp`` + ``csrc/cpu/*.cpp`` (and ``csrc/cuda/*.cu`` when
-a GPU, ``CUDA_HOME`` and ``nvcc`` are present) with :func:`torch.utils.cpp_extension.load` into
+``load_extension()`` compiles ``csrc/mustafar.cpp`` (the op schemas and CPU registrations) +
+``csrc/cpu/*.cpp`` (the CPU kernels) (and ``csrc/cuda/*.cu`` when a GPU, ``CUDA_HOME`` and ``nvcc`` are
+present; headers in ``csrc/cuda/*.cuh``, ``*.h``) with :func:`torch.utils.cpp_extension.load` into
 ``<repo>/build/ext-<torch version>-<cpu|cuXYZ>``; ninja reuses the build on later calls and runs.
 
 Command line::
@@ -106,33 +107,11 @@ def build_info() -> dict:
     }
 
 
-def _register_fakes() -> None:
-    """Shape-only (fake/meta) implementations so the ops trace under ``torch.compile``."""
-
-    def _enc(x, mask, k):
-        w = x.shape[-1] // 64
-        return x.new_empty((*x.shape[:-1], w), dtype=torch.int64), x.new_empty((*x.shape[:-1], k))
-
-    def _dec(bitmap, values, head_dim):
-        return values.new_empty((*values.shape[:-1], head_dim))
-
-    def _topk(x, k):
-        return _enc(x, None, k)
-
-    def _sd(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window, kv_start, scale):
-        return q.new_empty(q.shape)  # [B, H_q, D], contiguous
-
-    for name, fn in (("encode_bitmap", _enc), ("decode_bitmap", _dec),
-                     ("prune_encode_topk", _topk), ("sparse_decode", _sd)):
-        try:
-            torch.library.register_fake("mustafar::" + name)(fn)
-        except RuntimeError as exc:  # already registered (module reloaded)
-            if "already" not in str(exc).lower():
-                raise
-
-
 def load_extension(verbose: bool = False) -> str:
     """Build (or reuse) and load the extension so its ops register into ``torch.ops.mustafar``.
+
+    The fake (meta) kernels for torch.compile are registered by :mod:`mustafar.ops.dispatch` when it
+    loads the extension (any ``mustafar.ops`` call, or ``mustafar.ops.backend()``).
 
     Returns
     -------
@@ -156,7 +135,6 @@ def load_extension(verbose: bool = False) -> str:
             is_python_module=False,
             verbose=verbose,
         )
-        _register_fakes()
         _loaded["dir"] = info["build_directory"]
         _loaded["info"] = info
         return info["build_directory"]

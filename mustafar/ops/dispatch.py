@@ -7,14 +7,25 @@ Each function validates its inputs (``ValueError`` naming the bad value) and the
 * otherwise :mod:`mustafar.ops.reference` (plain torch).
 
 The extension is built/loaded lazily on first use (see :mod:`mustafar.ops.build`). If that fails a
-warning is issued once and the reference is used. The environment variable ``MUSTAFAR_BACKEND``
-selects: ``auto`` (default), ``reference`` (always the plain-torch reference) or ``compiled``
-(a build failure, or a device without compiled kernels, is an error). On CUDA, ``sparse_decode``
-has three kernels, chosen per call in the C++ wrapper: ``MUSTAFAR_CUDA_DECODE=auto`` (default: v6
-for fp16/bf16 with one or four query heads per KV head and at most 64 stored values per row, v5 for
-other grouped-query attention in fp16/bf16, v4 otherwise), ``v4``, ``v5``, ``v6`` or ``v6g`` (v6 with
-k read at run time instead of its instantiations for k = 38 and 64 at head_dim 128; see
-``docs/kernel_notes.md``).
+warning is issued once and the reference is used.
+
+Backend mode (a debugging aid): ``auto`` (default), ``reference`` (always the plain-torch reference) or
+``compiled`` (a build failure, or a device without compiled kernels, is an error). It is read once, at
+the first op call, from the environment variable ``MUSTAFAR_BACKEND``; :func:`set_backend_mode`
+overrides it in-process (tests use it).
+
+Kernel choice: on CUDA, ``sparse_decode`` has several fused decode kernels, chosen by its ``kernel``
+argument (nothing is read from the environment per call): ``"auto"`` (default: v6 for fp16/bf16 with
+one or four query heads per KV head and at most 64 stored values per row, v5 for other grouped-query
+attention in fp16/bf16, v4 otherwise), ``"v4"``, ``"v5"``, ``"v6"`` or ``"v6g"`` (v6 with k read at run
+time instead of its instantiations for k = 38 and 64 at head_dim 128; see ``docs/kernel_notes.md``). A
+kernel that cannot serve the call's dtype or shape raises ``ValueError`` naming it. ``pdl`` launches the
+merge kernel as a programmatic dependent of the decode kernel (Hopper; ``pdl=False`` launches it after
+the decode kernel). CPU tensors take ``kernel="auto"`` only; the reference ignores both.
+
+torch.compile: every op has a fake (meta) implementation, registered when the extension loads, so
+``torch.compile(fullgraph=True)`` traces both ``torch.ops.mustafar.*`` and these wrappers (their checks
+run at trace time).
 """
 
 from __future__ import annotations
@@ -28,23 +39,79 @@ import torch
 
 from mustafar.ops import reference
 
-__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend"]
+__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend",
+           "set_backend_mode", "DECODE_KERNELS"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode")
+_MODES = ("auto", "reference", "compiled")
+#: the values of ``sparse_decode``'s ``kernel`` argument
+DECODE_KERNELS = ("auto", "v4", "v5", "v6", "v6g")
 _lock = threading.Lock()
-_state: dict = {"tried": False, "ok": False, "error": None, "warned": False}
+_state: dict = {"tried": False, "ok": False, "error": None, "warned": False, "cuda": False}
+_mode_value: str | None = None  # None: read MUSTAFAR_BACKEND at the next use
+
+
+def set_backend_mode(mode: str | None) -> None:
+    """Set the backend mode (``"auto"``, ``"reference"`` or ``"compiled"``) for this process;
+    ``None`` re-reads ``MUSTAFAR_BACKEND`` at the next op call."""
+    global _mode_value
+    if mode is not None:
+        mode = _check_mode(mode, "mode")
+    _mode_value = mode
+
+
+def _check_mode(mode, what: str) -> str:
+    m = str(mode).strip().lower() or "auto"
+    if m not in _MODES:
+        raise ValueError(f"{what}={mode!r}: expected 'auto', 'reference' or 'compiled'")
+    return m
 
 
 def _mode() -> str:
-    mode = os.environ.get("MUSTAFAR_BACKEND", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "reference", "compiled"):
-        raise ValueError(f"MUSTAFAR_BACKEND={mode!r}: expected 'auto', 'reference' or 'compiled'")
-    return mode
+    global _mode_value
+    if _mode_value is None:
+        _mode_value = _check_mode(os.environ.get("MUSTAFAR_BACKEND", "auto"), "MUSTAFAR_BACKEND")
+    return _mode_value
+
+
+# ------------------------------------------------------------------------------- fake kernels
+# Shape-only implementations for torch.compile / FakeTensor: the same output shapes, dtypes and devices
+# as the real ops (outputs are contiguous).
+def _fake_encode(x, mask, k):
+    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 64), dtype=torch.int64),
+            x.new_empty((*x.shape[:-1], k)))
+
+
+def _fake_decode(bitmap, values, head_dim):
+    return values.new_empty((*values.shape[:-1], head_dim))
+
+
+def _fake_topk(x, k):
+    return _fake_encode(x, None, k)
+
+
+def _fake_sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window, kv_start, scale,
+                        kernel="auto", pdl=True):
+    return q.new_empty(q.shape)  # [B, H_q, D] in q.dtype
+
+
+_FAKES = {"encode_bitmap": _fake_encode, "decode_bitmap": _fake_decode,
+          "prune_encode_topk": _fake_topk, "sparse_decode": _fake_sparse_decode}
+
+
+def _register_fakes() -> None:
+    for name, fn in _FAKES.items():
+        try:
+            torch.library.register_fake("mustafar::" + name)(fn)
+        except RuntimeError as exc:  # already registered (module reloaded)
+            if "already" not in str(exc).lower():
+                raise
 
 
 def _load() -> bool:
-    """Build/load the extension once. Returns whether ``torch.ops.mustafar`` is usable."""
+    """Build/load the extension once (and register the fake kernels). Returns whether
+    ``torch.ops.mustafar`` is usable."""
     if _state["tried"]:
         return _state["ok"]
     with _lock:
@@ -56,6 +123,8 @@ def _load() -> bool:
             load_extension()
             for name in _OPS:
                 getattr(torch.ops.mustafar, name)
+            _register_fakes()
+            _state["cuda"] = _has_cuda_kernels()
             _state["ok"] = True
         except Exception as exc:  # noqa: BLE001 - any build/load failure falls back
             _state["error"] = exc
@@ -101,7 +170,7 @@ def backend(device: torch.device | str | None = None) -> str:
         return "reference"
     if dev.type == "cpu":
         return "cpu"
-    if dev.type == "cuda" and _has_cuda_kernels():
+    if dev.type == "cuda" and _state["cuda"]:
         return "cuda"
     if mode == "compiled":
         raise RuntimeError(f"MUSTAFAR_BACKEND=compiled but no compiled kernels for device {dev}")
@@ -225,6 +294,9 @@ def sparse_decode(
     v_window: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    kernel: str = "auto",
+    pdl: bool = True,
 ) -> torch.Tensor:
     """Decode attention of one query token over ``[compressed ; dense window]``.
 
@@ -236,11 +308,20 @@ def sparse_decode(
     k_window, v_window : ``[B, H_kv, T_w, D]`` (q's dtype) or None for ``T_w = 0``.
     kv_start : optional int32/int64 ``[B]``: positions ``< kv_start[b]`` are masked out.
     scale : softmax scale (default ``1/sqrt(D)``).
+    kernel : the CUDA decode kernel: ``"auto"`` (default rule, see the module docstring), ``"v4"``,
+        ``"v5"``, ``"v6"`` or ``"v6g"``; one that cannot serve the dtype / shape raises ``ValueError``.
+        CPU tensors take ``"auto"`` only; the reference backend ignores it.
+    pdl : launch the CUDA merge kernel as a programmatic dependent of the decode kernel (default), or
+        after it. Ignored off CUDA.
 
     Returns
     -------
     ``[B, H_q, D]`` in ``q.dtype``; zeros for a sequence with every position masked.
     """
+    if not isinstance(kernel, str) or kernel not in DECODE_KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(DECODE_KERNELS)}")
+    if not isinstance(pdl, bool):
+        raise ValueError(f"pdl={pdl!r} must be a bool")
     _check_float("q", q)
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H_q, D], got shape {tuple(q.shape)}")
@@ -293,8 +374,9 @@ def sparse_decode(
         raise ValueError(f"scale={scale} must be finite")
     dev = _same_device(q=q, k_bitmap=k_bitmap, k_values=k_values, v_bitmap=v_bitmap,
                        v_values=v_values, k_window=k_window, v_window=v_window, kv_start=kv_start)
-    if backend(dev) == "reference":
+    be = backend(dev)
+    if be == "reference":
         return reference.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window,
-                                       kv_start, scale)
+                                       kv_start, scale, kernel=kernel, pdl=pdl)
     return torch.ops.mustafar.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window,
-                                            v_window, kv_start, scale)
+                                            v_window, kv_start, scale, kernel, pdl)

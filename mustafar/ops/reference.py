@@ -136,6 +136,9 @@ def sparse_decode(
     v_window: torch.Tensor,
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    kernel: str = "auto",
+    pdl: bool = True,
 ) -> torch.Tensor:
     """One-query-token attention over ``[compressed (T_c) ; dense window (T_w)]``.
 
@@ -147,6 +150,8 @@ def sparse_decode(
     k_window, v_window : ``[B, H_kv, T_w, D]`` (``T_w`` may be 0)
     kv_start : optional int ``[B]``; positions ``< kv_start[b]`` are masked (left padding).
     scale : softmax scale, default ``1/sqrt(D)``.
+    kernel, pdl : accepted for signature parity with :func:`mustafar.ops.dispatch.sparse_decode` and
+        ignored (they pick and launch CUDA kernels; the reference has one computation).
 
     Returns
     -------

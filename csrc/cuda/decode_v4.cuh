@@ -1,222 +1,22 @@
 #pragma once
-// CUDA kernels of the `mustafar` ops (schemas in csrc/mustafar.cpp, contract in docs/design.md).
-//
-//   prune_encode_topk  one warp per token vector: radix select of the k-th largest (|x|, channel)
-//                      key over the warp, ballot for the bitmap, prefix popcount for the slot.
-//   encode_bitmap      same layout from a given mask (checks popcount <= k).
-//   decode_bitmap      one warp per token vector, every lane gathers its channels.
-//   sparse_decode      fused flash-decoding over [compressed T_c ; dense window T_w]:
-//                      split over T (grid = splits x kv-head chunks x batch), 4 warps per CTA,
-//                      cp.async 3-stage pipeline staging 64-row tiles of packed values and bitmaps
-//                      in shared memory, each lane owning D/32 consecutive channels and expanding
-//                      them from the packed row with a byte permute (no per-element branches),
-//                      fp32 scores and online softmax; each warp writes one partial (m, l, o) and a
-//                      second kernel (sparse_decode_merge, shared by v4 / v5 / v6, launched as a
-//                      programmatic dependent: MUSTAFAR_CUDA_PDL) merges the partials.
-//
-// Debugging: MUSTAFAR_CUDA_POISON=1 fills every output (and the decode workspace) with NaN / -1
-// before the kernels run, so elements that a kernel forgets to write show up in tests.
-
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <limits>
-#include <optional>
-#include <tuple>
-#include <type_traits>
+// v4 fused sparse decode (fp32, and fp16 / bf16 where v5 / v6 do not apply): flash-decoding over
+// [compressed T_c ; dense window T_w], split over T (grid = splits x kv-head chunks x batch), 4 warps per
+// CTA, cp.async 3-stage pipeline staging 64-row tiles of packed values and bitmaps in shared memory
+// (cta_tile.cuh), each lane owning D/32 consecutive channels and expanding them from the packed row with a
+// byte permute (no per-element branches), fp32 scores and online softmax; each warp writes one partial
+// (m, l, o) and sparse_decode_merge (merge.cuh) combines them. Design and numbers: docs/kernel_notes.md.
+#include "common.cuh"
+#include "cta_tile.cuh"
 
 namespace mustafar_cuda {
 
-#define MF_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
-
-inline bool poison_outputs() {
-  const char* e = std::getenv("MUSTAFAR_CUDA_POISON");
-  return e != nullptr && e[0] != '\0' && e[0] != '0';
-}
-
-// Programmatic dependent launch (Hopper, PTX griddepcontrol): every decode kernel lets the merge kernel
-// that follows it in the stream be launched as soon as all of its CTAs are running, and the merge waits
-// for the decode grid to finish (and its writes to be visible) before it reads the partials. So the merge's
-// launch latency overlaps the decode instead of following it. Both are no-ops on older GPUs and when the
-// merge is launched without the attribute (MUSTAFAR_CUDA_PDL=0).
-__device__ __forceinline__ void mf_pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void mf_pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// ------------------------------------------------------------------------------------------------
-// type helpers
-// ------------------------------------------------------------------------------------------------
-template <typename T>
-struct TypeOf;
-template <>
-struct TypeOf<at::Half> { using type = __half; };
-template <>
-struct TypeOf<at::BFloat16> { using type = __nv_bfloat16; };
-template <>
-struct TypeOf<float> { using type = float; };
-
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(float x) { return x; }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-
-// two packed 16-bit values -> two floats
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t u);
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
-  __half2 h = *reinterpret_cast<__half2*>(&u);
-  return __half22float2(h);
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t u) {
-  // bf16 -> f32 is a 16-bit shift
-  return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-// ------------------------------------------------------------------------------------------------
-// sparse_decode
-// ------------------------------------------------------------------------------------------------
-constexpr int kTile = 64;     // rows per pipeline stage
-constexpr int kWarps = 4;     // warps per CTA; warp w takes rows [16w, 16w+16) of a tile
-constexpr int kStages = 3;    // cp.async pipeline depth
 constexpr int kBatch = 8;     // rows per warp step (scores reduced with a reduce-scatter)
 
-struct SDParams {
-  const void* q;  // [B, Hq, D] contiguous
-  const int64_t* kbm;
-  const void* kval;
-  const int64_t* vbm;
-  const void* vval;
-  const void* kwin;
-  const void* vwin;
-  const int* kv_start;  // [B] or null
-  float* ws_o;          // [B, Hq, NP, D]
-  float* ws_ml;         // [B, Hq, NP, 2]
-  int B, Hkv, G, Tc, Tw, kk, kv;
-  int64_t kbm_sb, kbm_sh, kval_sb, kval_sh, vbm_sb, vbm_sh, vval_sb, vval_sh;
-  int64_t kwin_sb, kwin_sh, kwin_st, vwin_sb, vwin_sh, vwin_st;
-  int nsplit, tiles_per_split, nchunk;
-  int vec16;  // values bases are 16-byte aligned (cp.async 16 B), else element copies
-  float qscale;
-  // shared memory layout (bytes)
-  int off_kval, off_vval, off_kbm, off_vbm, stage_bytes, off_tab;
-  // v5 (sd_scatter.cuh): bytes per staged value row, dense V tile, scores, q, walk lists
-  int kstride, vstride, off_vd, off_s, off_q, off_scr;
-  // v6 (sd_rows.cuh): bytes per warp region (dense V tile + K and V stage buffers), offsets of the stage
-  // buffers in it, how K / V rows are read (kRLdAny / kRLdPair / kRLdOct) and log2 of the 16-byte chunks
-  // per row of a swizzled stage buffer (-1: contiguous rows)
-  int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
+// v4's shared memory: the pipeline stages, then the (word, prefix) table of the current tile
+struct V4Layout : Stage64Layout {
+  int off_tab;
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-  const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// copy `bytes` (multiple of the element size) from global to shared memory with the whole CTA
-template <typename T>
-__device__ __forceinline__ void stage_copy(char* dst, const char* src, int bytes, bool vec16) {
-  const int tid = threadIdx.x;
-  int done = 0;
-  if (vec16) {
-    const int n16 = bytes >> 4;
-    for (int i = tid; i < n16; i += kWarps * 32) cp_async16(dst + 16 * i, src + 16 * i);
-    done = n16 << 4;
-  }
-  const int rem = (bytes - done) / (int)sizeof(T);
-  const T* s = reinterpret_cast<const T*>(src + done);
-  T* d = reinterpret_cast<T*>(dst + done);
-  for (int i = tid; i < rem; i += kWarps * 32) d[i] = s[i];
-}
-
-// stage rows of kc 16-byte chunks each into rows of `stride` bytes (v5's 16-byte value groups)
-__device__ __forceinline__ void stage_rows16(char* dst, const char* src, int nc, int kc, int stride) {
-  const int tid = threadIdx.x;
-  const int rstep = (kWarps * 32) / kc;
-  const int r0 = tid / kc, c = tid - r0 * kc;
-  if (r0 >= rstep) return;
-  for (int r = r0; r < nc; r += rstep) cp_async16(dst + r * stride + 16 * c, src + (int64_t)r * kc * 16 + 16 * c);
-}
-
-// The (b, h_kv) slice of every cache tensor of one fused-decode CTA (both kernels).
-template <typename T>
-struct SDSlice {
-  const char* kval;
-  const char* vval;
-  const int64_t* kbm;
-  const int64_t* vbm;
-  const T* kwin;
-  const T* vwin;
-  __device__ __forceinline__ SDSlice(const SDParams& p, int b, int hk)
-      : kval(reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T)),
-        vval(reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T)),
-        kbm(p.kbm + b * p.kbm_sb + hk * p.kbm_sh),
-        vbm(p.vbm + b * p.vbm_sb + hk * p.vbm_sh),
-        kwin(reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh),
-        vwin(reinterpret_cast<const T*>(p.vwin) + b * p.vwin_sb + hk * p.vwin_sh) {}
-  // Stage compressed tile `tile` (rows [64 tile, min(64 tile + 64, T_c))) into stage buffer `buf`:
-  // the packed K and V values (as stored, or with kRows16 as rows of p.kstride / p.vstride bytes)
-  // and the bitmap words (8-byte cp.async); the whole CTA takes part.
-  template <int W, bool kRows16>
-  __device__ __forceinline__ void stage_tile(char* smem, const SDParams& p, int tile, int buf) const {
-    const int t0 = tile * kTile;
-    const int nc = min(kTile, p.Tc - t0);
-    if (nc <= 0) return;
-    char* st = smem + buf * p.stage_bytes;
-    const char* ks = kval + (int64_t)t0 * p.kk * sizeof(T);
-    const char* vs = vval + (int64_t)t0 * p.kv * sizeof(T);
-    if constexpr (kRows16) {
-      stage_rows16(st + p.off_kval, ks, nc, p.kk / 8, p.kstride);
-      stage_rows16(st + p.off_vval, vs, nc, p.kv / 8, p.vstride);
-    } else {
-      stage_copy<T>(st + p.off_kval, ks, nc * p.kk * (int)sizeof(T), p.vec16);
-      stage_copy<T>(st + p.off_vval, vs, nc * p.kv * (int)sizeof(T), p.vec16);
-    }
-    for (int i8 = threadIdx.x; i8 < 2 * nc * W; i8 += kWarps * 32) {
-      const bool isv = i8 >= nc * W;
-      const int j = isv ? i8 - nc * W : i8;
-      cp_async8(st + (isv ? p.off_vbm : p.off_kbm) + 8 * j, (isv ? vbm : kbm) + (int64_t)t0 * W + j);
-    }
-  }
-};
+struct V4Params : SDParams, V4Layout {};
 
 // Nibble lookup table (16 entries, in shared memory): for the lane's 4 channels with stored-bit
 // pattern n (bit j = channel j stored) and the compact values c0..c3 starting at the lane's rank,
@@ -283,8 +83,6 @@ __device__ __forceinline__ void expand_row(const void* vbase, uint32_t a, uint32
   }
 }
 
-__device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
-
 template <typename T, int CPL>
 __device__ __forceinline__ void load_dense(const T* p, float (&f)[CPL]) {
 #pragma unroll
@@ -292,7 +90,7 @@ __device__ __forceinline__ void load_dense(const T* p, float (&f)[CPL]) {
 }
 
 template <typename T, int D, int GT>
-__global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDParams p) {
+__global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const V4Params p) {
   constexpr int CPL = D / 32;         // channels per lane
   constexpr int NW32 = D / 32;        // 32-bit bitmap words per row
   constexpr int LPW = 32 / CPL;       // lanes per 32-bit word
@@ -343,7 +141,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) sparse_decode_kernel(const SDP
 
   const SDSlice<T> sl(p, b, hk);
 
-  auto issue = [&](int i) { sl.template stage_tile<W, false>(smem, p, tile0 + i, i % kStages); };
+  auto issue = [&](int i) { stage_tile64<W, false>(sl, smem, p, tile0 + i, i % kStages); };
 
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) {
@@ -585,105 +383,14 @@ if constexpr (kHalfMath) {
   }
 }
 
-// Merge of the decode partials (m, l, o[D]) of one (b, query head) per CTA: 8 warps, warp w takes the
-// partials w, w + 8, ... with its own running maximum (online softmax), so all of a warp's loads are
-// independent of each other and of the maximum: one L2 round trip for the NP of a decode call (the old
-// one-thread-per-channel loop over NP took NP / 4 of them, twice); lane = D / 32 consecutive channels (one
-// 16- or 8-byte load per partial); then the warps' results rescaled to the CTA's maximum and summed.
-constexpr int kMergeWarps = 8;
-template <typename T, int D>
-__global__ void __launch_bounds__(kMergeWarps * 32) sparse_decode_merge(const float* __restrict__ ws_o,
-                                                                        const float* __restrict__ ws_ml, int NP,
-                                                                        T* __restrict__ out) {
-  constexpr int CPL = D / 32;  // channels per lane
-  static_assert(CPL == 2 || CPL == 4, "D = 64 or 128");
-  __shared__ float s_o[kMergeWarps][D];
-  __shared__ float s_l[kMergeWarps], s_m[kMergeWarps];
-  mf_pdl_wait();
-  const int64_t bh = blockIdx.x;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const float* ml = ws_ml + bh * NP * 2;
-  float acc[CPL] = {};
-  float mw = -INFINITY, L = 0.f;  // the same in every lane of the warp
-#pragma unroll 4
-  for (int i = warp; i < NP; i += kMergeWarps) {
-    const float2 x = *reinterpret_cast<const float2*>(ml + 2 * i);
-    const float* op = ws_o + (bh * NP + i) * D + CPL * lane;
-    float v[CPL];
-    if constexpr (CPL == 4) {
-      const float4 y = *reinterpret_cast<const float4*>(op);
-      v[0] = y.x, v[1] = y.y, v[2] = y.z, v[3] = y.w;
-    } else {
-      const float2 y = *reinterpret_cast<const float2*>(op);
-      v[0] = y.x, v[1] = y.y;
-    }
-    if (x.x == -INFINITY) continue;  // an empty partial (l = 0, o = 0)
-    if (x.x > mw) {
-      const float r = exp2f(mw - x.x);  // 0 while mw = -inf
-      L *= r;
-#pragma unroll
-      for (int j = 0; j < CPL; ++j) acc[j] *= r;
-      mw = x.x;
-    }
-    const float w = exp2f(x.x - mw);
-    L += w * x.y;
-#pragma unroll
-    for (int j = 0; j < CPL; ++j) acc[j] += w * v[j];
-  }
-#pragma unroll
-  for (int j = 0; j < CPL; ++j) s_o[warp][CPL * lane + j] = acc[j];
-  if (lane == 0) {
-    s_l[warp] = L;
-    s_m[warp] = mw;
-  }
-  __syncthreads();
-  float M = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kMergeWarps; ++w) M = fmaxf(M, s_m[w]);
-  for (int c = tid; c < D; c += kMergeWarps * 32) {
-    float a = 0.f, l = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kMergeWarps; ++w) {
-        const float r = s_m[w] == -INFINITY ? 0.f : exp2f(s_m[w] - M);
-        a += r * s_o[w][c];
-        l += r * s_l[w];
-      }
-    }
-    out[bh * D + c] = from_f<T>(l > 0.f ? a / l : 0.f);
-  }
-}
-
-inline bool pdl_enabled() {
-  const char* e = std::getenv("MUSTAFAR_CUDA_PDL");
-  return e == nullptr || e[0] == '\0' || e[0] != '0';
-}
-
-// the merge after any of the decode kernels (v4, v5, v6): B * H_q CTAs, launched as a programmatic
-// dependent of the decode kernel just launched on `stream` (unless MUSTAFAR_CUDA_PDL=0)
-template <typename T>
-void launch_merge(int D, const float* ws_o, const float* ws_ml, int NP, T* out, int64_t BHq, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)BHq);
-  cfg.blockDim = dim3(kMergeWarps * 32);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  if (D == 64) C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 64>, ws_o, ws_ml, NP, out));
-  else C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 128>, ws_o, ws_ml, NP, out));
-}
 
 // host launcher of the fused decode (one translation unit per dtype, so they compile in parallel)
 template <typename T>
-void launch_sparse_decode(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid, cudaStream_t stream);
+void launch_v4(const V4Params& p, int D, int GT, int smem_bytes, dim3 grid, cudaStream_t stream);
 
 // resident CTAs per SM of the fused kernel (for choosing the number of splits)
 template <typename T>
-int sparse_decode_blocks_per_sm(int D, int GT, int smem_bytes);
+int v4_blocks_per_sm(int D, int GT, int smem_bytes);
 
 template <typename T, int D, int GT>
 int sd_occ_one(int smem_bytes) {
@@ -697,7 +404,7 @@ int sd_occ_one(int smem_bytes) {
 }
 
 template <typename T, int D, int GT>
-void launch_sd_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
+void launch_sd_one(const V4Params& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
   auto kern = sparse_decode_kernel<T, D, GT>;
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
@@ -706,16 +413,16 @@ void launch_sd_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t st
   MF_CHECK_LAUNCH();
 }
 
-#define MUSTAFAR_DEFINE_SD_LAUNCHER(TYPE)                                                                     \
+#define MUSTAFAR_DEFINE_V4_LAUNCHER(TYPE)                                                                     \
   template <>                                                                                               \
-  int sparse_decode_blocks_per_sm<TYPE>(int D, int GT, int smem_bytes) {                                    \
+  int v4_blocks_per_sm<TYPE>(int D, int GT, int smem_bytes) {                                    \
     if (D == 64) return GT == 4 ? sd_occ_one<TYPE, 64, 4>(smem_bytes)                                       \
                       : GT == 2 ? sd_occ_one<TYPE, 64, 2>(smem_bytes) : sd_occ_one<TYPE, 64, 1>(smem_bytes);  \
     return GT == 4 ? sd_occ_one<TYPE, 128, 4>(smem_bytes)                                                   \
          : GT == 2 ? sd_occ_one<TYPE, 128, 2>(smem_bytes) : sd_occ_one<TYPE, 128, 1>(smem_bytes);           \
   }                                                                                                         \
   template <>                                                                                               \
-  void launch_sparse_decode<TYPE>(const SDParams& p, int D, int GT, int smem_bytes, dim3 grid,              \
+  void launch_v4<TYPE>(const V4Params& p,       int D, int GT, int smem_bytes, dim3 grid,              \
                                   cudaStream_t stream) {                                                    \
     if (D == 64) {                                                                                          \
       if (GT == 4) launch_sd_one<TYPE, 64, 4>(p, smem_bytes, grid, stream);                                 \

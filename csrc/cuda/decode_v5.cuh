@@ -1,7 +1,7 @@
 #pragma once
 // v5 fused sparse decode for fp16 / bf16 ("scatter" kernel; design and numbers in docs/kernel_notes.md).
 //
-// v4 (mustafar_cuda.cuh) expands every row to D lanes and is bound by instruction issue (~88 warp
+// v4 (decode_v4.cuh) expands every row to D lanes and is bound by instruction issue (~88 warp
 // instructions per K+V row pair). v5 spends work per *stored* value instead of per channel:
 //
 //   phase A  one thread per stored row (threads 0-63: K rows of the 64-row tile, 64-127: V rows).
@@ -16,7 +16,8 @@
 //            O += P V on tensor cores (mma.m16n8k16, query heads padded to 16 rows, B fragments of V with
 //            ldmatrix); then each warp zeroes the part of Vd it read.
 //
-// Splits over T, the per-warp partials and the merge kernel are the same as v4's.
+// Splits over T, the per-warp partials and the merge kernel (merge.cuh) are the same as v4's; the 64-row
+// CTA tile staging is v4's too (cta_tile.cuh).
 // Value rows are staged with cp.async; how they are read depends on k (template VM):
 //   kVmPair (k even): 32-bit loads of value pairs from contiguous rows (conflict-free when k/2 is odd);
 //   kVmOct  (k % 8 == 0): rows copied to an odd number of 16-byte chunks, 128-bit loads (conflict-free);
@@ -25,13 +26,21 @@
 // a dummy slot (a zero q entry for K, a dummy line of Vd for V). The encoder writes zeros into unused
 // value slots; the kernel relies on them being finite.
 
-#include "mustafar_cuda.cuh"
+#include "common.cuh"
+#include "cta_tile.cuh"
 
 namespace mustafar_cuda {
 
 constexpr int kLS = 144;                      // bytes per channel line of Vd: 64 tokens (128 B) + 16 B pad
 constexpr int kScrStride = kWarps * 32 * 16;  // bytes between the walk-list entries of one thread
 enum : int { kVmAny = 1, kVmPair = 2, kVmOct = 8 };
+
+// v5's shared memory: the pipeline stages (Stage64Layout; value rows of kstride / vstride bytes), then the
+// dense V tile, the tile's scores, q and the walk lists
+struct V5Layout : Stage64Layout {
+  int off_vd, off_s, off_q, off_scr;
+};
+struct V5Params : SDParams, V5Layout {};
 
 // A walk yields, per call, the byte address of the slot of the row's next stored channel
 // (adj + channel-in-word * STRIDE). Two directions: up (lowest channel first: values from index 0)
@@ -141,19 +150,6 @@ __device__ __forceinline__ RegWalkDown<NW> make_walk_down(const uint32_t (&wd)[N
   return r;
 }
 
-// a row can take the fast walks: exactly k stored values, every 32-bit word nonzero
-template <int NW>
-__device__ __forceinline__ bool reg_walk_ok(const uint32_t (&wd)[NW], int k) {
-  int n = 0;
-  bool nz = true;
-#pragma unroll
-  for (int i = 0; i < NW; ++i) {
-    n += __popc(wd[i]);
-    nz = nz && wd[i] != 0u;
-  }
-  return nz && n == k;
-}
-
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
   // A rows 8..15 (a1, a3) are zero: at most 8 query heads per CTA
@@ -172,23 +168,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a2
   }
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same<T, __half>::value) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ float bits_to_f(uint32_t bits16) {
   if constexpr (std::is_same<T, __half>::value) {
@@ -199,7 +178,7 @@ __device__ __forceinline__ float bits_to_f(uint32_t bits16) {
 }
 
 template <typename T, int D, int GT, int VM>
-__global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDParams p) {
+__global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const V5Params p) {
   constexpr int NW32 = D / 32;
   constexpr int W = D / 64;
   constexpr bool kHalfMath = std::is_same<T, __half>::value && VM != kVmAny;
@@ -239,7 +218,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) sd_scatter_kernel(const SDPara
   const SDSlice<T> sl(p, b, hk);
 
   auto issue = [&](int i) {  // compressed tiles only (window tiles are read from global memory)
-    sl.template stage_tile<W, VM == kVmOct>(smem, p, tile0 + i, i % kStages);
+    stage_tile64<W, VM == kVmOct>(sl, smem, p, tile0 + i, i % kStages);
   };
 #pragma unroll 1
   for (int i = 0; i < kStages - 1; ++i) {
@@ -599,7 +578,7 @@ int sds_occ_one(int smem_bytes) {
 }
 
 template <typename T, int D, int GT, int VM>
-void launch_sds_one(const SDParams& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
+void launch_sds_one(const V5Params& p, int smem_bytes, dim3 grid, cudaStream_t stream) {
   auto kern = sd_scatter_kernel<T, D, GT, VM>;
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
@@ -629,19 +608,19 @@ auto sds_dispatch(int D, int GT, int VM, F&& f) {
 }
 
 template <typename T>
-int sd_scatter_blocks_per_sm(int D, int GT, int VM, int smem_bytes);
+int v5_blocks_per_sm(int D, int GT, int VM, int smem_bytes);
 template <typename T>
-void launch_sd_scatter(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid, cudaStream_t stream);
+void launch_v5(const V5Params& p, int D, int GT, int VM, int smem_bytes, dim3 grid, cudaStream_t stream);
 
-#define MUSTAFAR_DEFINE_SDS_LAUNCHER(TYPE)                                                                    \
+#define MUSTAFAR_DEFINE_V5_LAUNCHER(TYPE)                                                                    \
   template <>                                                                                               \
-  int sd_scatter_blocks_per_sm<TYPE>(int D, int GT, int VM, int smem_bytes) {                               \
+  int v5_blocks_per_sm<TYPE>(int D, int GT, int VM, int smem_bytes) {                               \
     return sds_dispatch<TYPE>(D, GT, VM, [&](auto dc, auto gc, auto vc) {                                   \
       return sds_occ_one<TYPE, decltype(dc)::value, decltype(gc)::value, decltype(vc)::value>(smem_bytes);  \
     });                                                                                                     \
   }                                                                                                         \
   template <>                                                                                               \
-  void launch_sd_scatter<TYPE>(const SDParams& p, int D, int GT, int VM, int smem_bytes, dim3 grid,          \
+  void launch_v5<TYPE>(const V5Params& p,         int D, int GT, int VM, int smem_bytes, dim3 grid,          \
                                cudaStream_t stream) {                                                       \
     sds_dispatch<TYPE>(D, GT, VM, [&](auto dc, auto gc, auto vc) {                                          \
       launch_sds_one<TYPE, decltype(dc)::value, decltype(gc)::value, decltype(vc)::value>(p, smem_bytes,     \

@@ -2,7 +2,7 @@
 // v6 fused sparse decode for fp16 / bf16 with one (MHA) or four (GQA) query heads per KV head: the "row" kernel.
 // Design, predictions and measurements: docs/kernel_notes.md (section v6).
 //
-// v5 (sd_scatter.cuh) already works per *stored* value, but spends ~75 warp instructions per K+V row
+// v5 (decode_v5.cuh) already works per *stored* value, but spends ~75 warp instructions per K+V row
 // pair, most of them outside the per-value work: 64-row CTA tiles with separate K and V threads, two
 // __syncthreads per tile, a CTA-wide staging loop and a softmax / P.V phase shared by 4 warps over
 // 16 tokens each. v6 keeps the per-value idea and removes the rest:
@@ -17,7 +17,7 @@
 //   * a walk step is 9 instructions with a 3-instruction dependency chain (RWalk), 8 where every row of the
 //     tile lets each walk stay within three 32-bit words (r_short_ok);
 //   * instantiations with k compiled in for the paper's settings at D = 128 (k = 38: 70 %, k = 64: 50 %),
-//     a run-time-k one for any other k (MUSTAFAR_CUDA_DECODE=v6g forces it);
+//     a run-time-k one for any other k (the op's kernel="v6g" forces it);
 //   * values are read from the stage buffer in groups of 8 per chain (32-bit loads when k/2 is odd,
 //     16-byte loads of swizzled or odd-length rows when k % 8 == 0, 16-bit loads otherwise): small
 //     loops for any k, and registers for four chains (a walk fully unrolled over k, with all values in
@@ -29,9 +29,9 @@
 // A tile whose rows are not all complete top-k rows without an empty 32-bit word (arbitrary masks)
 // takes a general path: per-word loops over the set bits, values read from the stage buffer by index.
 // Dense window rows take the same lane-per-row shape (a dense dot with q, the row copied into Vd).
-// Each warp writes one partial (m, l, o) per query head and sparse_decode_merge combines them (as for v4 / v5).
+// Each warp writes one partial (m, l, o) per query head and sparse_decode_merge (merge.cuh) combines them (as for v4 / v5).
 
-#include "sd_scatter.cuh"
+#include "common.cuh"
 
 namespace mustafar_cuda {
 
@@ -40,6 +40,16 @@ constexpr int kRLine = 80;      // bytes per channel line of a warp's dense V ti
 constexpr int kRKMax = 64;      // most stored values per row (k_k and k_v): larger k go to v4 / v5
 constexpr int kRMaxWarps = 12;  // warps per CTA at most (the host picks 4-12 by occupancy)
 enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its row from the stage buffer
+
+// v6's shared memory: q (fp32, GQ heads per channel), then one region per warp at off_vd + warp * r_wbytes
+// (dense V tile + two K and V stage buffers at r_off_stk / r_off_stv, r_bufstep apart); how K / V rows are
+// read (kRLdAny / kRLdPair / kRLdOct) and log2 of the 16-byte chunks per row of a swizzled stage buffer
+// (-1: contiguous rows)
+struct V6Layout {
+  int off_vd;
+  int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
+};
+struct V6Params : SDParams, V6Layout {};
 
 // Walks over the stored channels of one row, for rows with exactly k stored values and no empty 32-bit
 // word. UP = true: ascending from the lowest channel; UP = false: descending from the highest (on the
@@ -296,7 +306,7 @@ __device__ __forceinline__ uint32_t r_row_base(uint32_t st, int k, int mode, int
   return st + (uint32_t)(lane * k * 2);
 }
 
-// The host's choice of row layout for k values per row (mustafar_cuda.cu, ld_mode): kRLdOct for k % 8 == 0
+// The host's choice of row layout for k values per row (plan.cu, v6_ld_mode): kRLdOct for k % 8 == 0
 // with an odd (lg = -1, contiguous rows) or power-of-two (lg = log2 of the 16-byte chunks, swizzled) chunk
 // count, kRLdPair for k % 4 == 2, kRLdAny otherwise.
 constexpr int r_lg_of(int k) {
@@ -318,7 +328,7 @@ constexpr int r_ld_of(int k) {
 // fp32 values side by side, so a K walk step gathers all of them with one load; the heads are the mma's
 // columns (B = P^T, GQ of its 8 columns), the probabilities handed over through a small per-warp table.
 template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1>
-__global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const SDParams p) {
+__global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Params p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
   static_assert(GQ == 1 || GQ == 2 || GQ == 4, "GQ: 1, 2 or 4 query heads per KV head");
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
@@ -774,7 +784,7 @@ int sdr_occ_one(int nwarps, int smem_bytes) {
 // 64 at D = 128: the paper's 70 % and 50 %), else the row layouts compiled in where common (MHA only:
 // 70 %: k/2 odd; 50 %: k % 8 == 0), else everything read at run time
 template <typename T, int GQ>
-void sdr_launch(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
+void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
   auto go = [&](auto kern) {
     if (smem_bytes > 48 * 1024)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
@@ -799,17 +809,17 @@ void sdr_launch(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid,
 }
 
 template <typename T>
-int sd_rows_blocks_per_sm(int D, int nwarps, int smem_bytes);
+int v6_blocks_per_sm(int D, int nwarps, int smem_bytes);
 template <typename T>
-void launch_sd_rows(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
+void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
-#define MUSTAFAR_DEFINE_SDR_LAUNCHER(TYPE)                                                                       \
+#define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int sd_rows_blocks_per_sm<TYPE>(int D, int nwarps, int smem_bytes) {                                          \
+  int v6_blocks_per_sm<TYPE>(int D, int nwarps, int smem_bytes) {                                          \
     return D == 64 ? sdr_occ_one<TYPE, 64>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128>(nwarps, smem_bytes);   \
   }                                                                                                            \
   template <>                                                                                                  \
-  void launch_sd_rows<TYPE>(const SDParams& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
+  void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
                             bool fixed_k) {                                                                    \
     if (p.G == 4) sdr_launch<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                        \
     else sdr_launch<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                                 \

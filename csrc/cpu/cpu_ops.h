@@ -1,0 +1,24 @@
+#pragma once
+// The CPU kernels of the mustafar ops (registered in csrc/mustafar.cpp; the schemas are there too).
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace mustafar {
+namespace cpu {
+
+// csrc/cpu/encode.cpp
+std::tuple<at::Tensor, at::Tensor> encode_bitmap_cpu(const at::Tensor& x, const at::Tensor& mask, int64_t k);
+at::Tensor decode_bitmap_cpu(const at::Tensor& bitmap, const at::Tensor& values, int64_t head_dim);
+std::tuple<at::Tensor, at::Tensor> prune_encode_topk_cpu(const at::Tensor& x, int64_t k);
+
+// csrc/cpu/sparse_decode.cpp. kernel: only "auto" (the CUDA kernel names apply to CUDA tensors); pdl: ignored.
+at::Tensor sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_bitmap, const at::Tensor& k_values,
+                             const at::Tensor& v_bitmap, const at::Tensor& v_values, const at::Tensor& k_window,
+                             const at::Tensor& v_window, const std::optional<at::Tensor>& kv_start, double scale,
+                             c10::string_view kernel, bool pdl);
+
+}  // namespace cpu
+}  // namespace mustafar

@@ -1,0 +1,76 @@
+#pragma once
+// Host side of the fused sparse decode, in two pieces:
+//
+//   plan    which kernel serves the problem (DecodeKernel: the op's kernel argument, "auto" resolved by the
+//           default rule), its configuration on this device (DecodeConfig: shared-memory layout, warps per
+//           CTA, resident CTAs per SM; computed once per device and configuration, then cached) and the
+//           split over T (DecodePlan: whole waves of resident CTAs, flash-decoding);
+//   launch  the decode kernel of the plan, then the merge (merge.cuh), as a programmatic dependent when pdl.
+//
+// Per-device state (SM count, cached configurations and so occupancy queries) is kept per device index, so a
+// process with GPUs of different sizes plans each with its own numbers.
+#include "common.cuh"
+#include "decode_v4.cuh"
+#include "decode_v5.cuh"
+#include "decode_v6.cuh"
+
+#include <string>
+
+namespace mustafar_cuda {
+
+// The decode kernels. kAuto: v6 for fp16/bf16 with one or four query heads per KV head (MHA, or GQA with
+// G = 4 as in Llama-3-8B) and at most 64 stored values per row, v5 for other fp16/bf16 GQA, v4 otherwise
+// (fp32, or k > 64); results/kernel_h200.json times them side by side. kV6g: v6 with k read at run time
+// everywhere (v6 has instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128).
+enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7 };
+
+// "auto", "v4", "v5", "v6", "v6g"; anything else raises ValueError naming it
+DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
+const char* decode_kernel_name(DecodeKernel k);
+
+// what the plan depends on
+struct DecodeProblem {
+  at::ScalarType dtype;
+  int64_t B, Hkv, G, D, Tc, Tw, kk, kv;  // kk, kv: stored values per K / V row
+  bool vec16;                            // K and V values bases 16-byte aligned
+};
+
+// one kernel configuration on one device (independent of B, H_kv and T)
+struct DecodeConfig {
+  DecodeKernel kernel;  // resolved: kV4, kV5, kV6 or kV6g
+  int GT;               // v4 / v5: query heads per CTA (G / GT chunks per KV head)
+  int VM;               // v5: how value rows are read (kVmAny / kVmPair / kVmOct)
+  int nwarps;           // warps per CTA
+  int per_sm;           // resident CTAs per SM
+  int smem_bytes;       // dynamic shared memory per CTA
+  V4Layout v4;          // the chosen kernel's layout (the others are unused)
+  V5Layout v5;
+  V6Layout v6;
+};
+
+struct DecodePlan {
+  DecodeConfig cfg;
+  int nchunk;               // query-head chunks per KV head
+  int64_t nsplit;           // splits over T
+  int64_t tiles_per_split;  // v4 / v5: 64-row tiles; v6: 32-row warp tiles
+  int NP;                   // partials per query head (nsplit * nwarps)
+  dim3 grid;
+};
+
+// SM count of a device (queried once per device)
+int device_sm_count(int device);
+
+// The kernel that serves `pr` for the op's kernel argument (kAuto resolved; a named kernel that cannot serve
+// the dtype / shape raises ValueError naming it).
+DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel requested, const char* op);
+
+// The plan for `pr` (B, H_q and T > 0) on `device` (the current device). Raises ValueError when `requested`
+// cannot serve it.
+DecodePlan plan_decode(const DecodeProblem& pr, DecodeKernel requested, int device, const char* op);
+
+// Launch the plan's decode kernel on `base` (pointers, shapes, strides, qscale; the split fields are set from
+// the plan) and the merge into out ([B * H_q, D] of dtype), on `stream`.
+void launch_decode(const DecodePlan& plan, const SDParams& base, at::ScalarType dtype, int64_t D, void* out,
+                   int64_t BHq, cudaStream_t stream, bool pdl);
+
+}  // namespace mustafar_cuda

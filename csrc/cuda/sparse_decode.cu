@@ -1,0 +1,158 @@
+// sparse_decode (CUDA): input checks, the tensors (contiguity, workspace, output), then plan_decode and
+// launch_decode (plan.h). The kernels: decode_v4.cuh, decode_v5.cuh, decode_v6.cuh, merge.cuh.
+#include "ops.h"
+#include "plan.h"
+
+#include "../mf_check.h"
+
+namespace mustafar_cuda {
+
+static void check_cuda_tensor(const at::Tensor& t, const char* name) {
+  MF_CHECK(t.defined(), "mustafar (CUDA): ", name, " is undefined");
+  MF_CHECK(t.is_cuda(), "mustafar (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+// rows must have a contiguous last dim and T stride == C; leading dims may be strided
+static at::Tensor rows_ok(const at::Tensor& t) {
+  const int64_t C = t.size(3);
+  const bool ok = (t.stride(3) == 1 || t.size(3) <= 1) && (t.stride(2) == C || t.size(2) <= 1);
+  return ok ? t : t.contiguous();
+}
+
+at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap_in, const at::Tensor& k_values_in,
+                              const at::Tensor& v_bitmap_in, const at::Tensor& v_values_in,
+                              const at::Tensor& k_window_in, const at::Tensor& v_window_in,
+                              const std::optional<at::Tensor>& kv_start_in, double scale, c10::string_view kernel,
+                              bool pdl) {
+  const char* op = "mustafar.sparse_decode (CUDA): ";
+  const DecodeKernel requested = parse_decode_kernel(kernel, op);
+  check_cuda_tensor(q_in, "q");
+  check_cuda_tensor(k_bitmap_in, "k_bitmap");
+  check_cuda_tensor(k_values_in, "k_values");
+  check_cuda_tensor(v_bitmap_in, "v_bitmap");
+  check_cuda_tensor(v_values_in, "v_values");
+  check_cuda_tensor(k_window_in, "k_window");
+  check_cuda_tensor(v_window_in, "v_window");
+  {
+    const auto s = q_in.scalar_type();
+    MF_CHECK_VALUE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat, "mustafar (CUDA): q.dtype=", s,
+                   " (expected float16, bfloat16 or float32)");
+  }
+  MF_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  MF_CHECK_VALUE(D == 64 || D == 128 || D == 256, op, "head_dim D=", D, " must be 64, 128 or 256");
+  const int64_t W = D / 64;
+  MF_CHECK_VALUE(D == 64 || D == 128, op, "head_dim D=", D, " not supported by the CUDA decode kernel (64, 128)");
+  MF_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
+  MF_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
+                 "bitmaps must be int64");
+  const int64_t Hkv = k_bitmap_in.size(1), Tc = k_bitmap_in.size(2);
+  MF_CHECK_VALUE(k_bitmap_in.size(0) == B && k_bitmap_in.size(3) == W, op, "k_bitmap shape ", k_bitmap_in.sizes(),
+                 " does not match q ", q_in.sizes());
+  MF_CHECK_VALUE(v_bitmap_in.sizes() == k_bitmap_in.sizes(), op, "v_bitmap shape ", v_bitmap_in.sizes(),
+                 " != k_bitmap shape ", k_bitmap_in.sizes());
+  MF_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
+  const int64_t G = Hq / Hkv;
+  for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
+    MF_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(), " != q.dtype ",
+                   q_in.scalar_type());
+    MF_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ", t->sizes(),
+                   " must be [", B, ", ", Hkv, ", T, C]");
+  }
+  MF_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
+                 "values T dim must equal the bitmaps' T_c=", Tc);
+  const int64_t kk = k_values_in.size(3), kv = v_values_in.size(3);
+  MF_CHECK_VALUE(kk <= D && kv <= D, op, "values last dim (", kk, ", ", kv, ") > D=", D);
+  MF_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
+                 "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ", v_window_in.sizes());
+  const int64_t Tw = k_window_in.size(2);
+  const int64_t T = Tc + Tw;
+  MF_CHECK_VALUE(T < (1LL << 30), op, "sequence too long: ", T);
+  c10::cuda::CUDAGuard guard(q_in.device());
+
+  at::Tensor ks;
+  if (kv_start_in.has_value() && kv_start_in->defined()) {
+    check_cuda_tensor(*kv_start_in, "kv_start");
+    MF_CHECK_VALUE(kv_start_in->dim() == 1 && kv_start_in->size(0) == B, op, "kv_start shape ", kv_start_in->sizes(),
+                   " != [", B, "]");
+    MF_CHECK_VALUE(kv_start_in->scalar_type() == at::kInt || kv_start_in->scalar_type() == at::kLong, op,
+                   "kv_start.dtype=", kv_start_in->scalar_type(), " (expected int32)");
+    ks = kv_start_in->to(at::kInt).contiguous();
+  }
+  auto q = q_in.contiguous();
+  auto kb = rows_ok(k_bitmap_in), vb = rows_ok(v_bitmap_in);
+  auto kvals = rows_ok(k_values_in), vvals = rows_ok(v_values_in);
+  // windows: unit channel stride and (for 16-bit types) rows 4-byte aligned, else a contiguous copy
+  auto win_ok = [&](const at::Tensor& t) {
+    if (t.stride(3) != 1 && t.size(3) > 1) return false;
+    if (t.element_size() >= 4 || t.numel() == 0) return true;
+    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 2 == 0);
+    return ok;
+  };
+  auto kw = win_ok(k_window_in) ? k_window_in : k_window_in.contiguous();
+  auto vw = win_ok(v_window_in) ? v_window_in : v_window_in.contiguous();
+
+  const int64_t isz = q.element_size();
+  auto al16 = [&](const at::Tensor& t) {
+    return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) && ((t.stride(0) * isz) % 16 == 0 || t.size(0) <= 1) &&
+           ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
+  };
+  const bool vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals));
+  const DecodeProblem pr{q.scalar_type(), B, Hkv, G, D, Tc, Tw, kk, kv, vec16};
+  resolve_decode_kernel(pr, requested, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
+
+  const bool poison = poison_outputs();
+  at::Tensor out = poison ? at::full({B, Hq, D}, std::numeric_limits<float>::quiet_NaN(), q.options())
+                          : at::empty({B, Hq, D}, q.options());
+  if (B == 0 || Hq == 0) return out;
+  if (T == 0) {
+    out.zero_();
+    return out;
+  }
+  const DecodePlan plan = plan_decode(pr, requested, q.device().index(), op);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int NP = plan.NP;
+  at::Tensor ws_o = poison ? at::full({B, Hq, NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
+                           : at::empty({B, Hq, NP, D}, q.options().dtype(at::kFloat));
+  at::Tensor ws_ml = at::empty({B, Hq, NP, 2}, q.options().dtype(at::kFloat));
+
+  SDParams p{};
+  p.q = q.data_ptr();
+  p.kbm = kb.data_ptr<int64_t>();
+  p.vbm = vb.data_ptr<int64_t>();
+  p.kval = kvals.data_ptr();
+  p.vval = vvals.data_ptr();
+  p.kwin = kw.data_ptr();
+  p.vwin = vw.data_ptr();
+  p.kv_start = ks.defined() ? ks.data_ptr<int>() : nullptr;
+  p.ws_o = ws_o.data_ptr<float>();
+  p.ws_ml = ws_ml.data_ptr<float>();
+  p.B = (int)B;
+  p.Hkv = (int)Hkv;
+  p.G = (int)G;
+  p.Tc = (int)Tc;
+  p.Tw = (int)Tw;
+  p.kk = (int)kk;
+  p.kv = (int)kv;
+  p.kbm_sb = kb.stride(0);
+  p.kbm_sh = kb.stride(1);
+  p.vbm_sb = vb.stride(0);
+  p.vbm_sh = vb.stride(1);
+  p.kval_sb = kvals.stride(0);
+  p.kval_sh = kvals.stride(1);
+  p.vval_sb = vvals.stride(0);
+  p.vval_sh = vvals.stride(1);
+  p.kwin_sb = kw.stride(0);
+  p.kwin_sh = kw.stride(1);
+  p.kwin_st = kw.stride(2);
+  p.vwin_sb = vw.stride(0);
+  p.vwin_sh = vw.stride(1);
+  p.vwin_st = vw.stride(2);
+  p.vec16 = vec16 ? 1 : 0;
+  p.qscale = (float)(scale * 1.4426950408889634);
+  launch_decode(plan, p, q.scalar_type(), D, out.data_ptr(), B * Hq, stream, pdl);
+  return out;
+}
+
+}  // namespace mustafar_cuda
