@@ -143,7 +143,7 @@ template <int D, int K, int VT, int MODE, int GQ>
 __global__ void __launch_bounds__(kNW * 32) proto_decode_kernel(const Params p) {
   using C = Cfg<D, K, VT, MODE, GQ>;
   using T16 = typename C::T16;
-  constexpr int NW32 = C::NW32, ES = C::ES;
+  constexpr int NW32 = C::NW32;
   constexpr int NCV = VT == 2 ? (K + 1) / 2 : C::NWV;  // words holding the row as 16-bit elements
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -330,8 +330,10 @@ __global__ void __launch_bounds__(kNW * 32) proto_decode_kernel(const Params p) 
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int tok = (lane >> 2) + 8 * i;
-        tsc[i] = (ti * 32 + tok < p.T) ? (VT == 2 ? __shfl_sync(0xffffffffu, ks, tok) : 1.f) : 0.f;
-        tvs[i] = VT == 2 ? __shfl_sync(0xffffffffu, vs, tok) : 1.f;
+        float a = 1.f, c = 1.f;
+        if constexpr (VT == 2) { a = __shfl_sync(0xffffffffu, ks, tok); c = __shfl_sync(0xffffffffu, vs, tok); }
+        tsc[i] = (ti * 32 + tok < p.T) ? a : 0.f;  // 0: masked token
+        tvs[i] = c;
       }
       float s[2][4];  // [head e][token i]
 #pragma unroll
