@@ -1,24 +1,24 @@
-"""Capture the per-layer queries, keys and values a prompt produces.
+"""Capture the per-layer queries, keys and values a prompt produces (the one Q/K/V capture of the project).
 
-``capture_qkv(model, input_ids)`` runs one prefill forward and returns, per decoder layer, the
-post-RoPE queries the attention used and the keys/values the ``DynamicCache`` stores.
-
-How: K and V are read from the cache the forward returns (post-RoPE, exactly as cached). Q is not
-stored anywhere, so a forward pre-hook on every attention module records its ``hidden_states`` and
-``position_embeddings`` and recomputes ``q = RoPE(q_norm?(q_proj(h)))`` with the module's own
-``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2/3, Gemma3 and other Llama-family modules). As a
-guard, K is recomputed the same way and compared with the cached K; a module this recipe does not
-fit raises ``ValueError`` instead of returning wrong queries. Layers whose cache keeps only a
-sliding window hold fewer than ``T`` tokens of K/V (and skip the guard).
+:func:`recording_queries` switches a model, for the duration of a ``with`` block, to a recording
+attention implementation: every attention call stores its post-RoPE queries (exactly the tensor
+attention multiplies with K) and then runs transformers' sdpa attention. It works for every model that
+dispatches attention through transformers' ``AttentionInterface``. :func:`capture_qkv` runs one
+prefill forward inside it and returns, per decoder layer, those queries and the keys/values the
+``DynamicCache`` stores (post-RoPE, exactly as cached; layers whose cache keeps only a sliding window
+hold fewer than ``T`` tokens of K/V). The evaluation's prefill (:func:`mustafar.eval.runtime.prefill`)
+uses the same recorder.
 """
 
 from __future__ import annotations
 
-import sys
+import contextlib
 
 import torch
 
-__all__ = ["capture_qkv", "attention_modules"]
+__all__ = ["capture_qkv", "attention_modules", "recording_queries"]
+
+_RECORDER = "mustafar_capture"
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:
@@ -32,17 +32,41 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
     return dict(sorted(mods.items()))
 
 
-def _project(module, proj, norm_name, h, cos, sin):
-    """``RoPE(norm(proj(h)))`` as ``[B, H, T, D]``."""
-    x = proj(h).view(*h.shape[:-1], -1, module.head_dim).transpose(1, 2)  # [B, H, T, D]
-    norm = getattr(module, norm_name, None)
-    if norm is not None:
-        x = norm(x)
-    rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
-    if rope is None:
-        raise ValueError(f"{type(module).__name__}: its module has no apply_rotary_pos_emb; capture_qkv cannot rebuild Q")
-    x, _ = rope(x, x, cos, sin)
-    return x
+@contextlib.contextmanager
+def recording_queries(model, layers=None):
+    """Record every attention call's post-RoPE queries while the block runs.
+
+    Parameters
+    ----------
+    model : a transformers model that dispatches attention through ``AttentionInterface``.
+    layers : optional iterable of layer indices to record (default all).
+
+    Yields
+    ------
+    dict ``layer_idx -> query [B, H_q, q_len, D]`` (detached; the last call of each layer). The model's
+    attention implementation is restored afterwards.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    wanted = None if layers is None else {int(i) for i in layers}
+    store: dict[int, torch.Tensor] = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        idx = getattr(module, "layer_idx", None)
+        if wanted is None or idx in wanted:
+            store[idx] = query.detach()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_RECORDER, record)
+    AttentionMaskInterface.register(_RECORDER, sdpa_mask)
+    old = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    model.set_attn_implementation(_RECORDER)
+    try:
+        yield store
+    finally:
+        model.set_attn_implementation(old)
 
 
 def _layer_kv(cache, i: int):
@@ -82,52 +106,20 @@ def capture_qkv(model, input_ids: torch.Tensor, layers=None, *, attention_mask: 
             raise ValueError(f"layers {bad} not in the model (layers 0..{max(mods)})")
     from transformers import Cache
 
-    captured: dict[int, dict] = {}
-    handles = []
-
-    def make_hook(idx):
-        def hook(module, args, kwargs):
-            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            pe = kwargs.get("position_embeddings")
-            if pe is None and len(args) > 1:
-                pe = args[1]
-            if pe is None:
-                raise ValueError(f"layer {idx}: attention called without position_embeddings; capture_qkv needs RoPE models")
-            cos, sin = pe
-            captured[idx] = {
-                "q": _project(module, module.q_proj, "q_norm", h, cos, sin),
-                "_k": _project(module, module.k_proj, "k_norm", h, cos, sin),
-            }
-
-        return hook
-
-    try:
-        for i in wanted:
-            handles.append(mods[i].register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    with recording_queries(model, wanted) as queries:
         # the model builds its DynamicCache itself (the kwarg is `cache` in transformers >= 5.2x and
         # `past_key_values` before, so we don't pass one)
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    finally:
-        for hd in handles:
-            hd.remove()
     cache = out.get("cache", None)
     if cache is None:
         cache = out.get("past_key_values", None)
     if not isinstance(cache, Cache):
         raise ValueError(f"{type(model).__name__} returned no transformers Cache (got {type(cache).__name__})")
 
-    T = input_ids.shape[1]
     result = {}
     for i in wanted:
+        if i not in queries:
+            raise ValueError(f"layer {i}: no attention call was recorded ({type(mods[i]).__name__})")
         k, v = _layer_kv(cache, i)
-        q, k_re = captured[i]["q"], captured[i].pop("_k")
-        if k.shape[-2] == T:
-            scale = k.abs().amax().clamp_min(1e-6)
-            tol = 1e-4 if k.dtype == torch.float32 else 2e-2
-            if k_re.shape != k.shape or ((k_re - k).abs().amax() / scale) > tol:
-                raise ValueError(
-                    f"layer {i} ({type(mods[i]).__name__}): recomputed keys do not match the cache; "
-                    "capture_qkv does not support this attention module"
-                )
-        result[i] = {"q": q, "k": k, "v": v}
+        result[i] = {"q": queries[i], "k": k, "v": v}
     return result

@@ -28,6 +28,8 @@ from math import comb
 import torch
 
 from mustafar import ops
+from mustafar.ops.reference import check_head_dim
+from mustafar.pruning._common import kept_count  # the one kept count (pruning needs it below format)
 
 __all__ = [
     "SparseKV",
@@ -43,20 +45,6 @@ __all__ = [
 ]
 
 _BITS = 64
-
-
-def _check_head_dim(d: int) -> int:
-    if isinstance(d, bool) or not isinstance(d, int) or d <= 0 or d % _BITS != 0:
-        raise ValueError(f"head_dim D={d!r} must be a positive multiple of 64 (64, 128, 256)")
-    return d // _BITS
-
-
-def kept_count(head_dim: int, sparsity: float) -> int:
-    """``k = D - floor(sparsity * D + 0.5)`` (design.md's pruning count, round half up)."""
-    _check_head_dim(head_dim)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1]")
-    return head_dim - min(head_dim, math.floor(float(sparsity) * head_dim + 0.5))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -79,7 +67,7 @@ class SparseKV:
     head_dim: int
 
     def __post_init__(self) -> None:
-        w = _check_head_dim(self.head_dim)
+        w = check_head_dim(self.head_dim)
         if self.bitmap.dtype != torch.int64:
             raise ValueError(f"bitmap.dtype={self.bitmap.dtype}: must be int64")
         if self.bitmap.dim() < 2 or self.bitmap.shape[-1] != w:
@@ -141,7 +129,7 @@ def encode(x: torch.Tensor, mask: torch.Tensor | None = None, k: int | None = No
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor [..., T, D], got {getattr(x, 'shape', type(x))}")
-    _check_head_dim(int(x.shape[-1]))
+    check_head_dim(int(x.shape[-1]))
     if mask is None:
         mask = x != 0
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != x.shape:
@@ -177,7 +165,7 @@ def nbytes_dense(shape, dtype: torch.dtype = torch.float16) -> int:
 
 def format_bytes(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> int:
     """Bytes per token vector in our layout: ``8*W + k*itemsize``."""
-    w = _check_head_dim(head_dim)
+    w = check_head_dim(head_dim)
     return 8 * w + kept_count(head_dim, sparsity) * _itemsize(dtype)
 
 
@@ -199,7 +187,7 @@ def paper_format_bytes(head_dim: int, sparsity: float | None = None, bitmap: tor
     the kept channels spread at random (hypergeometric count per tile): 0.647 / 0.450 of dense at
     50% / 70% for D=128 (the paper measured 0.648 / 0.455 on real caches).
     """
-    w = _check_head_dim(head_dim)
+    w = check_head_dim(head_dim)
     if (sparsity is None) == (bitmap is None):
         raise ValueError("give exactly one of sparsity or bitmap")
     if bitmap is not None:

@@ -26,6 +26,7 @@ Where weights come from, in the order tried:
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import os
 import shutil
 import tempfile
@@ -151,39 +152,69 @@ def _cache_root() -> Path:
     return Path(os.environ.get("MUSTAFAR_CACHE_DIR", Path.home() / ".cache" / "mustafar"))
 
 
-def _load_smollm2(dtype, device, attn_implementation):
+def _gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
+    """Where the dequantized safetensors copy of ``gguf`` lives: ``name``, or one keyed by path, size, mtime.
+
+    The transformers version is part of the name: a copy saved by another version (e.g. the peers
+    environment's transformers < 5.3) may not load correctly in this one.
+    """
+    import transformers
+
+    if name is None:
+        st = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        name = f"gguf-{gguf.stem}-{key}"
+    return _cache_root() / f"{name}-transformers-{transformers.__version__}"
+
+
+def _load_gguf(gguf: Path, dtype, device, attn_implementation, cache_name: str | None = None, **kw):
+    """Load a GGUF model; the first call saves a dequantized fp32 safetensors copy that later calls load.
+
+    Dequantizing a GGUF is slow (~30-45 s for a 135M model on 2 cores); the copy (under
+    ``$MUSTAFAR_CACHE_DIR``, default ``~/.cache/mustafar``) loads in about a second.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _cache_root() / _SMOLLM2_CACHE_NAME
+    cached = _gguf_cache_dir(gguf, cache_name)
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
-        tok = AutoTokenizer.from_pretrained(cached)
+        try:
+            tok = AutoTokenizer.from_pretrained(cached)
+        except (OSError, ValueError, TypeError):
+            tok = None
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation=attn_implementation)
         return model.to(device).eval(), tok
 
-    gguf = smollm2_gguf_path()
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **kw)
+    except (OSError, ValueError, TypeError):
+        tok = None
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=attn_implementation
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=attn_implementation, **kw
     )
     load_s = time.perf_counter() - t0
-    # Dequantizing the GGUF is slow (~30 s on 2 cores): keep an fp32 safetensors copy.
     # The weights are already dequantized to fp32; the GGUF "quantizer" only blocks saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=_SMOLLM2_CACHE_NAME + ".", dir=cached.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
         try:
             model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            if tok is not None:
+                tok.save_pretrained(tmp)
             tmp.rename(cached)  # atomic: readers never see a half-written copy
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     except OSError as e:
-        warnings.warn(f"could not cache the dequantized SmolLM2 under {cached} ({e}); GGUF load took {load_s:.1f} s")
+        warnings.warn(f"could not cache the dequantized model of {gguf} under {cached} ({e}); "
+                      f"GGUF load took {load_s:.1f} s")
     return model.to(dtype=dtype, device=device).eval(), tok
+
+
+def _load_smollm2(dtype, device, attn_implementation):
+    return _load_gguf(smollm2_gguf_path(), dtype, device, attn_implementation, cache_name=_SMOLLM2_CACHE_NAME)
 
 
 def _build_preset(name, dtype, device, attn_implementation, seed: int = _SEED):
@@ -203,15 +234,14 @@ def _build_preset(name, dtype, device, attn_implementation, seed: int = _SEED):
 def _load_dir(path: Path, dtype, device, attn_implementation, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    extra = {}
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if not ggufs:
             raise ValueError(f"{str(path)!r} has no config.json and no *.gguf file: not a HF model directory")
-        extra["gguf_file"] = ggufs[0].name
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra, **kw)
+        return _load_gguf(ggufs[0], dtype, device, attn_implementation, **kw)  # dequantized once, then cached
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kw)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **extra, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError, TypeError):
         tok = None
     return model.to(device).eval(), tok

@@ -139,7 +139,9 @@ def test_replayed_prefill_matches_real_prefill(tiny):
     cache, mode = build_cache(model, state, spec, 12)
     ours = greedy_decode(model, cache, state, 12)
     ref_cache = MustafarCache(model, MustafarConfig(k_sparsity=0.7, v_sparsity=0.5, mode=mode))
-    ref = model.generate(ids, past_key_values=ref_cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    from mustafar import cache_kwargs
+
+    ref = model.generate(ids, **cache_kwargs(model, ref_cache), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert mode == "compressed"
     assert ours == ref[0, 120:].tolist()
 
@@ -197,7 +199,8 @@ def test_refresh_cells_drops_stale_offline_and_fixes_labels():
 
 @pytest.mark.slow
 def test_sweep_resumable(tiny, tmp_path):
-    from mustafar.eval.sweep import pareto, run_sweep, summarize
+    from mustafar.eval.sweep import run_sweep
+    from mustafar.eval.tables import pareto, summarize
 
     model, tok = tiny
     kw = dict(model="tiny-llama", profile="tiny", out_dir=tmp_path, model_obj=model, tokenizer=tok,

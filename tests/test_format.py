@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mustafar import format as fmt
-from mustafar import reference as ref
+from mustafar.ops import reference as ref
 
 try:
     from hypothesis import given, settings

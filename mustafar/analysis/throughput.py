@@ -9,9 +9,12 @@ Shapes follow docs/design.md: ``B`` batch, ``H_kv`` KV heads, ``T`` tokens, ``D`
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Sequence
 
 import torch
+
+from mustafar.cache import cache_kwargs
 
 __all__ = ["dense_cache_bytes", "kv_geometry", "decode_throughput", "cache_memory"]
 
@@ -59,7 +62,9 @@ def _new_cache(model, config, max_cache_len: int | None = None):
         return DynamicCache(config=model.config)
     from mustafar import MustafarCache
 
-    return MustafarCache(model, config, max_cache_len=max_cache_len)
+    with warnings.catch_warnings():  # a short preallocation is bigger than a StaticCache: intended here
+        warnings.filterwarnings("ignore", message=r"MustafarCache\(max_cache_len=", category=UserWarning)
+        return MustafarCache(model, config, max_cache_len=max_cache_len)
 
 
 @torch.inference_mode()
@@ -92,7 +97,7 @@ def decode_throughput(model, batch: int, prompt_len: int, new_tokens: int, confi
     cache = _new_cache(model, config, prompt_len + warmup + new_tokens + 1)
     if prefill == "model":
         ids = torch.randint(_ID_MARGIN, model.config.vocab_size - _ID_MARGIN, (batch, prompt_len), generator=g)  # [B, T]
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)  # [B, 1]
     else:
         n_layers, h_kv, d, dtype = kv_geometry(model)
@@ -102,11 +107,11 @@ def decode_throughput(model, batch: int, prompt_len: int, new_tokens: int, confi
             cache.update(k, v, li)
         nxt = torch.randint(_ID_MARGIN, model.config.vocab_size - _ID_MARGIN, (batch, 1), generator=g)  # [B, 1]
     for _ in range(warmup):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     dt = time.perf_counter() - t0
     return {

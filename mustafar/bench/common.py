@@ -299,18 +299,10 @@ def kv_shape(model_or_config) -> tuple[int, int, int]:
 
 def _drop_handoff(cache, layer: int) -> None:
     """Drop what an ``update`` of a MustafarCache leaves for the layer's attention call, which never
-    comes in a fill: the cache's per-model handoff (``cache.handoff``, whose next note would otherwise
-    report the untaken one as stale) or, in the older layout, the process-global decode mark of the
-    layer. Dense caches leave nothing."""
-    handoff = getattr(cache, "handoff", None)
-    if handoff is not None:
-        handoff.clear()
-        return
-    try:
-        from mustafar.cache import PENDING_DECODE
-    except ImportError:
-        return
-    PENDING_DECODE.pop(layer, None)
+    comes in a fill (:meth:`mustafar.MustafarCache.discard_handoff`). Dense caches leave nothing."""
+    discard = getattr(cache, "discard_handoff", None)
+    if discard is not None:
+        discard()
 
 
 def fill_cache(model, cache, batch: int, length: int, seed: int = 0, tail: int = 0, chunk: int = 8192) -> None:

@@ -4,7 +4,7 @@ Both sides run in one process on the same inputs' shapes, timed as the median of
 after warm-up (:func:`mustafar.bench.common.time_ms`: ``time.perf_counter`` on the CPU):
 
 * **encode**: ``mustafar.ops.prune_encode_topk`` (fused per-token top-k + bitmap encoding) on a
-  ``[B, H_kv, T, D]`` K tensor, vs the plain-torch reference encoder (``mustafar.reference``).
+  ``[B, H_kv, T, D]`` K tensor, vs the plain-torch reference encoder (``mustafar.ops.reference``).
 * **decode**: ``mustafar.ops.sparse_decode`` (one query token, compressed K and V, no window) vs
   ``torch.nn.functional.scaled_dot_product_attention`` on dense K/V of the same shape (GQA as
   ``q [B, H_kv, G, D]`` against ``K [B, H_kv, T, D]``: no K/V expansion, dense's best case).

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     elif a.cmd == "sweep":
         import torch
 
-        from .sweep import pareto, run_sweep, summarize
+        from .sweep import run_sweep
+        from .tables import pareto, summarize
         if a.threads:
             torch.set_num_threads(a.threads)
         ov = {}
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     else:
         from .sweep import load_results
         res = load_results(a.path)
-    from .sweep import pareto, summarize
+    from .tables import pareto, summarize
     prof = getattr(a, "profile", None) if a.cmd == "summarize" else a.profile
     import pandas as pd
     with pd.option_context("display.width", 250, "display.max_columns", 40):

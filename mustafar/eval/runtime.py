@@ -160,42 +160,6 @@ class PrefillState:
     n_tokens: int
 
 
-_CAPTURE: dict | None = None
-_CAPTURE_NAME = "mustafar_eval_capture"
-
-
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if _CAPTURE is not None:
-        _CAPTURE[module.layer_idx] = query.detach()
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-_REGISTERED = False
-
-
-def _register_capture():
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(_CAPTURE_NAME, _capture_attention)
-        AttentionMaskInterface.register(_CAPTURE_NAME, sdpa_mask)
-        _REGISTERED = True
-
-
-@contextlib.contextmanager
-def _attn_impl(model, name: str):
-    old = getattr(model.config, "_attn_implementation", "sdpa")
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
-
-
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, capture_queries: bool = False) -> PrefillState:
     """Dense prefill of one prompt.
@@ -208,22 +172,16 @@ def prefill(model, input_ids: torch.Tensor, capture_queries: bool = False) -> Pr
     """
     from transformers import DynamicCache
 
-    global _CAPTURE
+    from mustafar.cache import cache_kwargs
+    from mustafar.capture import recording_queries
+
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
     cache = DynamicCache(config=model.config)
-    ctx = contextlib.nullcontext()
-    if capture_queries:
-        _register_capture()
-        _CAPTURE = {}
-        ctx = _attn_impl(model, _CAPTURE_NAME)
-    try:
-        with ctx:
-            out = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-        queries = [_CAPTURE[i] for i in range(len(cache.layers))] if capture_queries else None
-    finally:
-        _CAPTURE = None
+    with (recording_queries(model) if capture_queries else contextlib.nullcontext({})) as recorded:
+        out = model(input_ids=input_ids.to(model.device), **cache_kwargs(model, cache), use_cache=True,
+                    logits_to_keep=1)
+    queries = [recorded[i] for i in range(len(cache.layers))] if capture_queries else None
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return PrefillState(keys, values, queries, out.logits[0, -1].float(), int(input_ids.shape[1]))
@@ -248,7 +206,7 @@ def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int
         for i, (k, v) in enumerate(zip(state.keys, state.values)):
             cache.update(k.clone(), v.clone(), i)
         return cache, spec.mode
-    from mustafar.cache import MustafarCache, MustafarConfig
+    from mustafar import MustafarCache, MustafarConfig
 
     if spec.needs_queries and state.queries is None:
         raise ValueError(f"{spec.name} is query-driven and needs queries: prefill(..., capture_queries=True)")
@@ -259,12 +217,13 @@ def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int
         k_strategy_kwargs=_strategy_kwargs(spec.k_strategy, spec.k_sparsity, spec.k_granularity),
         v_strategy_kwargs=_strategy_kwargs(spec.v_strategy, spec.v_sparsity, spec.v_granularity),
         local_window=spec.local_window, mode=spec.mode)
-    cache = MustafarCache(model, cfg, max_cache_len=state.n_tokens + max_new_tokens + 1)
+    cache = MustafarCache(model, cfg)  # grows with the sequence: never more bytes than the DynamicCache
     for i, (k, v) in enumerate(zip(state.keys, state.values)):
         if spec.needs_queries:
             cache.update(k, v, i, {"query_states": state.queries[i]})  # q [1, H_q, T, D] post-RoPE
         else:
             cache.update(k, v, i)
+    cache.discard_handoff()  # a replay: no attention call follows these updates
     return cache, spec.mode
 
 
@@ -275,6 +234,8 @@ def greedy_decode(model, cache, state: PrefillState, max_new_tokens: int, eos_id
 
     ``stop(tokens) -> bool`` may end generation early. EOS tokens are not included.
     """
+    from mustafar.cache import cache_kwargs
+
     eos = set(int(e) for e in eos_ids if e is not None)
     nxt = int(state.last_logits.argmax())
     out: list[int] = []
@@ -284,7 +245,7 @@ def greedy_decode(model, cache, state: PrefillState, max_new_tokens: int, eos_id
         out.append(nxt)
         if step == max_new_tokens - 1 or (stop is not None and stop(out)):
             break
-        logits = model(input_ids=torch.tensor([[nxt]], device=model.device), past_key_values=cache,
+        logits = model(input_ids=torch.tensor([[nxt]], device=model.device), **cache_kwargs(model, cache),
                        use_cache=True).logits
         nxt = int(logits[0, -1].argmax())
     return out
@@ -296,28 +257,29 @@ def teacher_forced_nll(model, cache, state: PrefillState, targets: torch.Tensor)
 
     ``nll[0]`` comes from the prefill's last logits; ``nll[i]`` from the decode step fed ``targets[i-1]``.
     """
+    from mustafar.cache import cache_kwargs
+
     nll = torch.empty(len(targets), dtype=torch.float64)
     logits = state.last_logits
     for i in range(len(targets)):
         nll[i] = -torch.log_softmax(logits.double(), -1)[int(targets[i])]
         if i + 1 < len(targets):
-            logits = model(input_ids=targets[i].view(1, 1).to(model.device), past_key_values=cache,
+            logits = model(input_ids=targets[i].view(1, 1).to(model.device), **cache_kwargs(model, cache),
                            use_cache=True).logits[0, -1].float()
     return nll
 
 
 # --------------------------------------------------------------------------------- bytes
 def _side_ratio(strat: str, sp: float, D: int, itemsize: int) -> float:
-    from mustafar.pruning import kept_count
+    from mustafar.format import format_bytes
 
     if sp == 0.0:
         return 1.0
-    W = D // 64 if D % 64 == 0 else -(-D // 64)
-    if strat == "semi_structured_2_4":
-        k = D // 2
-    else:
-        k = kept_count(D, sp)  # per-token exact; per-channel / output-aware: the same mean budget
-    return (8 * W + k * itemsize) / (D * itemsize)
+    # per-token exact (2:4 at 0.5 keeps D/2 == kept_count(D, 0.5)); per-channel / output-aware: the same mean budget
+    return format_bytes(D, sp, _DTYPE_OF_ITEMSIZE[itemsize]) / (D * itemsize)
+
+
+_DTYPE_OF_ITEMSIZE = {2: torch.float16, 4: torch.float32}
 
 
 def format_bytes_ratio(spec: CacheSpec, head_dim: int, itemsize: int = 2) -> float:

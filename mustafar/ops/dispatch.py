@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from mustafar.ops import reference
+from mustafar.ops.reference import check_head_dim
 
 __all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend",
            "set_backend_mode", "DECODE_KERNELS"]
@@ -185,12 +186,6 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}.dtype={t.dtype} not supported: expected float16, bfloat16 or float32")
 
 
-def _check_head_dim(d: int, what: str = "head_dim") -> int:
-    if d <= 0 or d % 64 != 0:
-        raise ValueError(f"{what} D={d} must be a positive multiple of 64 (64, 128, 256)")
-    return d // 64
-
-
 def _check_k(k, d: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         try:
@@ -238,7 +233,7 @@ def encode_bitmap(x: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Te
     _check_float("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dim, got shape {tuple(x.shape)}")
-    _check_head_dim(x.shape[-1])
+    check_head_dim(x.shape[-1])
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
     if mask.shape != x.shape:
@@ -256,7 +251,7 @@ def decode_bitmap(bitmap: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
     _check_float("values", values)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int):
         raise ValueError(f"head_dim={head_dim!r} must be an int")
-    w = _check_head_dim(head_dim)
+    w = check_head_dim(head_dim)
     if bitmap.dim() < 1 or bitmap.shape[-1] != w:
         raise ValueError(f"bitmap shape {tuple(bitmap.shape)}: last dim must be head_dim/64 = {w}")
     if values.shape[:-1] != bitmap.shape[:-1]:
@@ -277,7 +272,7 @@ def prune_encode_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     _check_float("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dim, got shape {tuple(x.shape)}")
-    _check_head_dim(x.shape[-1])
+    check_head_dim(x.shape[-1])
     k = _check_k(k, x.shape[-1])
     if backend(x.device) == "reference":
         return reference.prune_encode_topk(x, k)
@@ -326,7 +321,7 @@ def sparse_decode(
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H_q, D], got shape {tuple(q.shape)}")
     b, h_q, d = q.shape
-    w = _check_head_dim(d)
+    w = check_head_dim(d)
     for n, t in (("k_bitmap", k_bitmap), ("v_bitmap", v_bitmap)):
         _check_bitmap(n, t)
         if t.dim() != 4:

@@ -31,9 +31,13 @@ __all__ = [
 _BITS = 64
 
 
-def _check_head_dim(d: int) -> int:
-    if d <= 0 or d % _BITS != 0:
-        raise ValueError(f"head_dim D={d} must be a positive multiple of 64 (64, 128, 256)")
+def check_head_dim(d: int) -> int:
+    """``W = D // 64`` bitmap words per token vector; ``ValueError`` unless ``D`` is a positive multiple of 64.
+
+    The one head-dim check of the project (ops, reference and :mod:`mustafar.format` use it).
+    """
+    if isinstance(d, bool) or not isinstance(d, (int, torch.SymInt)) or d <= 0 or d % _BITS != 0:
+        raise ValueError(f"head_dim D={d!r} must be a positive multiple of 64 (64, 128, 256)")
     return d // _BITS
 
 
@@ -84,7 +88,7 @@ def encode_bitmap(x: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Te
     values : Tensor ``[..., T, k]`` in ``x.dtype``; padding slots are 0.
     """
     d = x.shape[-1]
-    _check_head_dim(d)
+    check_head_dim(d)
     if mask.shape != x.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != x shape {tuple(x.shape)}")
     mask = mask.to(torch.bool)
@@ -107,7 +111,7 @@ def decode_bitmap(bitmap: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
 
     Unstored channels are 0.
     """
-    w = _check_head_dim(int(head_dim))
+    w = check_head_dim(int(head_dim))
     if bitmap.shape[-1] != w:
         raise ValueError(f"bitmap last dim {bitmap.shape[-1]} != head_dim/64 = {w}")
     mask = _bitmap_to_mask(bitmap)  # [..., T, D]
@@ -122,7 +126,7 @@ def decode_bitmap(bitmap: torch.Tensor, values: torch.Tensor, head_dim: int) -> 
 
 def prune_encode_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token top-k magnitude pruning + encoding: ``encode_bitmap(x, topk_mask(x, k), k)``."""
-    _check_head_dim(x.shape[-1])
+    check_head_dim(x.shape[-1])
     return encode_bitmap(x, topk_mask(x, k), k)
 
 

@@ -14,6 +14,9 @@ think                  ThinK-style structured: whole channels per head, query-dr
 semi_structured_2_4    2 kept of every 4 consecutive channels (sparsity fixed at 0.5)
 ====================== ================================================================
 
+Each strategy is a score function followed by the one shared selection step
+(:func:`mustafar.pruning.select.select`).
+
 Tie rule (docs/design.md): of equal magnitudes the lower index is pruned first; NaN is kept.
 """
 
@@ -24,14 +27,15 @@ from typing import Callable
 
 import torch
 
-from ._common import kept_count, topk_mask
+from ._common import kept_count
+from .select import select, topk_mask
 from .output_aware import output_aware
 from .per_channel_magnitude import per_channel_magnitude
 from .per_token_magnitude import per_token_magnitude
 from .semi_structured import semi_structured_2_4
 from .think import think
 
-__all__ = ["prune", "STRATEGIES", "kept_count", "topk_mask"]
+__all__ = ["prune", "select", "STRATEGIES", "kept_count", "topk_mask"]
 
 STRATEGIES: dict[str, Callable] = {
     "per_token_magnitude": per_token_magnitude,

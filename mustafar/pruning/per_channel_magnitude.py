@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_mask, check_input, group_channel_mask
+from ._common import apply_mask, check_input
+from .select import select
 
 
 def per_channel_magnitude(
@@ -30,5 +31,5 @@ def per_channel_magnitude(
     Tensor ``[B, H_kv, T, D]`` of ``x.dtype`` (and the mask).
     """
     s = check_input(x, sparsity)
-    mask = group_channel_mask(x, s, group_size)
+    mask = select(x, s, "per_channel", group_size=group_size)  # score = |x|
     return apply_mask(x, mask, return_mask)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_mask, check_input, kept_count, topk_mask
+from ._common import apply_mask, check_input
+from .select import select
 
 
 def per_token_magnitude(x: torch.Tensor, sparsity: float, *, return_mask: bool = False):
@@ -23,5 +24,5 @@ def per_token_magnitude(x: torch.Tensor, sparsity: float, *, return_mask: bool =
     True per token vector. Ties: lower channel index pruned first; NaN is kept (largest).
     """
     s = check_input(x, sparsity)
-    mask = topk_mask(x, kept_count(x.shape[-1], s))
+    mask = select(x, s, "per_token")  # score = |x| (select ranks by magnitude)
     return apply_mask(x, mask, return_mask)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_mask, check_input, topk_mask
+from ._common import apply_mask, check_input
+from .select import select
 
 
 def semi_structured_2_4(x: torch.Tensor, sparsity: float = 0.5, *, return_mask: bool = False):
@@ -24,8 +25,6 @@ def semi_structured_2_4(x: torch.Tensor, sparsity: float = 0.5, *, return_mask: 
     s = check_input(x, sparsity)
     if s != 0.5:
         raise ValueError(f"semi_structured_2_4 has a fixed sparsity of 0.5, got sparsity={sparsity!r}")
-    B, H, T, D = x.shape
-    if D % 4:
-        raise ValueError(f"semi_structured_2_4 needs head_dim D divisible by 4, got D={D}")
-    m = topk_mask(x.reshape(B, H, T, D // 4, 4), 2)  # [B, H, T, D/4, 4]
-    return apply_mask(x, m.reshape(B, H, T, D), return_mask)
+    if x.shape[-1] % 4:
+        raise ValueError(f"semi_structured_2_4 needs head_dim D divisible by 4, got D={x.shape[-1]}")
+    return apply_mask(x, select(x, s, "2:4"), return_mask)  # score = |x|

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import apply_mask, check_input, pruned_count, topk_mask
+from ._common import apply_mask, check_input
+from .select import select
 from .output_aware import check_queries
 
 
@@ -17,7 +18,7 @@ def think_channel_scores(x: torch.Tensor, q: torch.Tensor, obs_window: int = 32)
     """
     if isinstance(obs_window, bool) or not isinstance(obs_window, int) or obs_window < 1:
         raise ValueError(f"obs_window must be a positive int, got {obs_window!r}")
-    G = check_queries(q, x, same_length=False)
+    check_queries(q, x, same_length=False)
     B, H, T, D = x.shape
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     qo = q[:, :, -obs_window:].to(dt)  # [B, H_q, T_obs, D]
@@ -59,6 +60,5 @@ def think(
         raise ValueError(f"think prunes key channels only (query-driven); got kind={kind!r}")
     B, H, T, D = x.shape
     score = think_channel_scores(x, q, obs_window)  # [B, H_kv, D]
-    keep = topk_mask(score, D - pruned_count(D, s))  # [B, H_kv, D]
-    mask = keep[:, :, None, :].expand(B, H, T, D).contiguous()
+    mask = select(score, s, "head_channels", tokens=T).contiguous()  # [B, H_kv, T, D]
     return apply_mask(x, mask, return_mask)

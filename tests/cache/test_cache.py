@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 import mustafar
 from mustafar import ops
-from mustafar.cache import MustafarCache, MustafarConfig, MustafarLayer, MustafarSimulatedLayer
+from mustafar.cache import MustafarCache, MustafarConfig, MustafarLayer, MustafarSimulatedLayer, cache_kwargs
 
 ATOL = 1e-4
 TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma3"]
@@ -31,8 +31,8 @@ def _model(name):
 
 def _generate(model, ids, mask, cache, n=10):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` -> `cache` rename in transformers 5.2x
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+        warnings.simplefilter("error", FutureWarning)  # cache_kwargs: the spelling of this transformers version
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=n,
                              do_sample=False, output_scores=True, return_dict_in_generate=True,
                              pad_token_id=0)
     return out.sequences, torch.stack(out.scores, dim=1)  # [B, T_total], [B, n, V]
@@ -59,6 +59,7 @@ def _prompt(model, b=1, t=40, seed=0):
 @pytest.mark.parametrize("kw, bad", [
     (dict(k_sparsity=1.0), "k_sparsity"), (dict(v_sparsity=-0.1), "v_sparsity"), (dict(k_sparsity="a"), "k_sparsity"),
     (dict(local_window=-1), "local_window"), (dict(compress_chunk=0), "compress_chunk"), (dict(mode="dense"), "mode"),
+    (dict(decode_kernel="v9"), "decode_kernel"), (dict(decode_kernel=None), "decode_kernel"),
     (dict(k_strategy="nope"), "k_strategy"), (dict(v_strategy="per_channel_magnitude"), "v_strategy"),
     (dict(v_strategy="think", mode="simulate"), "v_strategy"),
     (dict(k_strategy="output_aware", k_strategy_kwargs={"q": None}), "k_strategy_kwargs"),
@@ -160,7 +161,7 @@ def test_decode_reads_compressed_store(monkeypatch):
     for _ in range(7):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     assert calls["decode"] == 0
     assert calls["sparse"] == 7 * model.config.num_hidden_layers
@@ -186,8 +187,8 @@ def test_store_capacity_keeps_slices_16_byte_aligned(max_len):
 
 
 def test_window_buffer_grows_on_demand_and_matches_simulate():
-    """Without max_cache_len the dense window starts at local_window + 1 rows and doubles up to
-    local_window + compress_chunk + 1; the tokens equal simulate mode across the growth."""
+    """Without max_cache_len the dense window buffer holds the window rounded up to 16 rows (never more
+    than local_window + compress_chunk + 1); the tokens equal simulate mode across growth and shrinking."""
     model, _ = _model("tiny-llama")
     ids, mask = _prompt(model, t=6)  # shorter than the window: nothing compressed at prefill
     cfg = dict(k_sparsity=0.7, v_sparsity=0.7, local_window=8, compress_chunk=16)
@@ -197,10 +198,11 @@ def test_window_buffer_grows_on_demand_and_matches_simulate():
         tok, lg = _generate(model, ids, mask, cache, n=1)
         if mode == "compressed":
             layer = cache.layers[0]
-            assert layer.k_win.shape[2] == 8 + 1  # short prompt: small buffer, not 8 + 16 + 1
+            assert layer.n_w == 6 and layer.k_win.shape[2] == 16  # short prompt: 6 rows -> a 16-row buffer
         tok2, lg2 = _generate(model, tok, torch.ones_like(tok), cache, n=30)  # grows, then compresses
         if mode == "compressed":
-            assert layer.k_win.shape[2] == 8 + 16 + 1 and layer.n_c > 0
+            assert layer.n_c > 0 and layer.n_w + 16 > layer.k_win.shape[2] >= layer.n_w
+            assert layer.k_win.shape[2] <= 8 + 16 + 1
         outs[mode] = (tok2, torch.cat([lg, lg2], dim=1))
     assert torch.equal(outs["compressed"][0], outs["simulate"][0])
     torch.testing.assert_close(outs["compressed"][1], outs["simulate"][1], atol=ATOL, rtol=0)
@@ -219,31 +221,33 @@ def test_static_cache_decode_unchanged_by_mustafar_attention():
     def decode_logits():
         cache = StaticCache(config=model.config, max_cache_len=64)
         with torch.inference_mode():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             pos = torch.full((2, 1), ids.shape[1])
-            return model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos).logits
+            return model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True, position_ids=pos).logits
 
     ref = decode_logits()
-    mustafar.attention.prepare_model(model)
-    assert model.config._attn_implementation == mustafar.attention.ATTN_NAME
+    mustafar.cache.attention.prepare_model(model)
+    assert model.config._attn_implementation == mustafar.cache.attention.ATTN_NAME
     torch.testing.assert_close(decode_logits(), ref, atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------- errors
 def test_attention_detects_lost_compressed_store():
     """A model that replaced the keys between cache.update and attention must not silently drop the store."""
-    from mustafar.attention import mustafar_attention_forward
-    from mustafar.cache import PENDING_DECODE
+    from mustafar.cache.attention import HANDOFF_ATTR, mustafar_attention_forward
+    from mustafar.cache.handoff import Handoff, Note
 
     module = torch.nn.Module()
     module.layer_idx = 0
+    handoff = Handoff()
+    module.__dict__[HANDOFF_ATTR] = handoff
     q = torch.randn(1, 2, 1, 64)
     k = torch.randn(1, 2, 5, 64)
-    PENDING_DECODE[0] = True
+    handoff.post(0, Note(layer=None, key=k.clone(), store={"head_dim": 64}), owner=None)  # update returned another tensor
     with pytest.raises(RuntimeError, match="changed the keys"):
         mustafar_attention_forward(module, q, k, k.clone(), None, scaling=0.125)
-    out, _ = mustafar_attention_forward(module, q, k, k.clone(), None, scaling=0.125)  # no pending: dense sdpa
+    out, _ = mustafar_attention_forward(module, q, k, k.clone(), None, scaling=0.125)  # no note: dense sdpa
     assert out.shape == (1, 1, 2, 64)
 
 
@@ -301,8 +305,8 @@ def test_rejects_reuse_across_models():
     with pytest.raises(ValueError, match="H_kv"):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            mustafar.attention.prepare_model(other)
-            other(input_ids=ids, past_key_values=cache, use_cache=True)
+            mustafar.cache.attention.prepare_model(other)
+            other(input_ids=ids, **cache_kwargs(other, cache), use_cache=True)
 
 
 # -------------------------------------------------------------------------------------- accounting
@@ -325,12 +329,32 @@ def test_nbytes_accounting_exact(name):
     for mode in ("compressed", "simulate"):
         cache = MustafarCache(model, MustafarConfig(mode=mode, **SMALL))
         _generate(model, ids, mask, cache, n=5)
-        assert cache.nbytes() == sum(t.nbytes for t in _all_tensors(cache))
+        assert cache.held_nbytes() == sum(t.nbytes for t in _all_tensors(cache))
         bd = cache.breakdown()
-        assert bd["total"] == cache.nbytes()
+        assert bd["total"] == cache.held_nbytes() and bd["reported"] == cache.nbytes()
+        if mode == "compressed":
+            assert cache.nbytes() == cache.held_nbytes()
         dyn = DynamicCache(config=model.config)
         _generate(model, ids, mask, dyn, n=5)
         assert cache.dense_nbytes() == sum(l.keys.nbytes + l.values.nbytes for l in dyn.layers)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_simulate_nbytes_is_the_compressed_equivalent(name):
+    """Simulate mode reports what compressed mode holds for the same tokens: the exact bitmap rows and
+    the window, without compressed mode's capacity slack (held dense buffers: held_nbytes())."""
+    model, _ = _model(name)
+    ids, mask = _prompt(model, b=2, t=70)
+    caches = {}
+    for mode in ("compressed", "simulate"):
+        caches[mode] = MustafarCache(model, MustafarConfig(mode=mode, **SMALL))
+        _generate(model, ids, mask, caches[mode], n=5)
+    comp, sim = caches["compressed"], caches["simulate"]
+    used = sum(l.k_win[:, :, : l.n_w].nbytes * 2 + l.counts.nbytes for l in comp.layers if isinstance(l, MustafarLayer))
+    used += comp.breakdown()["payload_used"] + comp.breakdown()["bitmaps_used"]
+    used += sum(l.keys.nbytes + l.values.nbytes for l in comp.layers if not isinstance(l, MustafarLayer))
+    assert sim.nbytes() == used <= comp.nbytes()
+    assert sim.held_nbytes() > sim.nbytes()
 
 
 def test_compressed_bytes_at_70_percent():
@@ -444,7 +468,7 @@ def test_query_driven_compressed_equals_simulate_sparsities(case, sp):
 def _prefill(model, cache, ids):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
 
 
 @pytest.mark.parametrize("case", list(QUERY_CASES))
@@ -534,8 +558,8 @@ def test_output_aware_value_scores_at_decode_time(monkeypatch):
     capture of the generated sequence; per-channel granularity makes the ranking depend on them.
     """
     from mustafar.capture import capture_qkv
-    from mustafar.cache import _MustafarLayerBase
-    from mustafar.pruning._common import group_channel_mask
+    from mustafar.cache.layers import MustafarLayerBase as _MustafarLayerBase
+    from mustafar.pruning.select import group_channel_mask
 
     model, _ = _model("tiny-llama")
     ids, mask = _prompt(model, t=30, seed=7)
@@ -588,7 +612,7 @@ def test_query_driven_chunked_prefill_matches_reference():
     """Two multi-token calls (20 + 20 tokens): window rows of call 1 get call 2's queries added (layer 0)."""
     from mustafar.capture import capture_qkv
     from mustafar.pruning import prune
-    from mustafar.pruning._common import group_channel_mask
+    from mustafar.pruning.select import group_channel_mask
 
     model, _ = _model("tiny-llama")
     ids, _ = _prompt(model, seed=4)

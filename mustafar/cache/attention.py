@@ -11,13 +11,13 @@ without padding, or an int32 ``kv_start [B]`` (first valid position of each sequ
 Every other case (prefill, sliding layers, non-left padding, a preallocated cache such as transformers'
 ``StaticCache`` whose ``kv_length`` is its capacity) gets the usual sdpa mask.
 
-:func:`mustafar_attention_forward` runs :func:`mustafar.ops.sparse_decode` over the compressed store and
-the dense window when the keys come from a compressed :class:`mustafar.cache.MustafarLayer` in a decode
-step; everything else goes to transformers' sdpa attention (a ``kv_start`` mask is expanded to a small
-``[B, 1, 1, T]`` boolean mask first). The dense paths always use sdpa, whatever implementation the model
-had before. When the keys carry a cache layer with a query-driven strategy (``output_aware``, ``think``),
-the post-RoPE queries (and the mask / scale) are handed to it after attention
-(:meth:`mustafar.cache.MustafarLayer.consume_queries`): a multi-token call's tokens are pruned then.
+:func:`mustafar_attention_forward` takes the layer's note from the model's :class:`~mustafar.cache.handoff.Handoff`
+(left by ``MustafarCache.update``). A compressed decode step runs :func:`mustafar.ops.sparse_decode`
+over the compressed store and the dense window (kernel ``MustafarConfig.decode_kernel``); everything
+else goes to transformers' sdpa attention (a ``kv_start`` mask is expanded to a small ``[B, 1, 1, T]``
+boolean mask first). When the note carries a layer with a query-driven strategy (``output_aware``,
+``think``), the post-RoPE queries (and the mask / scale) are handed to it after attention
+(:meth:`mustafar.cache.layers.MustafarLayerBase.consume_queries`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from mustafar import ops
-from mustafar.cache import PENDING_DECODE
+from mustafar.cache.handoff import Handoff
 
-__all__ = ["mustafar_attention_forward", "mustafar_mask", "prepare_model", "ATTN_NAME"]
+__all__ = ["mustafar_attention_forward", "mustafar_mask", "prepare_model", "ATTN_NAME", "HANDOFF_ATTR"]
 
 ATTN_NAME = "mustafar"
+HANDOFF_ATTR = "mustafar_handoff"  # attribute of every attention module of a prepared model
 
 
 def _is_kv_start(mask) -> bool:
@@ -81,33 +82,32 @@ def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     Parameters
     ----------
     query : ``[B, H_q, q_len, D]``; key, value : ``[B, H_kv, T, D]`` (for a compressed decode step: the
-        dense window, with the compressed store attached by the cache).
+        dense window; the compressed store comes with the handoff note).
     attention_mask : ``None``, int32 ``kv_start [B]`` or a 4D sdpa mask.
 
     Returns
     -------
     ``(attn_output [B, q_len, H_q, D], None)``
     """
-    ctx = getattr(key, "_mustafar_ctx", None)
-    layer = getattr(key, "_mustafar_layer", None)  # set by a cache layer with a query-driven strategy
-    pending = PENDING_DECODE.pop(getattr(module, "layer_idx", None), False)
-    if pending and ctx is None:
-        raise RuntimeError(
-            f"{type(module).__name__} changed the keys between cache.update and attention, so the compressed "
-            "part of the MustafarCache would be ignored; this model is not supported in mode='compressed'"
-        )
-    if ctx is not None and query.shape[2] == 1 and (attention_mask is None or _is_kv_start(attention_mask)):
+    handoff = getattr(module, HANDOFF_ATTR, None)
+    note = handoff.take(getattr(module, "layer_idx", None), key) if handoff is not None else None
+    store = note.store if note is not None else None
+    layer = note.layer if note is not None else None  # set by a layer with a query-driven strategy
+    if store is not None and query.shape[2] == 1 and (attention_mask is None or _is_kv_start(attention_mask)):
         if kwargs.get("softcap") is not None:
             raise ValueError("attention logit softcapping is not supported by the mustafar decode path")
         q = query[:, :, 0, :]  # [B, H_q, D]
-        out = ops.sparse_decode(q, ctx.k_bitmap, ctx.k_values, ctx.v_bitmap, ctx.v_values,
-                                ctx.k_window, ctx.v_window, attention_mask, scaling)  # [B, H_q, D]
+        out = ops.sparse_decode(q, store["k_bitmap"], store["k_values"], store["v_bitmap"], store["v_values"],
+                                store["k_window"], store["v_window"], attention_mask, scaling,
+                                kernel=store["kernel"])  # [B, H_q, D]
         if layer is not None:  # scores from the dense window only (the compressed part is not re-read)
-            layer.consume_queries(query, ctx.k_window, attention_mask, scaling)
+            layer.consume_queries(query, store["k_window"], attention_mask, scaling)
         return out.unsqueeze(1), None  # [B, 1, H_q, D]
-    if ctx is not None:
+    if store is not None:
         # slow path (a 4D mask in a decode step): decompress this layer for this call only
-        key, value = ctx.dense()
+        d = store["head_dim"]
+        key = torch.cat([ops.decode_bitmap(store["k_bitmap"], store["k_values"], d), store["k_window"]], dim=2)
+        value = torch.cat([ops.decode_bitmap(store["v_bitmap"], store["v_values"], d), store["v_window"]], dim=2)
     given_mask = attention_mask
     if _is_kv_start(attention_mask):
         t = key.shape[2]
@@ -123,24 +123,32 @@ def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     return out
 
 
-def prepare_model(model) -> None:
-    """Switch ``model`` to the ``"mustafar"`` attention implementation (idempotent).
+def prepare_model(model) -> Handoff:
+    """Switch ``model`` to the ``"mustafar"`` attention implementation; return its handoff (idempotent).
+
+    Every module with a ``layer_idx`` (the attention modules) gets the model's one
+    :class:`~mustafar.cache.handoff.Handoff` as ``module.mustafar_handoff``.
 
     Raises
     ------
     ValueError if the model cannot change its attention implementation.
     """
-    if getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
-        return
-    if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
-        raise ValueError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface; "
-            "MustafarCache cannot serve it"
-        )
-    try:
-        model.set_attn_implementation(ATTN_NAME)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot set attn_implementation={ATTN_NAME!r} on {type(model).__name__}: {exc}") from exc
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+            raise ValueError(
+                f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface; "
+                "MustafarCache cannot serve it"
+            )
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot set attn_implementation={ATTN_NAME!r} on {type(model).__name__}: {exc}") from exc
+    mods = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    handoff = next((getattr(m, HANDOFF_ATTR) for m in mods if isinstance(getattr(m, HANDOFF_ATTR, None), Handoff)),
+                   None) or Handoff()
+    for m in mods:
+        m.__dict__[HANDOFF_ATTR] = handoff  # a plain attribute (not a submodule / buffer / parameter)
+    return handoff
 
 
 AttentionInterface.register(ATTN_NAME, mustafar_attention_forward)
