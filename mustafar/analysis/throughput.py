@@ -157,7 +157,8 @@ def cache_memory(model, contexts: Sequence[int], config=None, batch: int = 1, se
     ----------
     model : transformers causal LM (its config and dtype give the cache geometry).
     contexts : prompt lengths ``T``.
-    config : ``None`` for ``DynamicCache``, else a ``MustafarConfig`` (``max_cache_len = T``).
+    config : ``None`` for ``DynamicCache``, else a ``MustafarConfig`` (no ``max_cache_len``: the cache
+        grows with the sequence, its window buffer sized to the window).
     batch : int >= 1.
 
     Returns
@@ -176,7 +177,7 @@ def cache_memory(model, contexts: Sequence[int], config=None, batch: int = 1, se
         t = int(t)
         if t < 1:
             raise ValueError(f"contexts must be positive ints, got {t!r}")
-        cache = _new_cache(model, config, t)
+        cache = _new_cache(model, config)  # grows with the sequence: what a T-token conversation holds
         for li in range(n_layers):
             k = torch.randn(batch, h_kv, t, d, generator=g).to(dtype)  # [B, H_kv, T, D]
             v = torch.randn(batch, h_kv, t, d, generator=g).to(dtype)
