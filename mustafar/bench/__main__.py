@@ -17,6 +17,7 @@ COMMANDS = {
     "e2e": ("mustafar.bench.e2e", "end-to-end generation throughput (GPU; --grid/--longest: the e2e-grid)"),
     "e2e-grid": ("mustafar.bench.e2e_grid", "decode tokens/s grid and longest context from step times (GPU)"),
     "generate": ("mustafar.bench.generate_cpu", "SmolLM2 decode tokens/s, MustafarCache vs DynamicCache (CPU)"),
+    "wallclock": ("mustafar.bench.wallclock", "end-to-end generation wall clock, eager vs compiled caches (CPU or GPU)"),
 }
 
 
