@@ -24,8 +24,12 @@ TORCH_LIBRARY(mustafar, m) {
   m.def("prune_encode_topk(Tensor x, int k) -> (Tensor bitmap, Tensor values)");
   m.def(
       "sparse_decode(Tensor q, Tensor k_bitmap, Tensor k_values, Tensor v_bitmap, Tensor v_values, "
-      "Tensor k_window, Tensor v_window, Tensor? kv_start, float scale, str kernel=\"auto\", bool pdl=True) "
-      "-> Tensor");
+      "Tensor k_window, Tensor v_window, Tensor? kv_start, float scale, Tensor? k_scale=None, "
+      "Tensor? v_scale=None, Tensor? lengths=None, str kernel=\"auto\", bool pdl=True) -> Tensor");
+  m.def(
+      "append_decode(Tensor k, Tensor v, Tensor(a!) k_window, Tensor(b!) v_window, Tensor(c!) k_bitmap, "
+      "Tensor(d!) k_values, Tensor(e!) v_bitmap, Tensor(f!) v_values, Tensor(g!)? k_scale, Tensor(h!)? v_scale, "
+      "Tensor(i!) lengths, int local_window, int chunk) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mustafar, CPU, m) {

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor> prune_encode_topk_cpu(const at::Tensor& x, in
 at::Tensor sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_bitmap, const at::Tensor& k_values,
                              const at::Tensor& v_bitmap, const at::Tensor& v_values, const at::Tensor& k_window,
                              const at::Tensor& v_window, const std::optional<at::Tensor>& kv_start, double scale,
-                             c10::string_view kernel, bool pdl);
+                             const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                             const std::optional<at::Tensor>& lengths, c10::string_view kernel, bool pdl);
 
 }  // namespace cpu
 }  // namespace mustafar

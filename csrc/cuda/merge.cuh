@@ -1,5 +1,5 @@
 #pragma once
-// The merge kernel shared by every fused decode kernel (v4, v5, v6): the per-warp partials (m, l, o) of
+// The merge kernel shared by every fused decode kernel (v4, v5, v6, v7): the per-warp partials (m, l, o) of
 // one (b, query head) combined into the output; launched as a programmatic dependent of the decode kernel
 // (pdl) or after it.
 #include "common.cuh"
@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) sparse_decode_merge(const fl
                                                                         const float* __restrict__ ws_ml, int NP,
                                                                         T* __restrict__ out) {
   constexpr int CPL = D / 32;  // channels per lane
-  static_assert(CPL == 2 || CPL == 4, "D = 64 or 128");
+  static_assert(CPL == 2 || CPL == 4 || CPL == 8, "D = 64, 128 or 256");
   __shared__ float s_o[kMergeWarps][D];
   __shared__ float s_l[kMergeWarps], s_m[kMergeWarps];
   mf_pdl_wait();
@@ -31,9 +31,12 @@ __global__ void __launch_bounds__(kMergeWarps * 32) sparse_decode_merge(const fl
     const float2 x = *reinterpret_cast<const float2*>(ml + 2 * i);
     const float* op = ws_o + (bh * NP + i) * D + CPL * lane;
     float v[CPL];
-    if constexpr (CPL == 4) {
-      const float4 y = *reinterpret_cast<const float4*>(op);
-      v[0] = y.x, v[1] = y.y, v[2] = y.z, v[3] = y.w;
+    if constexpr (CPL >= 4) {
+#pragma unroll
+      for (int j = 0; j < CPL / 4; ++j) {
+        const float4 y = *reinterpret_cast<const float4*>(op + 4 * j);
+        v[4 * j] = y.x, v[4 * j + 1] = y.y, v[4 * j + 2] = y.z, v[4 * j + 3] = y.w;
+      }
     } else {
       const float2 y = *reinterpret_cast<const float2*>(op);
       v[0] = y.x, v[1] = y.y;
@@ -91,7 +94,8 @@ void launch_merge(int D, const float* ws_o, const float* ws_ml, int NP, T* out, 
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   if (D == 64) C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 64>, ws_o, ws_ml, NP, out));
-  else C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 128>, ws_o, ws_ml, NP, out));
+  else if (D == 128) C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 128>, ws_o, ws_ml, NP, out));
+  else C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, sparse_decode_merge<T, 256>, ws_o, ws_ml, NP, out));
 }
 
 

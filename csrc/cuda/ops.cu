@@ -267,5 +267,6 @@ TORCH_LIBRARY_IMPL(mustafar, CUDA, m) {
   m.impl("decode_bitmap", &mustafar_cuda::decode_bitmap_cuda);
   m.impl("prune_encode_topk", &mustafar_cuda::prune_encode_topk_cuda);
   m.impl("sparse_decode", &mustafar_cuda::sparse_decode_cuda);
+  m.impl("append_decode", &mustafar_cuda::append_decode_cuda);
 }
 

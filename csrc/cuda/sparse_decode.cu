@@ -1,7 +1,9 @@
-// sparse_decode (CUDA): input checks, the tensors (contiguity, workspace, output), then plan_decode and
-// launch_decode (plan.h). The kernels: decode_v4.cuh, decode_v5.cuh, decode_v6.cuh, merge.cuh.
+// sparse_decode (CUDA): input checks, the tensors (contiguity, slack, workspace, output), then the kernel:
+// v7 (decode_v7.cuh, decode_v7_launch.cuh) for fp16 / bf16, every G, D in {64, 128, 256}, fp8 values and
+// device-side lengths; the older v4 / v5 / v6 (plan.h) by name, and v4 for float32. merge.cuh merges.
 #include "ops.h"
 #include "plan.h"
+#include "decode_v7_launch.cuh"
 
 #include "../mf_check.h"
 
@@ -19,13 +21,32 @@ static at::Tensor rows_ok(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+
+// A value tensor v7 reads with 4-byte loads up to 20 bytes past a row's end: give it >= 32 readable bytes
+// after its last element (a copy when its storage ends sooner; the cache allocates the slack itself).
+static at::Tensor with_slack(const at::Tensor& t) {
+  if (t.numel() == 0) return t;
+  const int64_t isz = t.element_size();
+  int64_t last = 0;
+  for (int d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const int64_t end = (t.storage_offset() + last + 1) * isz;
+  const int64_t have = (int64_t)t.storage().nbytes();
+  if (have - end >= 32) return t;
+  at::Tensor buf = at::empty({t.numel() * isz + 32}, t.options().dtype(at::kByte));
+  at::Tensor out = buf.narrow(0, 0, t.numel() * isz).view(t.scalar_type()).view(t.sizes());
+  out.copy_(t);
+  return out;
+}
+
 at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap_in, const at::Tensor& k_values_in,
                               const at::Tensor& v_bitmap_in, const at::Tensor& v_values_in,
                               const at::Tensor& k_window_in, const at::Tensor& v_window_in,
-                              const std::optional<at::Tensor>& kv_start_in, double scale, c10::string_view kernel,
-                              bool pdl) {
+                              const std::optional<at::Tensor>& kv_start_in, double scale,
+                              const std::optional<at::Tensor>& k_scale_in, const std::optional<at::Tensor>& v_scale_in,
+                              const std::optional<at::Tensor>& lengths_in, c10::string_view kernel, bool pdl) {
   const char* op = "mustafar.sparse_decode (CUDA): ";
-  const DecodeKernel requested = parse_decode_kernel(kernel, op);
+  const bool want_v7 = kernel == "auto" || kernel == "v7" || kernel == "v7g";
+  const DecodeKernel requested = want_v7 ? DecodeKernel::kAuto : parse_decode_kernel(kernel, op);
   check_cuda_tensor(q_in, "q");
   check_cuda_tensor(k_bitmap_in, "k_bitmap");
   check_cuda_tensor(k_values_in, "k_values");
@@ -33,16 +54,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   check_cuda_tensor(v_values_in, "v_values");
   check_cuda_tensor(k_window_in, "k_window");
   check_cuda_tensor(v_window_in, "v_window");
-  {
-    const auto s = q_in.scalar_type();
-    MF_CHECK_VALUE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat, "mustafar (CUDA): q.dtype=", s,
-                   " (expected float16, bfloat16 or float32)");
-  }
+  const auto dt = q_in.scalar_type();
+  MF_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, "mustafar (CUDA): q.dtype=", dt,
+                 " (expected float16, bfloat16 or float32)");
   MF_CHECK_VALUE(q_in.dim() == 3, op, "q must be [B, H_q, D], got ", q_in.sizes());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   MF_CHECK_VALUE(D == 64 || D == 128 || D == 256, op, "head_dim D=", D, " must be 64, 128 or 256");
   const int64_t W = D / 64;
-  MF_CHECK_VALUE(D == 64 || D == 128, op, "head_dim D=", D, " not supported by the CUDA decode kernel (64, 128)");
   MF_CHECK_VALUE(k_bitmap_in.dim() == 4 && v_bitmap_in.dim() == 4, op, "bitmaps must be [B, H_kv, T_c, W]");
   MF_CHECK_VALUE(k_bitmap_in.scalar_type() == at::kLong && v_bitmap_in.scalar_type() == at::kLong, op,
                  "bitmaps must be int64");
@@ -53,9 +71,10 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
                  " != k_bitmap shape ", k_bitmap_in.sizes());
   MF_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
   const int64_t G = Hq / Hkv;
+  const bool K8 = k_values_in.scalar_type() == at::kFloat8_e4m3fn, V8 = v_values_in.scalar_type() == at::kFloat8_e4m3fn;
   for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
-    MF_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(), " != q.dtype ",
-                   q_in.scalar_type());
+    const bool f8 = t->scalar_type() == at::kFloat8_e4m3fn && (t == &k_values_in || t == &v_values_in);
+    MF_CHECK_VALUE(f8 || t->scalar_type() == dt, op, "K/V dtype ", t->scalar_type(), " != q.dtype ", dt);
     MF_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ", t->sizes(),
                    " must be [", B, ", ", Hkv, ", T, C]");
   }
@@ -66,8 +85,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
                  "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ", v_window_in.sizes());
   const int64_t Tw = k_window_in.size(2);
-  const int64_t T = Tc + Tw;
-  MF_CHECK_VALUE(T < (1LL << 30), op, "sequence too long: ", T);
+  MF_CHECK_VALUE(Tc + Tw < (1LL << 30), op, "sequence too long: ", Tc + Tw);
+  const bool has_len = lengths_in.has_value() && lengths_in->defined();
+  MF_CHECK_VALUE(K8 == (k_scale_in.has_value() && k_scale_in->defined()), op, "k_scale must be given iff k_values is float8_e4m3fn");
+  MF_CHECK_VALUE(V8 == (v_scale_in.has_value() && v_scale_in->defined()), op, "v_scale must be given iff v_values is float8_e4m3fn");
+  const bool use_v7 = want_v7 && dt != at::kFloat;
+  MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && !has_len), op, "kernel=", kernel, " with dtype ", dt,
+                 ": fp8 values and device lengths need kernel 'auto', 'v7' or 'v7g' and a float16 / bfloat16 model");
   c10::cuda::CUDAGuard guard(q_in.device());
 
   at::Tensor ks;
@@ -79,39 +103,101 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
                    "kv_start.dtype=", kv_start_in->scalar_type(), " (expected int32)");
     ks = kv_start_in->to(at::kInt).contiguous();
   }
+  at::Tensor len;
+  if (has_len) {
+    check_cuda_tensor(*lengths_in, "lengths");
+    MF_CHECK_VALUE(lengths_in->scalar_type() == at::kInt && lengths_in->numel() == 2, op,
+                   "lengths must be int32 [2] (n_c, n_w)");
+    MF_CHECK_VALUE(Tw >= 1, op, "lengths given but the window ring has no rows");
+    len = lengths_in->contiguous();
+  }
   auto q = q_in.contiguous();
   auto kb = rows_ok(k_bitmap_in), vb = rows_ok(v_bitmap_in);
   auto kvals = rows_ok(k_values_in), vvals = rows_ok(v_values_in);
-  // windows: unit channel stride and (for 16-bit types) rows 4-byte aligned, else a contiguous copy
   auto win_ok = [&](const at::Tensor& t) {
     if (t.stride(3) != 1 && t.size(3) > 1) return false;
     if (t.element_size() >= 4 || t.numel() == 0) return true;
-    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
-    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 2 == 0);
+    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
     return ok;
   };
   auto kw = win_ok(k_window_in) ? k_window_in : k_window_in.contiguous();
   auto vw = win_ok(v_window_in) ? v_window_in : v_window_in.contiguous();
 
+  const bool poison = poison_outputs();
+  at::Tensor out = poison ? at::full({B, Hq, D}, std::numeric_limits<float>::quiet_NaN(), q.options())
+                          : at::empty({B, Hq, D}, q.options());
+  if (B == 0 || Hq == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  if (use_v7) {
+    at::Tensor k_sc, v_sc;
+    if (K8) {
+      k_sc = *k_scale_in;
+      MF_CHECK_VALUE(k_sc.scalar_type() == at::kHalf && k_sc.dim() == 3 && k_sc.size(0) == B && k_sc.size(1) == Hkv &&
+                         k_sc.size(2) == Tc, op, "k_scale must be float16 [B, H_kv, T_c], got ", k_sc.sizes());
+      if (k_sc.stride(2) != 1) k_sc = k_sc.contiguous();
+    }
+    if (V8) {
+      v_sc = *v_scale_in;
+      MF_CHECK_VALUE(v_sc.scalar_type() == at::kHalf && v_sc.dim() == 3 && v_sc.size(0) == B && v_sc.size(1) == Hkv &&
+                         v_sc.size(2) == Tc, op, "v_scale must be float16 [B, H_kv, T_c], got ", v_sc.sizes());
+      if (v_sc.stride(2) != 1) v_sc = v_sc.contiguous();
+    }
+    kvals = with_slack(kvals);
+    vvals = with_slack(vvals);
+    const int KC = (kernel != "v7g" && !K8 && !V8 && kk == kv && v7::compiled_k((int)D, (int)kk)) ? (int)kk : 0;
+    const int64_t tiles_max = (Tc + 31) / 32 + (Tw + 31) / 32;
+    if (tiles_max == 0) {
+      out.zero_();
+      return out;
+    }
+    const v7::Launch L = v7::plan(dt, (int)D, K8, V8, KC, B, Hkv, tiles_max, q.device().index());
+    at::Tensor ws_o = poison ? at::full({B, Hq, L.NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
+                             : at::empty({B, Hq, L.NP, D}, q.options().dtype(at::kFloat));
+    at::Tensor ws_ml = at::empty({B, Hq, L.NP, 2}, q.options().dtype(at::kFloat));
+    v7::Params p{};
+    p.q = q.data_ptr();
+    p.kbm = reinterpret_cast<const uint32_t*>(kb.data_ptr());
+    p.vbm = reinterpret_cast<const uint32_t*>(vb.data_ptr());
+    p.kval = reinterpret_cast<const uint8_t*>(kvals.data_ptr());
+    p.vval = reinterpret_cast<const uint8_t*>(vvals.data_ptr());
+    p.ksc = K8 ? reinterpret_cast<const __half*>(k_sc.data_ptr()) : nullptr;
+    p.vsc = V8 ? reinterpret_cast<const __half*>(v_sc.data_ptr()) : nullptr;
+    p.kwin = reinterpret_cast<const uint8_t*>(kw.data_ptr());
+    p.vwin = reinterpret_cast<const uint8_t*>(vw.data_ptr());
+    p.lengths = has_len ? len.data_ptr<int>() : nullptr;
+    p.kv_start = ks.defined() ? ks.data_ptr<int>() : nullptr;
+    p.ws_o = ws_o.data_ptr<float>();
+    p.ws_ml = ws_ml.data_ptr<float>();
+    p.kbm_sb = kb.stride(0); p.kbm_sh = kb.stride(1); p.vbm_sb = vb.stride(0); p.vbm_sh = vb.stride(1);
+    p.kval_sb = kvals.stride(0); p.kval_sh = kvals.stride(1); p.vval_sb = vvals.stride(0); p.vval_sh = vvals.stride(1);
+    if (K8) { p.ksc_sb = k_sc.stride(0); p.ksc_sh = k_sc.stride(1); }
+    if (V8) { p.vsc_sb = v_sc.stride(0); p.vsc_sh = v_sc.stride(1); }
+    p.kwin_sb = kw.stride(0); p.kwin_sh = kw.stride(1); p.vwin_sb = vw.stride(0); p.vwin_sh = vw.stride(1);
+    p.Hq = (int)Hq; p.Hkv = (int)Hkv; p.G = (int)G; p.C = (int)Tc; p.R = (int)Tw;
+    p.kk = (int)kk; p.kv = (int)kv;
+    p.n_c_host = (int)Tc; p.n_w_host = (int)Tw;
+    p.qscale = (float)(scale * 1.4426950408889634);
+    v7::launch(L, p, dt, (int)D, B, out.data_ptr(), stream, pdl);
+    return out;
+  }
+
+  MF_CHECK_VALUE(D == 64 || D == 128, op, "kernel=", kernel, ": head_dim D=", D, " needs kernel 'auto' / 'v7' (64, 128 here)");
+  const int64_t T = Tc + Tw;
   const int64_t isz = q.element_size();
   auto al16 = [&](const at::Tensor& t) {
     return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) && ((t.stride(0) * isz) % 16 == 0 || t.size(0) <= 1) &&
            ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
   };
   const bool vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals));
-  const DecodeProblem pr{q.scalar_type(), B, Hkv, G, D, Tc, Tw, kk, kv, vec16};
+  const DecodeProblem pr{dt, B, Hkv, G, D, Tc, Tw, kk, kv, vec16};
   resolve_decode_kernel(pr, requested, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
-
-  const bool poison = poison_outputs();
-  at::Tensor out = poison ? at::full({B, Hq, D}, std::numeric_limits<float>::quiet_NaN(), q.options())
-                          : at::empty({B, Hq, D}, q.options());
-  if (B == 0 || Hq == 0) return out;
   if (T == 0) {
     out.zero_();
     return out;
   }
   const DecodePlan plan = plan_decode(pr, requested, q.device().index(), op);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   const int NP = plan.NP;
   at::Tensor ws_o = poison ? at::full({B, Hq, NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
                            : at::empty({B, Hq, NP, D}, q.options().dtype(at::kFloat));
@@ -151,7 +237,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.vwin_st = vw.stride(2);
   p.vec16 = vec16 ? 1 : 0;
   p.qscale = (float)(scale * 1.4426950408889634);
-  launch_decode(plan, p, q.scalar_type(), D, out.data_ptr(), B * Hq, stream, pdl);
+  launch_decode(plan, p, dt, D, out.data_ptr(), B * Hq, stream, pdl);
   return out;
 }
 

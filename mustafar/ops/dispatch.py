@@ -47,7 +47,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode")
 _MODES = ("auto", "reference", "compiled")
 #: the values of ``sparse_decode``'s ``kernel`` argument
-DECODE_KERNELS = ("auto", "v4", "v5", "v6", "v6g")
+DECODE_KERNELS = ("auto", "v7", "v7g", "v4", "v5", "v6", "v6g")
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "warned": False, "cuda": False}
 _mode_value: str | None = None  # None: read MUSTAFAR_BACKEND at the next use
@@ -93,7 +93,7 @@ def _fake_topk(x, k):
 
 
 def _fake_sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window, kv_start, scale,
-                        kernel="auto", pdl=True):
+                        k_scale=None, v_scale=None, lengths=None, kernel="auto", pdl=True):
     return q.new_empty(q.shape)  # [B, H_q, D] in q.dtype
 
 
@@ -290,6 +290,9 @@ def sparse_decode(
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     kernel: str = "auto",
     pdl: bool = True,
 ) -> torch.Tensor:
@@ -374,4 +377,4 @@ def sparse_decode(
         return reference.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window,
                                        kv_start, scale, kernel=kernel, pdl=pdl)
     return torch.ops.mustafar.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window,
-                                            v_window, kv_start, scale, kernel, pdl)
+                                            v_window, kv_start, scale, k_scale, v_scale, lengths, kernel, pdl)
