@@ -13,13 +13,13 @@ puts them together and is the only place where compile settings live (gpt-fast's
 >>> out = generate(model, ids, cache, 64, compile="default")                 # doctest: +SKIP
 
 What compiles (``compile="default"`` or ``"reduce-overhead"``): a cache with ``cache.is_compileable``
-(transformers' ``StaticCache``: preallocated buffers updated in place, lengths as device tensors, static
-addresses marked). Asking to compile with any other cache raises ``ValueError`` naming the cache and
-why, never a silent eager fallback: ``DynamicCache`` grows by ``torch.cat`` (a new shape per step);
-``MustafarCache`` keeps its lengths as Python ints and grows / compacts its buffers on the host (the
-window is compressed every ``compress_chunk`` tokens), so a compiled step would specialise on the
-length and recompile (or, past dynamo's recompile limit, silently run eagerly) and could not be a CUDA
-graph. ``mode="reduce-overhead"`` captures the step as a CUDA graph on CUDA; on the CPU inductor has no
+(transformers' ``StaticCache`` and ``MustafarCache(..., max_cache_len=L)`` with per-token magnitude
+pruning, :mod:`mustafar.cache.static`: preallocated buffers updated in place, lengths as device
+tensors, static addresses marked). Asking to compile with any other cache raises ``ValueError`` naming
+the cache and why, never a silent eager fallback: ``DynamicCache`` grows by ``torch.cat`` (a new shape
+per step); a ``MustafarCache`` without ``max_cache_len`` (or in simulate mode, or with a query-driven /
+2:4 strategy) keeps its lengths as Python ints and grows / compacts its buffers on the host, so a
+compiled step would specialise on the length and recompile. ``mode="reduce-overhead"`` captures the step as a CUDA graph on CUDA; on the CPU inductor has no
 graphs to capture and it behaves as ``"default"``.
 
 Positions: every forward gets explicit ``position_ids`` (transformers 5.17 and 5.24 both take
@@ -127,10 +127,12 @@ def check_compileable(cache) -> None:
     if getattr(cache, "is_compileable", False):
         return
     if name == "MustafarCache":
-        why = ("its layers keep lengths as Python ints and grow / compact their buffers on the host (the dense "
-               "window is compressed every compress_chunk tokens), so a compiled decode step would specialise on "
-               "the length and recompile every step (past dynamo's recompile limit it would silently run eagerly) "
-               "and could not be captured as a CUDA graph; use compile=None or a transformers StaticCache")
+        why = ("only MustafarCache(model, config, max_cache_len=L) with per_token_magnitude pruning on both sides in "
+               "mode='compressed' is compileable (preallocated buffers, lengths on the device, "
+               "mustafar.cache.static); this one grows its buffers on the host (no max_cache_len), uses "
+               "simulate mode, or a strategy that scores with later queries / has no one-token encoder (output_aware, "
+               "think, 2:4), so a compiled step would specialise on its lengths and recompile every step; pass "
+               "max_cache_len= or use compile=None")
     elif name == "DynamicCache":
         why = ("it grows by torch.cat, so every decode step has new shapes and buffer addresses; use compile=None "
                "or a transformers StaticCache")

@@ -74,6 +74,23 @@ def mustafar_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
                      local_size=local_size, **kwargs)
 
 
+def _static_kv_start(mask) -> torch.Tensor | None:
+    """``kv_start [B]`` of a compileable layer's decode step, without a host read.
+
+    transformers builds a ``[B, 1, 1, capacity]`` boolean mask for such a step (as for its ``StaticCache``);
+    with left padding (what ``generate`` produces) the first attended position of row ``b`` is ``kv_start[b]``.
+    A mask of another shape than left padding + causal is not detected here (that would need a host read).
+    """
+    if mask is None:
+        return None
+    if _is_kv_start(mask):
+        return mask
+    m = mask[:, 0, -1, :]  # [B, T]: the last query row
+    if m.dtype != torch.bool:
+        m = m == 0  # additive float mask: 0 = attend
+    return m.to(torch.int32).argmax(dim=-1).to(torch.int32)  # first attended position
+
+
 def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask, dropout: float = 0.0,
                                scaling: float | None = None, **kwargs):
@@ -93,12 +110,15 @@ def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     note = handoff.take(getattr(module, "layer_idx", None), key) if handoff is not None else None
     store = note.store if note is not None else None
     layer = note.layer if note is not None else None  # set by a layer with a query-driven strategy
-    if store is not None and query.shape[2] == 1 and (attention_mask is None or _is_kv_start(attention_mask)):
+    static = store is not None and store.get("lengths") is not None  # the compileable layer's decode step
+    if static or (store is not None and query.shape[2] == 1 and (attention_mask is None or _is_kv_start(attention_mask))):
         if kwargs.get("softcap") is not None:
             raise ValueError("attention logit softcapping is not supported by the mustafar decode path")
         q = query[:, :, 0, :]  # [B, H_q, D]
+        kv_start = _static_kv_start(attention_mask) if static else attention_mask
         out = ops.sparse_decode(q, store["k_bitmap"], store["k_values"], store["v_bitmap"], store["v_values"],
-                                store["k_window"], store["v_window"], attention_mask, scaling,
+                                store["k_window"], store["v_window"], kv_start, scaling,
+                                k_scale=store.get("k_scale"), v_scale=store.get("v_scale"), lengths=store.get("lengths"),
                                 kernel=store["kernel"])  # [B, H_q, D]
         if layer is not None:  # scores from the dense window only (the compressed part is not re-read)
             layer.consume_queries(query, store["k_window"], attention_mask, scaling)

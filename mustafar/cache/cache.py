@@ -24,17 +24,19 @@ import inspect
 import warnings
 
 import torch
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
 from mustafar import format as fmt
 from mustafar.cache.attention import prepare_model
 from mustafar.cache.layers import MustafarLayerBase, round_up
+from mustafar.cache.static import MustafarStaticLayer, static_capable, static_layer_nbytes
 from mustafar.cache.stores import MustafarLayer, MustafarSimulatedLayer
 from mustafar.config import MustafarConfig
 
 __all__ = ["MustafarCache", "cache_kwargs", "model_geometry", "preallocated_layer_nbytes"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MUSTAFAR_LAYERS = (MustafarLayerBase, MustafarStaticLayer)
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -115,10 +117,14 @@ def preallocated_layer_nbytes(config: MustafarConfig, batch: int, num_kv_heads: 
                               dtype: torch.dtype, max_cache_len: int) -> int:
     """Bytes one compressed layer of ``MustafarCache(..., max_cache_len=L)`` holds (no query-scoring state).
 
-    Store: ``round8(max(0, L - local_window))`` rows of K/V bitmaps (int64, ``D/64`` words) and kept
-    values; window: ``min(L, local_window + compress_chunk + 1)`` dense K/V rows; the 16-byte counter.
-    ``tests/`` check it equals ``nbytes()`` of a real cache.
+    Compileable layer (per-token magnitude on both sides, :class:`~mustafar.cache.static.MustafarStaticLayer`):
+    :func:`~mustafar.cache.static.static_layer_nbytes`. Eager layer (other strategies): store
+    ``round8(max(0, L - local_window))`` rows of K/V bitmaps (int64, ``D/64`` words) and kept values; window
+    ``min(L, local_window + compress_chunk + 1)`` dense K/V rows; the 16-byte counter. ``tests/`` check it
+    equals ``nbytes()`` of a real cache.
     """
+    if static_capable(config):
+        return static_layer_nbytes(config, batch, num_kv_heads, head_dim, dtype, max_cache_len)
     it = dtype.itemsize
     rows = round_up(max(0, max_cache_len - config.local_window))
     w = head_dim // 64
@@ -166,10 +172,14 @@ class MustafarCache(Cache):
         types = geo["layer_types"]
         all_sliding = all(t == "sliding_attention" for t in types)
         layer_cls = MustafarLayer if config.mode == "compressed" else MustafarSimulatedLayer
+        static = max_cache_len is not None and static_capable(config)
+        if static:
+            layer_cls = MustafarStaticLayer
         layers = []
         for t, kw in zip(types, geo["layer_kwargs"]):
             if t == "sliding_attention" and not all_sliding:
-                layers.append(DynamicSlidingWindowLayer(**kw))
+                layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, **kw) if static
+                              else DynamicSlidingWindowLayer(**kw))
             else:
                 layers.append(layer_cls(config, self.num_kv_heads, self.head_dim, self.dtype, max_cache_len,
                                         max_positions=kw.get("sliding_window") if t == "sliding_attention" else None))
@@ -180,7 +190,8 @@ class MustafarCache(Cache):
     def _warn_if_oversized(self, max_cache_len) -> None:
         if max_cache_len is None or self.config.mode != "compressed":
             return
-        ours = preallocated_layer_nbytes(self.config, 1, 1, self.head_dim, self.dtype, max_cache_len) - 16
+        ours = preallocated_layer_nbytes(self.config, 1, 1, self.head_dim, self.dtype, max_cache_len)
+        ours -= 16 if not static_capable(self.config) else 0
         static = 2 * max_cache_len * self.head_dim * self.dtype.itemsize
         if ours > static:
             warnings.warn(
@@ -198,7 +209,7 @@ class MustafarCache(Cache):
             )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
-        if isinstance(layer, MustafarLayerBase) and layer.note is not None:
+        if isinstance(layer, _MUSTAFAR_LAYERS) and layer.note is not None:
             note, layer.note = layer.note, None
             self.handoff.post(layer_idx, note, owner=self)
         return keys, values
@@ -214,7 +225,7 @@ class MustafarCache(Cache):
     # -- accounting
     def _layer_tensors(self):
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, MustafarLayerBase):
+            if isinstance(layer, _MUSTAFAR_LAYERS):
                 yield i, layer, layer.tensors()
             else:
                 ts = {}
@@ -223,8 +234,10 @@ class MustafarCache(Cache):
                 yield i, layer, ts
 
     def held_nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (buffers at capacity, windows, counters, scoring state)."""
-        return sum(t.nbytes for _, _, ts in self._layer_tensors() for t in ts.values())
+        """Bytes of every tensor the cache holds (buffers at capacity, windows, counters, scoring state; the
+        compileable layer's value-buffer slack included)."""
+        return sum(layer.held_nbytes() if isinstance(layer, MustafarStaticLayer) else sum(t.nbytes for t in ts.values())
+                   for _, layer, ts in self._layer_tensors())
 
     def nbytes(self) -> int:
         """Compressed mode: :meth:`held_nbytes`. Simulate mode: the compressed-equivalent bytes (module docstring)."""
@@ -248,9 +261,9 @@ class MustafarCache(Cache):
         """Bytes a ``DynamicCache`` would hold for the same tokens (sliding layers: what they hold now)."""
         total = 0
         for _, layer, ts in self._layer_tensors():
-            if isinstance(layer, MustafarLayerBase):
+            if isinstance(layer, _MUSTAFAR_LAYERS):
                 if layer.is_initialized:
-                    n = layer.get_seq_length()
+                    n = int(layer.get_seq_length())
                     total += 2 * layer.batch_size * layer.num_kv_heads * n * layer.head_dim * layer.dtype.itemsize
             else:
                 total += sum(t.nbytes for t in ts.values())
@@ -271,7 +284,7 @@ class MustafarCache(Cache):
                    compressed_tokens=0, window_tokens=0)
         for _, layer, ts in self._layer_tensors():
             for name, t in ts.items():
-                if name.endswith("_values"):
+                if name.endswith("_values") or name.endswith("_scales"):
                     out["payload"] += t.nbytes
                     out["payload_used"] += t[:, :, : layer.n_c].nbytes if t.shape[2] else 0
                 elif name.endswith("_bitmap"):
@@ -283,7 +296,9 @@ class MustafarCache(Cache):
                     out["dense"] += t.nbytes
                 else:
                     out["bookkeeping"] += t.nbytes
-            if isinstance(layer, MustafarLayerBase) and layer.is_initialized:
+            if isinstance(layer, MustafarStaticLayer) and layer.is_initialized:
+                out["bookkeeping"] += layer.held_nbytes() - sum(t.nbytes for t in ts.values())  # value-buffer slack
+            if isinstance(layer, _MUSTAFAR_LAYERS) and layer.is_initialized:
                 out["compressed_tokens"] = max(out["compressed_tokens"], layer.n_c)
                 out["window_tokens"] = max(out["window_tokens"], layer.n_w)
         out["total"] = out["payload"] + out["bitmaps"] + out["window"] + out["dense"] + out["bookkeeping"]
