@@ -23,6 +23,11 @@ kernel that cannot serve the call's dtype or shape raises ``ValueError`` naming 
 merge kernel as a programmatic dependent of the decode kernel (Hopper; ``pdl=False`` launches it after
 the decode kernel). CPU tensors take ``kernel="auto"`` only; the reference ignores both.
 
+Cache layout v2 (docs/design.md, "Compiled ops"): ``sparse_decode`` reads FP8 (e4m3) stored values with a
+float16 scale per token vector (``k_scale`` / ``v_scale``) and, given ``lengths = (n_c, n_w)``, only the
+first ``n_c`` store rows and a ring window; ``append_decode`` is the in-place decode step that fills that
+layout. ``lengths`` is never read on the host here (the CPU kernel and the reference read it).
+
 torch.compile: every op has a fake (meta) implementation, registered when the extension loads, so
 ``torch.compile(fullgraph=True)`` traces both ``torch.ops.mustafar.*`` and these wrappers (their checks
 run at trace time).
