@@ -250,22 +250,14 @@ def sparse_decode(
     return out.reshape(b, h_q, d).to(q.dtype)
 
 
-def append_decode(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_window: torch.Tensor,
-    v_window: torch.Tensor,
-    k_bitmap: torch.Tensor,
-    k_values: torch.Tensor,
-    v_bitmap: torch.Tensor,
-    v_values: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    lengths: torch.Tensor,
-    local_window: int,
-    chunk: int,
-) -> None:
+def append_decode(k, v, k_window, v_window, k_bitmap, k_values, v_bitmap, v_values, k_scale, v_scale, lengths,
+                  local_window: int, chunk: int) -> None:
     """One decode step of a preallocated cache layer (in place; the layout :func:`sparse_decode` reads).
+
+    Tensors as in :func:`mustafar.ops.dispatch.append_decode`: ``k, v [B, H, 1, D]``; rings
+    ``k_window, v_window [B, H, R, D]``; store ``*_bitmap [B, H, C, W]``, ``k_values [B, H, C, k_k]``,
+    ``v_values [B, H, C, k_v]`` (dense dtype or FP8 with ``*_scale`` float16 ``[B, H, C]``, else None);
+    ``lengths`` int32 ``[2] = (n_c, n_w)``.
 
     With ``(n_c, n_w) = lengths``, ``n = n_c + n_w``, ``R = k_window.shape[2]``, ``L = local_window``:
 
