@@ -2,12 +2,18 @@
 //
 //   * TORCH_LIBRARY(mustafar, m): the op schemas (the contract in docs/design.md).
 //   * TORCH_LIBRARY_IMPL(mustafar, CPU, m): the CPU kernels, in csrc/cpu/ (encode.cpp: encode_bitmap,
-//     decode_bitmap, prune_encode_topk; sparse_decode.cpp: sparse_decode).
+//     decode_bitmap, prune_encode_topk; sparse_decode.cpp: sparse_decode; append_decode.cpp: append_decode).
 //   * The CUDA kernels live in csrc/cuda/ and register with TORCH_LIBRARY_IMPL(mustafar, CUDA, m) in
 //     csrc/cuda/ops.cu.
 //
 // Format (docs/design.md): bitmap int64 [..., T, W] (W = D/64; bit j of word w <=> channel 64w+j
-// stored), values [..., T, k] (stored values in ascending channel order, padding slots are 0).
+// stored), values [..., T, k] (stored values in ascending channel order, padding slots are 0), in the
+// dense dtype or float8_e4m3fn with a float16 scale [..., T] per token vector (stored value =
+// float(q8) * float(scale); rule: mustafar.format.quantize_fp8).
+//
+// sparse_decode's lengths (int32 [2] = (n_c, n_w), optional, never read on the host on CUDA): compressed
+// rows [0, n_c) are attended and the window is a ring of R = k_window.size(2) slots, window row i in slot
+// (n_c + i) % R. append_decode is one decode step writing that layout (semantics in docs/design.md).
 //
 // sparse_decode's kernel argument picks the CUDA decode kernel: "auto" (the default rule, see
 // csrc/cuda/plan.cu), "v4", "v5", "v6" or "v6g"; a name the kernel cannot serve raises ValueError. pdl: launch
@@ -37,4 +43,5 @@ TORCH_LIBRARY_IMPL(mustafar, CPU, m) {
   m.impl("decode_bitmap", &mustafar::cpu::decode_bitmap_cpu);
   m.impl("prune_encode_topk", &mustafar::cpu::prune_encode_topk_cpu);
   m.impl("sparse_decode", &mustafar::cpu::sparse_decode_cpu);
+  m.impl("append_decode", &mustafar::cpu::append_decode_cpu);
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from numbers import Real
 
+import torch
+
 from mustafar.pruning import kept_count
 from mustafar.ops.dispatch import DECODE_KERNELS
 from mustafar.pruning import STRATEGIES
@@ -12,6 +14,8 @@ from mustafar.pruning import STRATEGIES
 __all__ = ["MustafarConfig", "MODES", "QUERY_STRATEGIES"]
 
 MODES = ("compressed", "simulate")
+# How stored (pruned) values are kept: in the model's dtype, or FP8 e4m3 with a float16 scale per token vector.
+_VALUE_DTYPES = {"model": None, "fp8_e4m3": torch.float8_e4m3fn}
 # Strategies with a fixed number of kept values per token vector (what the fixed-stride format needs);
 # output_aware joins them with granularity="per_token".
 _FIXED_BUDGET = ("per_token_magnitude", "semi_structured_2_4", "think")
@@ -52,6 +56,12 @@ class MustafarConfig:
         :data:`mustafar.ops.dispatch.DECODE_KERNELS`; ``"auto"``: the op's rule for the shape). Passed as
         the op's explicit ``kernel`` argument at every compressed decode step; layers on the CPU run the
         one C++ kernel (``"auto"``) whatever is set here.
+    k_value_dtype, v_value_dtype : ``"model"`` | ``"fp8_e4m3"``
+        How the K / V side's kept values are stored: ``"model"`` (default) in the model's dtype;
+        ``"fp8_e4m3"`` as float8_e4m3fn with a float16 scale per token vector
+        (:func:`mustafar.format.quantize_fp8`; ``8*W + k + 2`` bytes per token vector). Both modes
+        accept it: ``"compressed"`` stores the FP8 values, ``"simulate"`` applies the same quantization
+        to its pruned dense rows. :meth:`value_dtype` gives the torch dtype.
     """
 
     k_sparsity: float = 0.7
@@ -64,6 +74,8 @@ class MustafarConfig:
     k_strategy_kwargs: dict = field(default_factory=dict)
     v_strategy_kwargs: dict = field(default_factory=dict)
     decode_kernel: str = "auto"
+    k_value_dtype: str = "model"
+    v_value_dtype: str = "model"
 
     def __post_init__(self):
         for name in ("k_sparsity", "v_sparsity"):
@@ -80,6 +92,10 @@ class MustafarConfig:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
         if self.decode_kernel not in DECODE_KERNELS:
             raise ValueError(f"decode_kernel={self.decode_kernel!r}: expected one of {', '.join(DECODE_KERNELS)}")
+        for name in ("k_value_dtype", "v_value_dtype"):
+            vd = getattr(self, name)
+            if not isinstance(vd, str) or vd not in _VALUE_DTYPES:
+                raise ValueError(f"{name}={vd!r}: expected one of {', '.join(map(repr, _VALUE_DTYPES))}")
         for which in ("k", "v"):
             strat = getattr(self, f"{which}_strategy")
             kw = getattr(self, f"{which}_strategy_kwargs")
@@ -137,3 +153,10 @@ class MustafarConfig:
     def kept(self, which: str, head_dim: int) -> int:
         """Values stored per token vector of K (``which="k"``) or V in compressed mode (:func:`mustafar.format.kept_count`)."""
         return kept_count(head_dim, getattr(self, f"{which}_sparsity"))  # 2:4 at 0.5 keeps D/2 == kept_count(D, 0.5)
+
+    def value_dtype(self, which: str) -> torch.dtype | None:
+        """Stored-value dtype of the ``which`` (``"k"``/``"v"``) side: ``torch.float8_e4m3fn`` for
+        ``"fp8_e4m3"``, ``None`` for ``"model"`` (the model's dtype)."""
+        if which not in ("k", "v"):
+            raise ValueError(f"which={which!r}: expected 'k' or 'v'")
+        return _VALUE_DTYPES[getattr(self, f"{which}_value_dtype")]

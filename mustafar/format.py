@@ -14,6 +14,10 @@ multiple of 8), so per-token top-k pruning sits exactly on the byte floor
 ``8*W + k*itemsize`` bytes per token vector. Rows holding fewer than ``k`` values are zero-padded;
 the bitmap, not the value, says what is stored (a stored value may be 0, NaN or inf).
 
+FP8 values: ``values`` may be ``torch.float8_e4m3fn`` with a float16 ``scale [..., T]`` per token
+vector (:func:`quantize_fp8`, the one rule; stored value = ``q8.float() * scale.float()``):
+``8*W + k + 2`` bytes per token vector (D=128, 70%: 16 + 38 + 2 = 56 B = 0.219 of fp16 dense).
+
 The paper's layout (modelled by :func:`paper_format_bytes` for comparison) instead stores per
 64-element tile a 64-bit bitmap, an int32 offset and the tile's nonzeros in fp16 padded to a
 multiple of 8: 0.648 / 0.455 of dense at 50% / 70% sparsity (D=128), against 0.5625 / 0.359 here.
@@ -28,7 +32,7 @@ from math import comb
 import torch
 
 from mustafar import ops
-from mustafar.ops.reference import check_head_dim
+from mustafar.ops.reference import FP8, check_head_dim, dequantize_fp8, quantize_fp8
 from mustafar.pruning._common import kept_count  # the one kept count (pruning needs it below format)
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "encode_topk",
     "decode",
     "kept_count",
+    "quantize_fp8",
     "nbytes_dense",
     "format_bytes",
     "format_bytes_ratio",
@@ -58,13 +63,17 @@ class SparseKV:
     Attributes
     ----------
     bitmap : int64 ``[..., T, W]`` (``W = D // 64``)
-    values : ``[..., T, k]`` (dense dtype), stored values in ascending channel order, 0-padded.
+    values : ``[..., T, k]`` (dense dtype or ``torch.float8_e4m3fn``), stored values in ascending
+        channel order, 0-padded.
     head_dim : ``D``.
+    scale : float16 ``[..., T]``, the per-token-vector scale of FP8 values (:func:`quantize_fp8`);
+        required iff ``values`` is float8_e4m3fn.
     """
 
     bitmap: torch.Tensor
     values: torch.Tensor
     head_dim: int
+    scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         w = check_head_dim(self.head_dim)
@@ -79,6 +88,19 @@ class SparseKV:
             )
         if self.values.shape[-1] > self.head_dim:
             raise ValueError(f"values hold k={self.values.shape[-1]} > D={self.head_dim} slots per row")
+        if self.values.dtype != FP8:
+            if self.scale is not None:
+                raise ValueError(f"scale given but values.dtype={self.values.dtype}: a scale belongs to "
+                                 "float8_e4m3fn values only")
+            return
+        if self.scale is None:
+            raise ValueError("values.dtype=torch.float8_e4m3fn needs scale (float16 [..., T])")
+        if not isinstance(self.scale, torch.Tensor) or self.scale.dtype != torch.float16:
+            raise ValueError(f"scale.dtype={getattr(self.scale, 'dtype', type(self.scale).__name__)}: "
+                             "must be torch.float16")
+        if self.scale.shape != self.values.shape[:-1]:
+            raise ValueError(f"scale shape {tuple(self.scale.shape)} != values shape without its last dim "
+                             f"{tuple(self.values.shape[:-1])}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -104,18 +126,20 @@ class SparseKV:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of the logical tensors (bitmap + values), not of any larger backing buffer."""
-        return self.bitmap.numel() * 8 + self.values.numel() * self.values.element_size()
+        """Exact bytes of the logical tensors (bitmap + values + FP8 scales), not of any larger backing buffer."""
+        scale = 0 if self.scale is None else self.scale.numel() * 2
+        return self.bitmap.numel() * 8 + self.values.numel() * self.values.element_size() + scale
 
-    def to_dense(self) -> torch.Tensor:
-        """Dense ``[..., T, D]`` tensor (unstored channels 0)."""
-        return decode(self)
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense ``[..., T, D]`` tensor (unstored channels 0); see :func:`decode`."""
+        return decode(self, dtype)
 
     def __getitem__(self, index: slice) -> "SparseKV":
         """Slice along ``T``: ``sp[t0:t1]`` (views, no copy)."""
         if not isinstance(index, slice):
             raise ValueError(f"SparseKV supports slicing along T only (sp[t0:t1]), got {index!r}")
-        return SparseKV(self.bitmap[..., index, :], self.values[..., index, :], self.head_dim)
+        scale = None if self.scale is None else self.scale[..., index]
+        return SparseKV(self.bitmap[..., index, :], self.values[..., index, :], self.head_dim, scale)
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -140,21 +164,40 @@ def encode(x: torch.Tensor, mask: torch.Tensor | None = None, k: int | None = No
     return SparseKV(bitmap, values, int(x.shape[-1]))
 
 
-def encode_topk(x: torch.Tensor, sparsity: float) -> SparseKV:
-    """Per-token magnitude pruning of ``sparsity`` (design.md tie rule) fused with encoding."""
+def _fp8(value_dtype) -> bool:
+    """Whether ``value_dtype`` asks for FP8 values: ``None`` (the dense dtype) or ``torch.float8_e4m3fn``."""
+    if value_dtype is not None and value_dtype != FP8:
+        raise ValueError(f"value_dtype={value_dtype!r}: expected None (the dense dtype) or torch.float8_e4m3fn")
+    return value_dtype == FP8
+
+
+def encode_topk(x: torch.Tensor, sparsity: float, value_dtype: torch.dtype | None = None) -> SparseKV:
+    """Per-token magnitude pruning of ``sparsity`` (design.md tie rule) fused with encoding.
+
+    ``value_dtype=torch.float8_e4m3fn`` quantizes the kept values (:func:`quantize_fp8`); the bitmap is
+    that of the unquantized encoding.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor [..., T, D], got {getattr(x, 'shape', type(x))}")
+    fp8 = _fp8(value_dtype)
     d = int(x.shape[-1])
     k = kept_count(d, sparsity)
     bitmap, values = ops.prune_encode_topk(x, k)
+    if fp8:
+        q8, scale = quantize_fp8(values)
+        return SparseKV(bitmap, q8, d, scale)
     return SparseKV(bitmap, values, d)
 
 
-def decode(sp: SparseKV) -> torch.Tensor:
-    """Dense ``[..., T, D]`` from a :class:`SparseKV`."""
+def decode(sp: SparseKV, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``[..., T, D]`` from a :class:`SparseKV`: in ``values.dtype`` (or ``dtype`` when given); FP8
+    values are dequantized (``q8.float() * scale.float()``) into ``dtype``, default float16."""
     if not isinstance(sp, SparseKV):
         raise ValueError(f"decode expects a SparseKV, got {type(sp).__name__}")
-    return ops.decode_bitmap(sp.bitmap, sp.values, sp.head_dim)
+    if sp.values.dtype == FP8:
+        return ops.decode_bitmap(sp.bitmap, dequantize_fp8(sp.values, sp.scale, dtype or torch.float16), sp.head_dim)
+    out = ops.decode_bitmap(sp.bitmap, sp.values, sp.head_dim)
+    return out if dtype is None else out.to(dtype)
 
 
 # ------------------------------------------------------------------------------ byte accounting
@@ -163,15 +206,20 @@ def nbytes_dense(shape, dtype: torch.dtype = torch.float16) -> int:
     return int(math.prod(int(s) for s in shape)) * _itemsize(dtype)
 
 
-def format_bytes(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes per token vector in our layout: ``8*W + k*itemsize``."""
+def format_bytes(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16,
+                 value_dtype: torch.dtype | None = None) -> int:
+    """Bytes per token vector in our layout: ``8*W + k*itemsize`` (values in ``dtype``), or with
+    ``value_dtype=torch.float8_e4m3fn`` ``8*W + k + 2`` (FP8 values and a float16 scale)."""
     w = check_head_dim(head_dim)
-    return 8 * w + kept_count(head_dim, sparsity) * _itemsize(dtype)
+    k = kept_count(head_dim, sparsity)
+    return 8 * w + (k + 2 if _fp8(value_dtype) else k * _itemsize(dtype))
 
 
-def format_bytes_ratio(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> float:
-    """Our bytes / dense bytes per token vector, e.g. ``D=128, fp16, 0.7 -> 92/256 = 0.359``."""
-    return format_bytes(head_dim, sparsity, dtype) / (head_dim * _itemsize(dtype))
+def format_bytes_ratio(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16,
+                       value_dtype: torch.dtype | None = None) -> float:
+    """Our bytes / dense bytes (in ``dtype``) per token vector, e.g. ``D=128, fp16, 0.7 -> 92/256 = 0.359``;
+    with FP8 values ``56/256 = 0.219``."""
+    return format_bytes(head_dim, sparsity, dtype, value_dtype) / (head_dim * _itemsize(dtype))
 
 
 def _ceil8(n: int) -> int:

@@ -159,3 +159,93 @@ def test_paper_layout_model_matches_paper():
     exact = fmt.paper_format_bytes(128, bitmap=sp.bitmap) / 256
     assert exact == pytest.approx(fmt.paper_format_bytes_ratio(128, 0.7), abs=0.01)
     assert math.isfinite(exact)
+
+
+# ------------------------------------------------------------------------------ FP8 values
+FP8 = torch.float8_e4m3fn
+
+
+def test_quantize_fp8_rule_by_hand():
+    v = torch.tensor([[448.0 * 3, -1.5, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0], [1e-9, -2e-9, 0.0, 0.0]])
+    q8, s = fmt.quantize_fp8(v)
+    assert q8.dtype == FP8 and s.dtype == torch.float16 and s.shape == (3,)
+    assert s.tolist() == [3.0, 1.0, 1.0]  # amax / 448 = 3; an all-zero row and an underflowing scale -> 1
+    assert q8[0].float().tolist() == [448.0, -0.5, 0.0, 0.6875]  # 2/3 rounds to the nearest e4m3 (0.6875)
+    assert q8[1].float().tolist() == [0.0] * 4
+    assert q8[2].float().tolist() == [0.0] * 4  # 1e-9 / 1 is below the smallest e4m3 subnormal
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8_matches_the_rule_and_bounds_the_error(dtype):
+    x = (_rand((3, 50, 38), dtype, seed=60) * torch.logspace(-6, 4, 50)[None, :, None]).to(dtype)
+    x[0, 3, 5:] = 0  # padding slots stay 0
+    q8, s = fmt.quantize_fp8(x)
+    amax = x.float().abs().amax(-1)
+    want_s = (amax / 448).to(torch.float16)
+    want_s = torch.where(want_s == 0, torch.ones_like(want_s), want_s)
+    assert torch.equal(s, want_s)
+    want_q = (x.float() / want_s.float()[..., None]).clamp(-448, 448).to(FP8)
+    assert torch.equal(q8.view(torch.uint8), want_q.view(torch.uint8))
+    assert (q8[0, 3, 5:].float() == 0).all()
+    deq = q8.float() * s.float()[..., None]
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for values within 8x of the row's amax, in rows whose
+    # scale is a normal float16 (amax >= 448 * 2^-14); the clamp adds at most the scale's rounding (2^-11)
+    normal = (amax >= 448 * 2 ** -14)[..., None]
+    big = (x.float().abs() >= amax[..., None] / 8) & normal
+    assert big.sum() > 1000
+    err = (deq - x.float()).abs()
+    assert (err[big] <= x.float().abs()[big] * (2 ** -4 + 2 ** -10)).all()
+    # rows so small that amax / 448 underflows float16 get s = 1: their values round to e4m3 directly
+    tiny = amax < 448 * 2 ** -25
+    assert tiny.any() and (s[tiny] == 1).all()
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_encode_topk_fp8(d):
+    x = _rand((2, 3, 17, d), torch.bfloat16, seed=61)
+    plain = fmt.encode_topk(x, 0.7)
+    sp = fmt.encode_topk(x, 0.7, value_dtype=FP8)
+    assert torch.equal(sp.bitmap, plain.bitmap)  # the bitmap of the unquantized encoding
+    q8, s = fmt.quantize_fp8(plain.values)
+    assert sp.values.dtype == FP8 and torch.equal(sp.values.view(torch.uint8), q8.view(torch.uint8))
+    assert torch.equal(sp.scale, s)
+    assert sp.dtype == FP8 and sp.kept == plain.kept and sp.shape == plain.shape
+    # dense: dequantized values in dtype (default float16)
+    deq = fmt.decode(fmt.SparseKV(plain.bitmap, q8.float() * s.float()[..., None], d))
+    assert torch.equal(sp.to_dense(torch.float32), deq)
+    assert sp.to_dense().dtype == torch.float16 and torch.equal(sp.to_dense(), deq.half())
+    assert torch.equal(fmt.decode(sp, torch.bfloat16), deq.bfloat16())
+    assert torch.equal(plain.to_dense(torch.float32), plain.to_dense().float())  # dtype on a plain SparseKV
+    # slicing along T slices the scale
+    part = sp[4:9]
+    assert torch.equal(part.scale, sp.scale[..., 4:9])
+    assert torch.equal(part.to_dense(), sp.to_dense()[..., 4:9, :])
+    with pytest.raises(ValueError, match="value_dtype"):
+        fmt.encode_topk(x, 0.7, value_dtype=torch.int8)
+
+
+def test_sparsekv_fp8_nbytes_and_validation():
+    x = _rand((2, 3, 20, 128), torch.float16, seed=62)
+    sp = fmt.encode_topk(x, 0.7, value_dtype=FP8)
+    assert sp.nbytes == 2 * 3 * 20 * (16 + 38 + 2)
+    assert sp[5:9].nbytes == 2 * 3 * 4 * 56
+    with pytest.raises(ValueError, match="needs scale"):
+        fmt.SparseKV(sp.bitmap, sp.values, 128)
+    with pytest.raises(ValueError, match="scale given"):
+        fmt.SparseKV(sp.bitmap, sp.values.half(), 128, sp.scale)
+    with pytest.raises(ValueError, match="scale.dtype"):
+        fmt.SparseKV(sp.bitmap, sp.values, 128, sp.scale.float())
+    with pytest.raises(ValueError, match="scale shape"):
+        fmt.SparseKV(sp.bitmap, sp.values, 128, sp.scale[..., :3])
+
+
+def test_fp8_byte_accounting():
+    assert fmt.format_bytes(128, 0.7, value_dtype=FP8) == 16 + 38 + 2
+    assert fmt.format_bytes_ratio(128, 0.7, value_dtype=FP8) == pytest.approx(56 / 256)
+    assert fmt.format_bytes_ratio(128, 0.7, torch.bfloat16, FP8) == pytest.approx(56 / 256)
+    assert fmt.format_bytes_ratio(128, 0.7, torch.float32, FP8) == pytest.approx(56 / 512)
+    assert fmt.format_bytes(64, 0.5, value_dtype=FP8) == 8 + 32 + 2
+    # the unquantized accounting is unchanged
+    assert fmt.format_bytes(128, 0.7, value_dtype=None) == fmt.format_bytes(128, 0.7) == 92
+    with pytest.raises(ValueError, match="value_dtype"):
+        fmt.format_bytes(128, 0.7, value_dtype=torch.float16)

@@ -2,7 +2,9 @@
 
 Tolerances (sparse_decode, compared with the reference computed in float64 from the same stored
 values): float32 atol = rtol = 1e-5; float16 / bfloat16 atol = rtol = 1e-2 (the output is rounded to
-the input dtype: 2^-11 / 2^-8 relative). Encode/decode/top-k must match the reference bit for bit.
+the input dtype: 2^-11 / 2^-8 relative). FP8 stored values are compared from the same FP8 bits and
+scales (their dequantization is exact in float32), so the same tolerances hold. Encode/decode/top-k must
+match the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mustafar.ops import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+FP8 = torch.float8_e4m3fn
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +196,8 @@ def test_encode_decode_compiled_vs_reference(dtype):
 def test_bad_inputs_raise_value_error(backend):
     ops.set_backend_mode(backend)
     q, kb, kv, vb, vv, kw, vw = _make_case(2, 2, 64, 5, torch.float32, 0.5, 2, seed=30)
+    kq, ks = ref.quantize_fp8(kv)
+    vq, vs = ref.quantize_fp8(vv)
     x = torch.randn(4, 64)
     cases = [
         (lambda: ops.prune_encode_topk(x.double(), 3), "dtype"),
@@ -215,6 +220,24 @@ def test_bad_inputs_raise_value_error(backend):
         (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kernel="v9"), "kernel='v9'"),
         (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kernel=None), "kernel=None"),
         (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, pdl=1), "pdl=1"),
+        # FP8 values and their scales
+        (lambda: ops.sparse_decode(q, kb, kq, vb, vv, kw, vw), "k_scale is None"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vq, kw, vw), "v_scale is None"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, k_scale=ks), "k_scale given"),
+        (lambda: ops.sparse_decode(q, kb, kq, vb, vv, kw, vw, k_scale=ks, v_scale=ks), "v_scale given"),
+        (lambda: ops.sparse_decode(q, kb, kq, vb, vv, kw, vw, k_scale=ks.float()), "k_scale.dtype"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vq, kw, vw, v_scale=vs[:, :, :3]), "v_scale shape"),
+        (lambda: ops.sparse_decode(q, kb, kv.to(torch.int8), vb, vv, kw, vw), "k_values.dtype"),
+        (lambda: ops.sparse_decode(q, kb, kv.half(), vb, vv, kw, vw), "k_values.dtype"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw.to(FP8), vw), "k_window.dtype"),
+        # lengths
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=torch.tensor([1, 1])), "lengths"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=torch.tensor([1], dtype=torch.int32)), "lengths"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=[1, 1]), "lengths"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=torch.tensor([6, 0], dtype=torch.int32)), "n_c=6"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=torch.tensor([-1, 0], dtype=torch.int32)), "n_c=-1"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=torch.tensor([5, 3], dtype=torch.int32)), "n_w=3"),
+        (lambda: ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, lengths=torch.tensor([0, -2], dtype=torch.int32)), "n_w=-2"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -231,9 +254,9 @@ def test_sparse_decode_kernel_argument_on_cpu():
         with pytest.raises(ValueError, match=f"kernel={name} .*CUDA tensors"):
             ops.sparse_decode(*case, kernel=name)
         with pytest.raises(ValueError, match=f"kernel={name} "):
-            torch.ops.mustafar.sparse_decode(*case, None, 0.125, name, True)
+            torch.ops.mustafar.sparse_decode(*case, None, 0.125, kernel=name, pdl=True)
     with pytest.raises(ValueError, match="kernel=bogus"):
-        torch.ops.mustafar.sparse_decode(*case, None, 0.125, "bogus", True)
+        torch.ops.mustafar.sparse_decode(*case, None, 0.125, None, None, None, "bogus", True)
     # the schema's defaults: kernel="auto", pdl=True
     torch.testing.assert_close(torch.ops.mustafar.sparse_decode(*case, None, 0.125),
                                ops.sparse_decode(*case, scale=0.125), atol=0, rtol=0)
@@ -248,6 +271,139 @@ def test_cpp_checks_raise_value_error_directly():
         torch.ops.mustafar.prune_encode_topk(torch.randn(2, 96), 3)
     with pytest.raises(ValueError, match="k=70"):
         torch.ops.mustafar.encode_bitmap(torch.randn(2, 64), torch.ones(2, 64, dtype=torch.bool), 70)
+    q, kb, kv, vb, vv, kw, vw = _make_case(1, 2, 64, 5, torch.float32, 0.5, 2, seed=32)
+    kq, ks = ref.quantize_fp8(kv)
+    sd = torch.ops.mustafar.sparse_decode
+    with pytest.raises(ValueError, match="k_scale is None"):
+        sd(q, kb, kq, vb, vv, kw, vw, None, 0.1)
+    with pytest.raises(ValueError, match="v_scale given"):
+        sd(q, kb, kv, vb, vv, kw, vw, None, 0.1, v_scale=ks)
+    with pytest.raises(ValueError, match="k_scale.dtype"):
+        sd(q, kb, kq, vb, vv, kw, vw, None, 0.1, ks.float())
+    with pytest.raises(ValueError, match="n_w=3"):
+        sd(q, kb, kv, vb, vv, kw, vw, None, 0.1, lengths=torch.tensor([5, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        sd(q, kb, kv, vb, vv, kw, vw, None, 0.1, lengths=torch.tensor([5, 1]))
+
+
+# --------------------------------------------------------------- sparse_decode v2: FP8, lengths
+def _v2_case(b, g, d, t_c, r, dtype, fp8, seed, h_kv=2):
+    """A sparse_decode case whose K and/or V values are FP8 (``fp8`` in "", "k", "v", "kv")."""
+    q, kb, kv, vb, vv, kw, vw = _make_case(b, g, d, t_c, dtype, 0.7, r, seed, h_kv)
+    ks = vs = None
+    if "k" in fp8:
+        kv, ks = ref.quantize_fp8(kv)
+    if "v" in fp8:
+        vv, vs = ref.quantize_fp8(vv)
+    return [q, kb, kv, vb, vv, kw, vw], {"k_scale": ks, "v_scale": vs}
+
+
+def _ref64_v2(case, scales, kv_start=None, lengths=None, scale=None):
+    q, kb, kv, vb, vv, kw, vw = case
+    up = (lambda t: t if t.dtype == FP8 else t.double())
+    return ref.sparse_decode(q.double(), kb, up(kv), vb, up(vv), kw.double(), vw.double(), kv_start, scale,
+                             lengths=lengths, **scales)
+
+
+def _poisoned(case, scales, n_c, n_w):
+    """Copies with every store row >= n_c and every ring slot outside the n_w visible ones set to NaN / all
+    bits, so that a kernel reading them gives NaN."""
+    q, kb, kv, vb, vv, kw, vw = (t.clone() for t in case)
+    scales = {n: None if t is None else t.clone() for n, t in scales.items()}
+    for t in (kb, vb):
+        t[:, :, n_c:] = -1
+    for t in (kv, vv, *(s for s in scales.values() if s is not None)):
+        t[:, :, n_c:] = float("nan")
+    r = kw.shape[2]
+    if r:
+        visible = set(((n_c + torch.arange(n_w)) % r).tolist())
+        free = [i for i in range(r) if i not in visible]
+        kw[:, :, free] = float("nan")
+        vw[:, :, free] = float("nan")
+    return [q, kb, kv, vb, vv, kw, vw], scales
+
+
+_GRID_V2 = list(itertools.product([1, 3, 4, 7, 8], [64, 128, 256], DTYPES, ["", "k", "v", "kv"], [0, 1, 111, 257],
+                                  [0, 1, 5, 33]))
+_CASES_V2 = random.Random(4321).sample(_GRID_V2, 32)
+
+
+@pytest.mark.parametrize("g,d,dtype,fp8,t_c,r", _CASES_V2)
+def test_sparse_decode_v2_fp8_and_lengths_match_reference(g, d, dtype, fp8, t_c, r):
+    """FP8 K / V / both, lengths with n_c in {0, T_c, odd}, n_w in {0, 1, R, other} (a ring whose start
+    n_c % R is anything), kv_start masking incl. fully masked sequences; rows and slots outside lengths are
+    NaN-poisoned."""
+    seed = zlib.crc32(repr((g, d, dtype, fp8, t_c, r)).encode())
+    gen = _gen(seed + 1)
+    case, scales = _v2_case(2, g, d, t_c, r, dtype, fp8, seed)
+    tol = TOL[dtype]
+    out = ops.sparse_decode(*case, **scales)  # lengths=None: all T_c rows, window slots in order
+    torch.testing.assert_close(out.double(), _ref64_v2(case, scales), atol=tol, rtol=tol)
+    n_cs = sorted({0, t_c, int(torch.randint(0, t_c + 1, (1,), generator=gen))})
+    n_ws = sorted({0, min(1, r), r, int(torch.randint(0, r + 1, (1,), generator=gen))})
+    for n_c, n_w in itertools.product(n_cs, n_ws):
+        lengths = torch.tensor([n_c, n_w], dtype=torch.int32)
+        pc, ps = _poisoned(case, scales, n_c, n_w)
+        starts = torch.randint(0, n_c + n_w + 1, (2,), generator=gen, dtype=torch.int32)
+        starts[1] = n_c + n_w  # every position masked -> zeros
+        for kv_start in (None, starts):
+            got = ops.sparse_decode(*pc, kv_start=kv_start, lengths=lengths, **ps)
+            want = _ref64_v2(case, scales, kv_start, lengths)
+            assert got.dtype == dtype and not got.isnan().any()
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+            if kv_start is not None:
+                assert torch.equal(got[1], torch.zeros_like(got[1]))
+        if n_c == t_c and n_w == r:  # the whole buffers: the same bits as lengths=None (slot i = row i iff n_c % R == 0)
+            if r == 0 or n_c % r == 0:
+                torch.testing.assert_close(ops.sparse_decode(*case, lengths=lengths, **scales), out, atol=0, rtol=0)
+
+
+def test_sparse_decode_lengths_none_is_full_lengths_with_ring_at_zero():
+    case, scales = _v2_case(2, 3, 128, 40, 8, torch.float32, "kv", seed=50)
+    out = ops.sparse_decode(*case, **scales)
+    torch.testing.assert_close(ops.sparse_decode(*case, lengths=torch.tensor([40, 8], dtype=torch.int32), **scales),
+                               out, atol=0, rtol=0)  # 40 % 8 == 0: window row i is slot i
+    # a ring starting mid-buffer is the same tokens rotated into order
+    rolled = list(case)
+    rolled[5], rolled[6] = case[5].roll(3, dims=2), case[6].roll(3, dims=2)  # slot (3 + i) % 8 holds row i
+    got = ops.sparse_decode(*rolled[:1], case[1][:, :, :35], case[2][:, :, :35], case[3][:, :, :35],
+                            case[4][:, :, :35], *rolled[5:], k_scale=scales["k_scale"][:, :, :35],
+                            v_scale=scales["v_scale"][:, :, :35], lengths=torch.tensor([35, 8], dtype=torch.int32))
+    want = _ref64_v2([case[0], case[1][:, :, :35], case[2][:, :, :35], case[3][:, :, :35], case[4][:, :, :35],
+                      case[5], case[6]], {n: s[:, :, :35] for n, s in scales.items()})
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_decode_fp8_long_sequence_and_strided_buffers():
+    # a T long enough to be split over chunks, FP8 on both sides, from capacity buffers sliced along T
+    case, scales = _v2_case(2, 4, 128, 2900, 40, torch.float16, "kv", seed=51, h_kv=1)
+
+    def cap(x, extra=13):
+        buf = torch.zeros(*x.shape[:2], x.shape[2] + extra, *x.shape[3:], dtype=x.dtype)
+        buf[:, :, : x.shape[2]] = x
+        return buf[:, :, : x.shape[2]]
+
+    sliced = [case[0]] + [cap(t) for t in case[1:]]
+    sc = {n: cap(s) for n, s in scales.items()}
+    assert not sliced[2].is_contiguous() and not sc["k_scale"].is_contiguous()
+    lengths = torch.tensor([2777, 29], dtype=torch.int32)
+    starts = torch.tensor([1234, 0], dtype=torch.int32)
+    for kv_start in (None, starts):
+        got = ops.sparse_decode(*sliced, kv_start=kv_start, lengths=lengths, **sc)
+        torch.testing.assert_close(got, ops.sparse_decode(*case, kv_start=kv_start, lengths=lengths, **scales),
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(got.double(), _ref64_v2(case, scales, kv_start, lengths), atol=1e-2, rtol=1e-2)
+
+
+def test_sparse_decode_fp8_equals_dequantized_dense_values():
+    """An FP8 side gives what its dequantized values (float(q8) * float(scale), exact in fp32) give in fp32."""
+    case, scales = _v2_case(2, 3, 64, 30, 4, torch.float32, "kv", seed=52)
+    deq = list(case)
+    deq[2] = ref.dequantize_fp8(case[2], scales["k_scale"])
+    deq[4] = ref.dequantize_fp8(case[4], scales["v_scale"])
+    lengths = torch.tensor([27, 3], dtype=torch.int32)
+    torch.testing.assert_close(ops.sparse_decode(*case, lengths=lengths, **scales),
+                               ops.sparse_decode(*deq, lengths=lengths), atol=0, rtol=0)
 
 
 def test_fake_impls_under_opcheck():
@@ -260,8 +416,28 @@ def test_fake_impls_under_opcheck():
     torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
                           (q, kb, kv, vb, vv, kw, vw, None, 0.125), test_utils=tests)
     torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
-                          (q, kb, kv, vb, vv, kw, vw, torch.tensor([1], dtype=torch.int32), 0.125, "auto", False),
+                          (q, kb, kv, vb, vv, kw, vw, torch.tensor([1], dtype=torch.int32), 0.125, None, None, None,
+                           "auto", False),
                           test_utils=tests)
+    kq, ks = ref.quantize_fp8(kv)
+    vq, vs = ref.quantize_fp8(vv)
+    lengths = torch.tensor([4, 1], dtype=torch.int32)
+    # test_schema's checking mode has no float8 kernels ("mul_cpu_reduced_float"): FP8 inputs get the fake check
+    torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
+                          (q, kb, kq, vb, vq, kw, vw, None, 0.125, ks, vs, lengths), test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.mustafar.sparse_decode.default,
+                          (q, kb, kv, vb, vv, kw, vw, None, 0.125, None, None, lengths), test_utils=tests)
+    # append_decode: declared mutations only (test_schema checks that nothing else is written)
+    b, h, d, r, cap = 1, 2, 64, 6, 8
+    tok = torch.randn(b, h, 1, d)
+    for fp8 in (False, True):
+        state = [torch.zeros(b, h, r, d), torch.zeros(b, h, r, d), torch.zeros(b, h, cap, 1, dtype=torch.int64),
+                 torch.zeros(b, h, cap, 20, dtype=FP8 if fp8 else torch.float32),
+                 torch.zeros(b, h, cap, 1, dtype=torch.int64), torch.zeros(b, h, cap, 30),
+                 torch.zeros(b, h, cap, dtype=torch.float16) if fp8 else None, None,
+                 torch.tensor([1, 2], dtype=torch.int32)]
+        torch.library.opcheck(torch.ops.mustafar.append_decode.default, (tok, tok.clone(), *state, 2, 3),
+                              test_utils=("test_faketensor",) if fp8 else tests)
 
 
 @pytest.mark.parametrize("through", ["wrapper", "torch.ops"])
@@ -272,19 +448,24 @@ def test_torch_compile_fullgraph_matches_eager(through):
     q, kb, kv, vb, vv, kw, vw = _make_case(2, 2, 64, 20, torch.float32, 0.5, 3, seed=41)
     starts = torch.tensor([0, 4], dtype=torch.int32)
     x = torch.randn(2, 2, 5, 64, generator=_gen(42))
+    vq, vs = ref.quantize_fp8(vv)  # V in FP8, a ring window through lengths
+    lengths = torch.tensor([17, 2], dtype=torch.int32)
     if through == "wrapper":
-        def f(q, kb, kv, vb, vv, kw, vw, starts, x):
+        def f(q, kb, kv, vb, vv, kw, vw, starts, x, vq, vs, lengths):
             xb, xv = ops.prune_encode_topk(x, 20)
             dense = ops.decode_bitmap(xb, xv, 64)
             out = ops.sparse_decode(q, kb, kv, vb, vv, kw, vw, kv_start=starts, scale=0.1, kernel="auto", pdl=True)
-            return out * 2, dense + 1
+            out8 = ops.sparse_decode(q, kb, kv, vb, vq, kw, vw, starts, 0.1, v_scale=vs, lengths=lengths)
+            return out * 2, dense + 1, out8
     else:
-        def f(q, kb, kv, vb, vv, kw, vw, starts, x):
+        def f(q, kb, kv, vb, vv, kw, vw, starts, x, vq, vs, lengths):
             xb, xv = torch.ops.mustafar.prune_encode_topk(x, 20)
             dense = torch.ops.mustafar.decode_bitmap(xb, xv, 64)
-            out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, starts, 0.1, "auto", True)
-            return out * 2, dense + 1
-    args = (q, kb, kv, vb, vv, kw, vw, starts, x)
+            out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, starts, 0.1, None, None, None, "auto",
+                                                   True)
+            out8 = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vq, kw, vw, starts, 0.1, None, vs, lengths)
+            return out * 2, dense + 1, out8
+    args = (q, kb, kv, vb, vv, kw, vw, starts, x, vq, vs, lengths)
     want = f(*args)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     for a, b in zip(got, want):

@@ -21,5 +21,12 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_bitmap, co
                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
                              const std::optional<at::Tensor>& lengths, c10::string_view kernel, bool pdl);
 
+// csrc/cpu/append_decode.cpp: one decode step of a preallocated cache layer, in place.
+void append_decode_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_window,
+                       const at::Tensor& v_window, const at::Tensor& k_bitmap, const at::Tensor& k_values,
+                       const at::Tensor& v_bitmap, const at::Tensor& v_values,
+                       const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                       const at::Tensor& lengths, int64_t local_window, int64_t chunk);
+
 }  // namespace cpu
 }  // namespace mustafar

@@ -1,6 +1,8 @@
-// CPU kernel of sparse_decode (schema in csrc/mustafar.cpp): flash-decoding over [compressed T_c ;
-// dense window T_w], every (batch, KV head) pair's T range split into chunks for the threads, the chunks
-// merged with the max / sum rescaling; rows expanded to fp32 (AVX2 permute where available).
+// CPU kernel of sparse_decode (schema in csrc/mustafar.cpp): flash-decoding over [compressed n_c ;
+// dense window n_w], every (batch, KV head) pair's T range split into chunks for the threads, the chunks
+// merged with the max / sum rescaling; rows expanded to fp32 (AVX2 permute where available). FP8 values
+// (either side) go through a 256-entry e4m3 -> float table times the row's scale. With lengths = (n_c,
+// n_w) the window is a ring: window row i is slot (n_c + i) % R.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,8 +13,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mustafar {
@@ -103,6 +108,18 @@ inline void expand_f32(float* __restrict out, const int64_t* __restrict bits, co
 }
 #endif
 
+// FP8 values of one row -> float scratch (k valid entries, then 8 zeros for over-reads), then expanded.
+inline void expand_row_fp8(float* __restrict out, const int64_t* __restrict bits, const uint8_t* __restrict vals,
+                           float s, int64_t w, int64_t k, float* __restrict scratch) {
+  for (int64_t i = 0; i < k; ++i) scratch[i] = kFp8.v[vals[i]] * s;
+  for (int i = 0; i < 8; ++i) scratch[k + i] = 0.f;
+#if defined(__AVX2__)
+  expand_f32(out, bits, scratch, w, k);
+#else
+  expand_row_scalar(out, bits, scratch, w, k);
+#endif
+}
+
 // scratch: >= k + 8 floats
 template <typename scalar_t>
 inline void expand_row(float* __restrict out, const int64_t* __restrict bits, const scalar_t* __restrict vals,
@@ -129,6 +146,27 @@ struct Seq {  // strided [B, H_kv, T, C] view with rows (T stride C, last dim co
 template <typename scalar_t>
 inline const scalar_t* row_ptr(const Seq& s, int64_t b, int64_t h, int64_t t) {
   return static_cast<const scalar_t*>(s.ptr) + b * s.sb + h * s.sh + t * s.C;
+}
+
+// One side's compressed rows: bitmap, values (the dense dtype or FP8) and, for FP8, the float16 scales
+// (a strided [B, H_kv, T_c] view; scale of row t at st * t).
+struct Side {
+  Seq bits, vals;
+  int64_t k;
+  const at::Half* scale;  // nullptr: values in the dense dtype
+  int64_t ssb, ssh, sst;
+};
+
+template <typename scalar_t>
+inline void expand_side(float* __restrict out, const Side& sd, int64_t b, int64_t h, int64_t t, int64_t w,
+                        float* __restrict scratch) {
+  const int64_t* bits = row_ptr<int64_t>(sd.bits, b, h, t);
+  if (sd.scale != nullptr) {
+    const float s = to_f(sd.scale[b * sd.ssb + h * sd.ssh + t * sd.sst]);
+    expand_row_fp8(out, bits, row_ptr<uint8_t>(sd.vals, b, h, t), s, w, sd.k, scratch);
+  } else {
+    expand_row(out, bits, row_ptr<scalar_t>(sd.vals, b, h, t), w, sd.k, scratch);
+  }
 }
 
 }  // namespace
@@ -167,12 +205,17 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
                     " != k_bitmap shape ", k_bitmap_in.sizes());
   MF_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
   const int64_t G = Hq / Hkv;
-  for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
-    MF_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "K/V dtype ", t->scalar_type(),
+  for (const at::Tensor* t : {&k_window_in, &v_window_in}) {
+    MF_CHECK_VALUE(t->scalar_type() == q_in.scalar_type(), op, "window dtype ", t->scalar_type(),
                       " != q.dtype ", q_in.scalar_type());
+  }
+  for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
     MF_CHECK_VALUE(t->dim() == 4 && t->size(0) == B && t->size(1) == Hkv, op, "K/V tensor shape ",
                       t->sizes(), " must be [", B, ", ", Hkv, ", T, C]");
   }
+  const std::vector<int64_t> shape3{B, Hkv, Tc};
+  auto ksc = check_side(op, k_values_in, "k_values", k_scale_in, "k_scale", q_in.scalar_type(), shape3);
+  auto vsc = check_side(op, v_values_in, "v_values", v_scale_in, "v_scale", q_in.scalar_type(), shape3);
   MF_CHECK_VALUE(k_values_in.size(2) == Tc && v_values_in.size(2) == Tc, op,
                     "values T dim must equal the bitmaps' T_c=", Tc);
   const int64_t kk = k_values_in.size(3), kv = v_values_in.size(3);
@@ -180,8 +223,14 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
   MF_CHECK_VALUE(k_window_in.size(3) == D && v_window_in.sizes() == k_window_in.sizes(), op,
                     "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ",
                     v_window_in.sizes());
-  const int64_t Tw = k_window_in.size(2);
-  const int64_t T = Tc + Tw;
+  const int64_t R = k_window_in.size(2);
+  // visible rows: compressed [0, nc), window rows i < nw at ring slot (w0 + i) mod R
+  int64_t nc = Tc, nw = R, w0 = 0;
+  if (lengths_in.has_value() && lengths_in->defined()) {
+    std::tie(nc, nw) = read_lengths(op, *lengths_in, Tc, "T_c, the store's rows", R, "R, the window's slots");
+    w0 = R > 0 ? nc % R : 0;
+  }
+  const int64_t T = nc + nw;
 
   std::vector<int64_t> start(B, 0);
   if (kv_start_in.has_value() && kv_start_in->defined()) {
@@ -198,6 +247,10 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
   auto kb = rows_ok(k_bitmap_in), vb = rows_ok(v_bitmap_in);
   auto kvals = rows_ok(k_values_in), vvals = rows_ok(v_values_in);
   auto kw = rows_ok(k_window_in), vw = rows_ok(v_window_in);
+  auto scale_rows = [](const std::optional<at::Tensor>& t) {  // T dim stride 1 (leading dims any)
+    return !t ? at::Tensor() : (t->size(2) <= 1 || t->stride(2) == 1) ? *t : t->contiguous();
+  };
+  const at::Tensor ks = scale_rows(ksc), vs = scale_rows(vsc);
   // q * scale in fp32: [B, H_q, D]
   auto qf = (q_in.to(at::kFloat) * scale).contiguous();
   auto out = at::empty({B, Hq, D}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
@@ -217,13 +270,20 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
   std::vector<float> part(static_cast<size_t>(P * chunks * pstride));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "mustafar_sparse_decode", [&] {
-    const Seq skb{kb.const_data_ptr(), kb.stride(0), kb.stride(1), W};
-    const Seq svb{vb.const_data_ptr(), vb.stride(0), vb.stride(1), W};
-    const Seq skv{kvals.const_data_ptr(), kvals.stride(0), kvals.stride(1), kk};
-    const Seq svv{vvals.const_data_ptr(), vvals.stride(0), vvals.stride(1), kv};
+    auto side = [&](const at::Tensor& bits, const at::Tensor& vals, int64_t k, const at::Tensor& sc) {
+      return Side{Seq{bits.const_data_ptr(), bits.stride(0), bits.stride(1), W},
+                  Seq{vals.const_data_ptr(), vals.stride(0), vals.stride(1), k}, k,
+                  sc.defined() ? sc.const_data_ptr<at::Half>() : nullptr, sc.defined() ? sc.stride(0) : 0,
+                  sc.defined() ? sc.stride(1) : 0, 1};
+    };
+    const Side sk = side(kb, kvals, kk, ks), sv = side(vb, vvals, kv, vs);
     const Seq skw{kw.const_data_ptr(), kw.stride(0), kw.stride(1), D};
     const Seq svw{vw.const_data_ptr(), vw.stride(0), vw.stride(1), D};
     const float* qp = qf.const_data_ptr<float>();
+    auto slot = [&](int64_t t) {  // window position t >= nc -> ring slot
+      const int64_t i = w0 + (t - nc);
+      return i >= R ? i - R : i;
+    };
 
     at::parallel_for(0, P * chunks, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(static_cast<size_t>(G * std::max<int64_t>(cs, 1)));
@@ -246,10 +306,10 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
 
         // pass 1: scores[g][t] = (q_g * scale) . K_t
         for (int64_t t = t0; t < t1; ++t) {
-          if (t < Tc) {
-            expand_row(row.data(), row_ptr<int64_t>(skb, b, h, t), row_ptr<scalar_t>(skv, b, h, t), W, kk, vbuf.data());
+          if (t < nc) {
+            expand_side<scalar_t>(row.data(), sk, b, h, t, W, vbuf.data());
           } else {
-            convert_row(row.data(), row_ptr<scalar_t>(skw, b, h, t - Tc), D);
+            convert_row(row.data(), row_ptr<scalar_t>(skw, b, h, slot(t)), D);
           }
           for (int64_t g = 0; g < G; ++g) scores[g * n + (t - t0)] = dot(qg + g * D, row.data(), D);
         }
@@ -268,10 +328,10 @@ at::Tensor sparse_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_bitmap_
         }
         // pass 2: acc[g] += p[g][t] * V_t
         for (int64_t t = t0; t < t1; ++t) {
-          if (t < Tc) {
-            expand_row(row.data(), row_ptr<int64_t>(svb, b, h, t), row_ptr<scalar_t>(svv, b, h, t), W, kv, vbuf.data());
+          if (t < nc) {
+            expand_side<scalar_t>(row.data(), sv, b, h, t, W, vbuf.data());
           } else {
-            convert_row(row.data(), row_ptr<scalar_t>(svw, b, h, t - Tc), D);
+            convert_row(row.data(), row_ptr<scalar_t>(svw, b, h, slot(t)), D);
           }
           for (int64_t g = 0; g < G; ++g) axpy(acc + g * D, scores[g * n + (t - t0)], row.data(), D);
         }

@@ -8,6 +8,7 @@
 ``mustafar.ops.<op>`` is the public spelling; it is :mod:`mustafar.ops.dispatch`'s function.
 """
 
-from mustafar.ops.dispatch import backend, decode_bitmap, encode_bitmap, prune_encode_topk, sparse_decode
+from mustafar.ops.dispatch import (append_decode, backend, decode_bitmap, encode_bitmap, prune_encode_topk,
+                                   sparse_decode)
 
-__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend"]
+__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode", "backend"]

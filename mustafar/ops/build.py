@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if check_cuda(verbose=args.verbose) else 0
     info = build_info()
     d = load_extension(verbose=args.verbose)
-    ops = [n for n in ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode")
+    ops = [n for n in ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode")
            if hasattr(torch.ops.mustafar, n)]
     cuda_ok = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mustafar::{n}", "CUDA") for n in ops) if ops else False
     print(f"built {info['name']} in {d}")

@@ -23,6 +23,11 @@ kernel that cannot serve the call's dtype or shape raises ``ValueError`` naming 
 merge kernel as a programmatic dependent of the decode kernel (Hopper; ``pdl=False`` launches it after
 the decode kernel). CPU tensors take ``kernel="auto"`` only; the reference ignores both.
 
+Cache layout v2 (docs/design.md, "Compiled ops"): ``sparse_decode`` reads FP8 (e4m3) stored values with a
+float16 scale per token vector (``k_scale`` / ``v_scale``) and, given ``lengths = (n_c, n_w)``, only the
+first ``n_c`` store rows and a ring window; ``append_decode`` is the in-place decode step that fills that
+layout. ``lengths`` is never read on the host here (the CPU kernel and the reference read it).
+
 torch.compile: every op has a fake (meta) implementation, registered when the extension loads, so
 ``torch.compile(fullgraph=True)`` traces both ``torch.ops.mustafar.*`` and these wrappers (their checks
 run at trace time).
@@ -40,11 +45,12 @@ import torch
 from mustafar.ops import reference
 from mustafar.ops.reference import check_head_dim
 
-__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "backend",
+__all__ = ["encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode", "backend",
            "set_backend_mode", "DECODE_KERNELS"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode")
+_FP8 = reference.FP8
+_OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode")
 _MODES = ("auto", "reference", "compiled")
 #: the values of ``sparse_decode``'s ``kernel`` argument
 DECODE_KERNELS = ("auto", "v7", "v7g", "v4", "v5", "v6", "v6g")
@@ -97,8 +103,14 @@ def _fake_sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_w
     return q.new_empty(q.shape)  # [B, H_q, D] in q.dtype
 
 
+def _fake_append_decode(k, v, k_window, v_window, k_bitmap, k_values, v_bitmap, v_values, k_scale, v_scale,
+                        lengths, local_window, chunk):
+    return None  # mutates the window, store, scales and lengths in place
+
+
 _FAKES = {"encode_bitmap": _fake_encode, "decode_bitmap": _fake_decode,
-          "prune_encode_topk": _fake_topk, "sparse_decode": _fake_sparse_decode}
+          "prune_encode_topk": _fake_topk, "sparse_decode": _fake_sparse_decode,
+          "append_decode": _fake_append_decode}
 
 
 def _register_fakes() -> None:
@@ -207,6 +219,37 @@ def _check_bitmap(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}.dtype={t.dtype}: bitmaps are int64")
 
 
+def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple, d: int) -> bool:
+    """Stored values ``[*shape, k]`` in ``dtype`` or float8_e4m3fn, ``k <= d``; returns whether FP8."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (dtype, _FP8):
+        raise ValueError(f"{name}.dtype={t.dtype}: expected {dtype} (the dense dtype) or torch.float8_e4m3fn")
+    if t.dim() != len(shape) + 1 or tuple(t.shape[:-1]) != tuple(shape) or t.shape[-1] > d:
+        raise ValueError(f"{name} shape {tuple(t.shape)}: expected [{', '.join(map(str, shape))}, k] with k <= {d}")
+    return t.dtype == _FP8
+
+
+def _check_scale(name: str, t, values_name: str, fp8: bool, shape: tuple) -> None:
+    """An FP8 side's float16 scale ``shape``; None for a side stored in the dense dtype."""
+    if not fp8:
+        if t is not None:
+            raise ValueError(f"{name} given but {values_name} is not float8_e4m3fn: a scale belongs to FP8 values only")
+        return
+    if t is None:
+        raise ValueError(f"{values_name} is float8_e4m3fn but {name} is None: FP8 values need their float16 scale")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float16:
+        raise ValueError(f"{name}.dtype={getattr(t, 'dtype', type(t).__name__)}: expected torch.float16")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(t.shape)} != [{', '.join(map(str, shape))}]")
+
+
+def _check_lengths(t) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (2,):
+        raise ValueError(f"lengths must be an int32 tensor [2] = (n_c, n_w), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+
+
 def _same_device(**tensors: torch.Tensor) -> torch.device:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     first = next(iter(devs.values()))
@@ -302,10 +345,18 @@ def sparse_decode(
     ----------
     q : ``[B, H_q, D]`` float16/bfloat16/float32.
     k_bitmap, v_bitmap : int64 ``[B, H_kv, T_c, D // 64]``.
-    k_values : ``[B, H_kv, T_c, k_k]``; v_values : ``[B, H_kv, T_c, k_v]`` (q's dtype).
+    k_values : ``[B, H_kv, T_c, k_k]``; v_values : ``[B, H_kv, T_c, k_v]``: q's dtype or
+        ``torch.float8_e4m3fn`` (each side on its own; stored value = ``q8.float() * scale.float()``).
     k_window, v_window : ``[B, H_kv, T_w, D]`` (q's dtype) or None for ``T_w = 0``.
     kv_start : optional int32/int64 ``[B]``: positions ``< kv_start[b]`` are masked out.
     scale : softmax scale (default ``1/sqrt(D)``).
+    k_scale, v_scale : float16 ``[B, H_kv, T_c]``, required for an FP8 side and None otherwise
+        (:func:`mustafar.format.quantize_fp8`).
+    lengths : optional int32 ``[2] = (n_c, n_w)`` on q's device (never read on the host on CUDA): only
+        compressed rows ``[0, n_c)`` (``n_c <= T_c``, the store's capacity) are attended, and the window
+        is a ring of ``R = T_w`` slots whose row ``i < n_w <= R`` is slot ``(n_c + i) % R``. None:
+        ``n_c = T_c``, ``n_w = T_w``, window row ``i`` in slot ``i``. Positions: compressed row ``r`` is
+        ``r``, window row ``i`` is ``n_c + i`` (what ``kv_start`` masks).
     kernel : the CUDA decode kernel: ``"auto"`` (default rule, see the module docstring), ``"v4"``,
         ``"v5"``, ``"v6"`` or ``"v6g"``; one that cannot serve the dtype / shape raises ``ValueError``.
         CPU tensors take ``"auto"`` only; the reference backend ignores it.
@@ -338,14 +389,8 @@ def sparse_decode(
         raise ValueError(f"H_q={h_q} is not a multiple of H_kv={h_kv}")
     if tuple(v_bitmap.shape) != tuple(k_bitmap.shape):
         raise ValueError(f"v_bitmap shape {tuple(v_bitmap.shape)} != k_bitmap shape {tuple(k_bitmap.shape)}")
-    for n, t in (("k_values", k_values), ("v_values", v_values)):
-        _check_float(n, t)
-        if t.dtype != q.dtype:
-            raise ValueError(f"{n}.dtype={t.dtype} != q.dtype={q.dtype}")
-        if t.dim() != 4 or tuple(t.shape[:3]) != (b, h_kv, t_c) or t.shape[3] > d:
-            raise ValueError(
-                f"{n} shape {tuple(t.shape)}: expected [{b}, {h_kv}, {t_c}, k] with k <= {d}"
-            )
+    for n, t, sn, st in (("k_values", k_values, "k_scale", k_scale), ("v_values", v_values, "v_scale", v_scale)):
+        _check_scale(sn, st, n, _check_values(n, t, q.dtype, (b, h_kv, t_c), d), (b, h_kv, t_c))
     if (k_window is None) != (v_window is None):
         raise ValueError("k_window and v_window must both be given or both be None")
     if k_window is None:
@@ -365,16 +410,94 @@ def sparse_decode(
         if tuple(kv_start.shape) != (b,):
             raise ValueError(f"kv_start shape {tuple(kv_start.shape)} != [B] = [{b}]")
         kv_start = kv_start.to(torch.int32)
+    if lengths is not None:
+        _check_lengths(lengths)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale={scale} must be finite")
     dev = _same_device(q=q, k_bitmap=k_bitmap, k_values=k_values, v_bitmap=v_bitmap,
-                       v_values=v_values, k_window=k_window, v_window=v_window, kv_start=kv_start)
+                       v_values=v_values, k_window=k_window, v_window=v_window, kv_start=kv_start,
+                       k_scale=k_scale, v_scale=v_scale, lengths=lengths)
     be = backend(dev)
     if be == "reference":
         return reference.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window,
-                                       kv_start, scale, kernel=kernel, pdl=pdl)
+                                       kv_start, scale, k_scale=k_scale, v_scale=v_scale, lengths=lengths,
+                                       kernel=kernel, pdl=pdl)
     return torch.ops.mustafar.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window,
                                             v_window, kv_start, scale, k_scale, v_scale, lengths, kernel, pdl)
+
+
+def _check_int(name: str, x, lo: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise ValueError(f"{name}={x!r} must be an int >= {lo}")
+    return x
+
+
+def append_decode(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_window: torch.Tensor,
+    v_window: torch.Tensor,
+    k_bitmap: torch.Tensor,
+    k_values: torch.Tensor,
+    v_bitmap: torch.Tensor,
+    v_values: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    lengths: torch.Tensor,
+    local_window: int,
+    chunk: int,
+) -> None:
+    """One decode step of a preallocated cache layer, in place (what :func:`sparse_decode` with
+    ``lengths`` then reads). No host read of ``lengths`` on CUDA.
+
+    Parameters
+    ----------
+    k, v : ``[B, H, 1, D]`` the new token, in the windows' dtype (float16/bfloat16/float32).
+    k_window, v_window : ``[B, H, R, D]`` ring buffers, ``R >= local_window + chunk + 1``.
+    k_bitmap, v_bitmap : int64 ``[B, H, C, D // 64]`` the store (capacity ``C`` rows).
+    k_values, v_values : ``[B, H, C, k_k]`` / ``[B, H, C, k_v]``: the windows' dtype or float8_e4m3fn.
+    k_scale, v_scale : float16 ``[B, H, C]`` for an FP8 side, else None.
+    lengths : int32 ``[2] = (n_c, n_w)``, updated in place.
+    local_window : ``L >= 0``, tokens kept dense; chunk : ``>= 1``, tokens made visible at once.
+
+    Semantics (``n = n_c + n_w``): the token goes to ring slot ``n % R``; the token ``e = n - L`` that
+    leaves the ``L`` most recent ones is, when ``e >= max(0, n_c)``, pruned to its ``k_k`` / ``k_v``
+    largest magnitudes (tie rule of :func:`prune_encode_topk`), quantized where that side is FP8
+    (:func:`mustafar.format.quantize_fp8`) and written to store row ``e`` (``e < C``); then
+    ``n_w += 1`` and, if ``n_w > L + chunk``, ``n_c += chunk`` and ``n_w -= chunk``.
+    """
+    local_window = _check_int("local_window", local_window, 0)
+    chunk = _check_int("chunk", chunk, 1)
+    _check_float("k_window", k_window)
+    if k_window.dim() != 4:
+        raise ValueError(f"k_window must be [B, H, R, D], got shape {tuple(k_window.shape)}")
+    b, h, r, d = k_window.shape
+    w = check_head_dim(d)
+    if r < local_window + chunk + 1:
+        raise ValueError(f"window ring of R={r} slots < local_window + chunk + 1 = {local_window + chunk + 1}")
+    for n, t, shape in (("v_window", v_window, (b, h, r, d)), ("k", k, (b, h, 1, d)), ("v", v, (b, h, 1, d))):
+        _check_float(n, t)
+        if t.dtype != k_window.dtype:
+            raise ValueError(f"{n}.dtype={t.dtype} != k_window.dtype={k_window.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{n} shape {tuple(t.shape)}: expected [{', '.join(map(str, shape))}]")
+    for n, t in (("k_bitmap", k_bitmap), ("v_bitmap", v_bitmap)):
+        _check_bitmap(n, t)
+        if t.dim() != 4 or tuple(t.shape[:2]) != (b, h) or t.shape[3] != w:
+            raise ValueError(f"{n} shape {tuple(t.shape)}: expected [{b}, {h}, C, {w}]")
+    cap = k_bitmap.shape[2]
+    if tuple(v_bitmap.shape) != tuple(k_bitmap.shape):
+        raise ValueError(f"v_bitmap shape {tuple(v_bitmap.shape)} != k_bitmap shape {tuple(k_bitmap.shape)}")
+    for n, t, sn, st in (("k_values", k_values, "k_scale", k_scale), ("v_values", v_values, "v_scale", v_scale)):
+        _check_scale(sn, st, n, _check_values(n, t, k_window.dtype, (b, h, cap), d), (b, h, cap))
+    _check_lengths(lengths)
+    dev = _same_device(k=k, v=v, k_window=k_window, v_window=v_window, k_bitmap=k_bitmap, k_values=k_values,
+                       v_bitmap=v_bitmap, v_values=v_values, k_scale=k_scale, v_scale=v_scale, lengths=lengths)
+    if backend(dev) == "reference":
+        return reference.append_decode(k, v, k_window, v_window, k_bitmap, k_values, v_bitmap, v_values,
+                                       k_scale, v_scale, lengths, local_window, chunk)
+    torch.ops.mustafar.append_decode(k, v, k_window, v_window, k_bitmap, k_values, v_bitmap, v_values,
+                                     k_scale, v_scale, lengths, local_window, chunk)
