@@ -15,8 +15,9 @@
 // rows [0, n_c) are attended and the window is a ring of R = k_window.size(2) slots, window row i in slot
 // (n_c + i) % R. append_decode is one decode step writing that layout (semantics in docs/design.md).
 //
-// sparse_decode's kernel argument picks the CUDA decode kernel: "auto" (the default rule, see
-// csrc/cuda/plan.cu), "v4", "v5", "v6" or "v6g"; a name the kernel cannot serve raises ValueError. pdl: launch
+// sparse_decode's variant argument (the Python wrapper's kernel=; not named "kernel" in the schema because
+// inductor's FallbackKernel.create takes a parameter of that name) picks the CUDA decode kernel: "auto" (v7),
+// "v7", "v7g" (v7 with k at run time), "v4", "v5", "v6" or "v6g"; a name that cannot serve raises ValueError. pdl: launch
 // the CUDA merge kernel as a programmatic dependent of the decode kernel (Hopper). The CPU kernel takes
 // "auto" only and ignores pdl.
 
@@ -31,7 +32,7 @@ TORCH_LIBRARY(mustafar, m) {
   m.def(
       "sparse_decode(Tensor q, Tensor k_bitmap, Tensor k_values, Tensor v_bitmap, Tensor v_values, "
       "Tensor k_window, Tensor v_window, Tensor? kv_start, float scale, Tensor? k_scale=None, "
-      "Tensor? v_scale=None, Tensor? lengths=None, str kernel=\"auto\", bool pdl=True) -> Tensor");
+      "Tensor? v_scale=None, Tensor? lengths=None, str variant=\"auto\", bool pdl=True) -> Tensor");
   m.def(
       "append_decode(Tensor k, Tensor v, Tensor(a!) k_window, Tensor(b!) v_window, Tensor(c!) k_bitmap, "
       "Tensor(d!) k_values, Tensor(e!) v_bitmap, Tensor(f!) v_values, Tensor(g!)? k_scale, Tensor(h!)? v_scale, "

@@ -35,7 +35,7 @@ kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(a.B, a.Hkv, a.T, a.D, 
 vb, vv = torch.ops.mustafar.prune_encode_topk(torch.randn(a.B, a.Hkv, a.T, a.D, device="cuda", generator=g).to(dt), k)
 empty = q.new_empty(a.B, a.Hkv, 0, a.D)
 for _ in range(4):
-    out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, empty, empty, None, 1 / math.sqrt(a.D), a.kernel,
+    out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, empty, empty, None, 1 / math.sqrt(a.D), None, None, None, a.kernel,
                                            not a.no_pdl)
 torch.cuda.synchronize()
 print("ok", a, float(out.float().abs().sum()))

@@ -26,8 +26,8 @@ for dt in (torch.float16, torch.bfloat16):
         # (the op's kernel argument); the merge as a programmatic dependent and after the decode kernel (pdl)
         for kern in ("v4", "v5", "v6", "v6g"):
             for pdl in (True, False):
-                out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), kern, pdl)
-                out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d), kern, pdl)
+                out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None, None, kern, pdl)
+                out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None, None, kern, pdl)
                 torch.cuda.synchronize()
                 print(dt, d, g, kern, f"pdl={pdl}", "ok", float(out.float().abs().sum()),
                       float(out2.float().abs().sum()), float(dense.float().abs().sum()))

@@ -169,7 +169,7 @@ def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, seed=sum(case))
     _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     scale = 1.0 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, None, scale, decode_kernel)
+    out = torch.ops.mustafar.sparse_decode(*args, None, scale, variant=decode_kernel)
     ref = _ref64(*args, None, scale)
     assert out.shape == (b, h_kv * g, d) and out.dtype == dtype
     assert _rel(out, ref) < 1e-2
@@ -185,7 +185,7 @@ def test_sparse_decode_masking_padding_strides(dtype, d, decode_kernel):
     _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     ks = torch.tensor([0, 17, 299, 310, 320], dtype=torch.int32, device=DEV)  # last: all masked
     scale = 0.7 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, decode_kernel)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, variant=decode_kernel)
     ref = _ref64(*args, ks, scale)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert _rel(out[:4], ref[:4]) < tol
@@ -219,7 +219,7 @@ def test_sparse_decode_v5_value_modes(dtype, mode, g):
                       seed=int(1000 * s_k) + d + g)
     ks = torch.tensor([0, 5, 100], dtype=torch.int32, device=DEV)
     scale = 1.0 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, "v5")
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, variant="v5")
     ref = _ref64(*args, ks, scale)
     assert _rel(out, ref) < 1e-2
 
@@ -296,7 +296,7 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g):
         assert bool((sum(((w0 >> i) & 1) for i in range(32)) > k_k // 2).any()), "no row with a heavy end word"
     ks = torch.tensor([0, 7, 100], dtype=torch.int32, device=DEV)
     scale = 1.0 / math.sqrt(d)
-    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, kernel)
+    out = torch.ops.mustafar.sparse_decode(*args, ks, scale, variant=kernel)
     ref = _ref64(*args, ks, scale)
     assert _rel(out, ref) < 1e-2
 
@@ -309,7 +309,7 @@ def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g):
     sequences (many splits at batch 1), batch 64; MHA and four query heads per KV head."""
     args = _make_case(b, 2, g, 128, t_c, t_w, torch.float16, s_k=s, s_v=s, seed=t_c + t_w)
     scale = 1.0 / math.sqrt(128)
-    out = torch.ops.mustafar.sparse_decode(*args, None, scale, kernel)
+    out = torch.ops.mustafar.sparse_decode(*args, None, scale, variant=kernel)
     ref = _ref64(*args, None, scale)
     assert _rel(out, ref) < 1e-2
 
@@ -320,10 +320,10 @@ def test_sparse_decode_v6_refuses(kernel):
 
     args = _make_case(1, 2, 2, 128, 70, 3, torch.float16)  # G = 2
     with pytest.raises(ValueError, match=f"kernel={kernel} needs"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1, kernel)
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, variant=kernel)
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float16, s_k=0.3)  # k_k = 90 > 64
     with pytest.raises(ValueError, match=f"kernel={kernel} needs"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1, kernel)
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, variant=kernel)
     with pytest.raises(ValueError, match=f"kernel={kernel} needs"):  # through the wrapper too
         ops.sparse_decode(*args, kernel=kernel)
 
@@ -332,15 +332,15 @@ def test_sparse_decode_v6_refuses(kernel):
 def test_sparse_decode_fp16_kernels_refuse_float32(kernel):
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float32)
     with pytest.raises(ValueError, match=f"kernel={kernel} cannot serve q.dtype=Float"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1, kernel)
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, variant=kernel)
     for name in ("auto", "v4"):  # float32 runs v4
-        assert _rel(torch.ops.mustafar.sparse_decode(*args, None, 0.1, name), _ref64(*args, None, 0.1)) < 1e-4
+        assert _rel(torch.ops.mustafar.sparse_decode(*args, None, 0.1, variant=name), _ref64(*args, None, 0.1)) < 1e-4
 
 
 def test_sparse_decode_bad_kernel_choice_raises():
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float16)
     with pytest.raises(ValueError, match="kernel=v9"):
-        torch.ops.mustafar.sparse_decode(*args, None, 0.1, "v9")
+        torch.ops.mustafar.sparse_decode(*args, None, 0.1, variant="v9")
     from mustafar import ops
 
     with pytest.raises(ValueError, match="kernel='v9'"):
@@ -370,8 +370,8 @@ def test_sparse_decode_merge_with_and_without_pdl(case, decode_kernel):
     for rep in range(3):
         args = _make_case(b, h_kv, g, d, t_c, t_w, torch.float16, s_k=0.7, s_v=0.7, seed=rep + sum(case))
         _skip_unless_v6_covers(decode_kernel, g, torch.float16, args[2], args[4])
-        a = torch.ops.mustafar.sparse_decode(*args, None, scale, decode_kernel)  # pdl=True (the default)
-        c = torch.ops.mustafar.sparse_decode(*args, None, scale, decode_kernel, False)
+        a = torch.ops.mustafar.sparse_decode(*args, None, scale, variant=decode_kernel)  # pdl=True (the default)
+        c = torch.ops.mustafar.sparse_decode(*args, None, scale, variant=decode_kernel, pdl=False)
         assert torch.equal(a, c)
         assert _rel(a, _ref64(*args, None, scale)) < 1e-2
 

@@ -254,7 +254,7 @@ def test_sparse_decode_kernel_argument_on_cpu():
         with pytest.raises(ValueError, match=f"kernel={name} .*CUDA tensors"):
             ops.sparse_decode(*case, kernel=name)
         with pytest.raises(ValueError, match=f"kernel={name} "):
-            torch.ops.mustafar.sparse_decode(*case, None, 0.125, kernel=name, pdl=True)
+            torch.ops.mustafar.sparse_decode(*case, None, 0.125, variant=name, pdl=True)
     with pytest.raises(ValueError, match="kernel=bogus"):
         torch.ops.mustafar.sparse_decode(*case, None, 0.125, None, None, None, "bogus", True)
     # the schema's defaults: kernel="auto", pdl=True

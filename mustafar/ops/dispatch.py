@@ -99,7 +99,7 @@ def _fake_topk(x, k):
 
 
 def _fake_sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window, kv_start, scale,
-                        k_scale=None, v_scale=None, lengths=None, kernel="auto", pdl=True):
+                        k_scale=None, v_scale=None, lengths=None, variant="auto", pdl=True):
     return q.new_empty(q.shape)  # [B, H_q, D] in q.dtype
 
 
