@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from mustafar import format as fmt
 from mustafar import ops
 from mustafar.cache.handoff import Handoff
 
@@ -125,9 +126,12 @@ def mustafar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         return out.unsqueeze(1), None  # [B, 1, H_q, D]
     if store is not None:
         # slow path (a 4D mask in a decode step): decompress this layer for this call only
-        d = store["head_dim"]
-        key = torch.cat([ops.decode_bitmap(store["k_bitmap"], store["k_values"], d), store["k_window"]], dim=2)
-        value = torch.cat([ops.decode_bitmap(store["v_bitmap"], store["v_values"], d), store["v_window"]], dim=2)
+        d, dt = store["head_dim"], store["k_window"].dtype
+        parts = []
+        for w in ("k", "v"):
+            sp = fmt.SparseKV(store[f"{w}_bitmap"], store[f"{w}_values"], d, scale=store.get(f"{w}_scale"))
+            parts.append(torch.cat([fmt.decode(sp, dtype=dt), store[f"{w}_window"]], dim=2))
+        key, value = parts
     given_mask = attention_mask
     if _is_kv_start(attention_mask):
         t = key.shape[2]

@@ -127,8 +127,8 @@ def preallocated_layer_nbytes(config: MustafarConfig, batch: int, num_kv_heads: 
         return static_layer_nbytes(config, batch, num_kv_heads, head_dim, dtype, max_cache_len)
     it = dtype.itemsize
     rows = round_up(max(0, max_cache_len - config.local_window))
-    w = head_dim // 64
-    sparse_row = 2 * 8 * w + (config.kept("k", head_dim) + config.kept("v", head_dim)) * it
+    sparse_row = sum(fmt.format_bytes(head_dim, getattr(config, f"{w}_sparsity"), dtype, config.value_dtype(w))
+                     for w in "kv")
     win = min(max_cache_len, config.local_window + config.compress_chunk + 1)
     return batch * num_kv_heads * (rows * sparse_row + win * 2 * head_dim * it) + 16
 
@@ -250,9 +250,9 @@ class MustafarCache(Cache):
                 continue
             if not layer.is_initialized:
                 continue
-            d, it = layer.head_dim, layer.dtype.itemsize
-            per_head = (layer.n_c * (2 * 8 * (d // 64) + (self.config.kept("k", d) + self.config.kept("v", d)) * it)
-                        + layer.n_w * 2 * d * it)
+            d, it, c = layer.head_dim, layer.dtype.itemsize, self.config
+            row = sum(fmt.format_bytes(d, getattr(c, f"{w}_sparsity"), layer.dtype, c.value_dtype(w)) for w in "kv")
+            per_head = layer.n_c * row + layer.n_w * 2 * d * it
             total += layer.batch_size * layer.num_kv_heads * per_head + layer.counts.nbytes
             total += sum(t.nbytes for n, t in ts.items() if n not in ("k_dense", "v_dense", "counts"))
         return total

@@ -250,12 +250,17 @@ class MustafarLayerBase(CacheLayerMixin):
         """Prune (with ``mask`` where given, else the side's strategy) and encode ``x [B, H, n, D]``."""
         x = x.contiguous()
         s = getattr(self.cfg, f"{which}_sparsity")
+        vdt = self.cfg.value_dtype(which)
         if mask is None and self._plain(which):
-            return fmt.encode_topk(x, s)
+            return fmt.encode_topk(x, s, value_dtype=vdt)
         if mask is None:
             _, mask = prune(x, s, getattr(self.cfg, f"{which}_strategy"), return_mask=True,
                             **getattr(self.cfg, f"{which}_strategy_kwargs"))
-        return fmt.encode(x, mask, self.cfg.kept(which, self.head_dim))
+        sp = fmt.encode(x, mask, self.cfg.kept(which, self.head_dim))
+        if vdt is None:
+            return sp
+        q8, sc = fmt.quantize_fp8(sp.values)
+        return fmt.SparseKV(sp.bitmap, q8, self.head_dim, scale=sc)
 
     # -- Cache API
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:

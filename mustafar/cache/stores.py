@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from mustafar import format as fmt
 from mustafar import ops
 from mustafar.cache.layers import MustafarLayerBase, round_up
 
@@ -31,13 +32,19 @@ class MustafarLayer(MustafarLayerBase):
         self.kv = self.cfg.kept("v", d)
         it = self.dtype.itemsize
         self._dense_row = 2 * d * it  # K + V bytes of one dense token (per head)
-        self._sparse_row = 2 * 8 * self.W + (self.kk + self.kv) * it
+        self._sparse_row = sum(fmt.format_bytes(d, getattr(self.cfg, f"{w}_sparsity"), self.dtype,
+                                                self.cfg.value_dtype(w)) for w in ("k", "v"))
         cap = self._store_capacity(0, 0, self._dense_row, self._sparse_row) if self.max_cache_len else 0
         self.cap = cap
         self.k_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
         self.v_bitmap = torch.zeros(batch, h, cap, self.W, dtype=torch.int64, device=device)
-        self.k_vals = torch.zeros(batch, h, cap, self.kk, dtype=self.dtype, device=device)
-        self.v_vals = torch.zeros(batch, h, cap, self.kv, dtype=self.dtype, device=device)
+        self.k_vals = torch.zeros(batch, h, cap, self.kk, dtype=self.cfg.value_dtype("k") or self.dtype, device=device)
+        self.v_vals = torch.zeros(batch, h, cap, self.kv, dtype=self.cfg.value_dtype("v") or self.dtype, device=device)
+        # fp8 sides: one float16 scale per token vector (mustafar.format.quantize_fp8)
+        self.k_scale = (torch.ones(batch, h, cap, dtype=torch.float16, device=device)
+                        if self.cfg.value_dtype("k") is not None else None)
+        self.v_scale = (torch.ones(batch, h, cap, dtype=torch.float16, device=device)
+                        if self.cfg.value_dtype("v") is not None else None)
         w0 = self._window_capacity(0) if self.max_cache_len else 0
         self.k_win = torch.zeros(batch, h, w0, d, dtype=self.dtype, device=device)
         self.v_win = torch.zeros(batch, h, w0, d, dtype=self.dtype, device=device)
@@ -53,7 +60,7 @@ class MustafarLayer(MustafarLayerBase):
             self._resize_window(self._window_capacity(needed), self.n_w)
 
     def _free(self):
-        for n in ("k_bitmap", "v_bitmap", "k_vals", "v_vals", "k_win", "v_win"):
+        for n in ("k_bitmap", "v_bitmap", "k_vals", "v_vals", "k_scale", "v_scale", "k_win", "v_win"):
             setattr(self, n, None)
         self.keys = self.values = None
 
@@ -65,9 +72,10 @@ class MustafarLayer(MustafarLayerBase):
     def tensors(self):
         if not self.is_initialized:
             return {}
+        scales = {f"{w}_scales": t for w, t in (("k", self.k_scale), ("v", self.v_scale)) if t is not None}
         return {"k_bitmap": self.k_bitmap, "v_bitmap": self.v_bitmap, "k_values": self.k_vals,
-                "v_values": self.v_vals, "k_window": self.k_win, "v_window": self.v_win, "counts": self.counts,
-                **(self._qs.tensors() if self._qs is not None else {})}
+                "v_values": self.v_vals, **scales, "k_window": self.k_win, "v_window": self.v_win,
+                "counts": self.counts, **(self._qs.tensors() if self._qs is not None else {})}
 
     def _reserve(self, n_new: int):
         """Make room for ``n_new`` more compressed rows (growth copies the used rows once)."""
@@ -77,6 +85,11 @@ class MustafarLayer(MustafarLayerBase):
         cap = self._store_capacity(self.cap, needed, self._dense_row, self._sparse_row)
         for name in ("k_bitmap", "v_bitmap", "k_vals", "v_vals"):
             setattr(self, name, _grown(getattr(self, name), cap, self.n_c))
+        for name in ("k_scale", "v_scale"):
+            if getattr(self, name) is not None:
+                new = getattr(self, name).new_ones(self.batch_size, self.num_kv_heads, cap)
+                new[:, :, : self.n_c] = getattr(self, name)[:, :, : self.n_c]
+                setattr(self, name, new)
         self.cap = cap
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, km=None, vm=None):
@@ -91,6 +104,10 @@ class MustafarLayer(MustafarLayerBase):
         self.k_vals[:, :, sl] = ks.values
         self.v_bitmap[:, :, sl] = vs.bitmap
         self.v_vals[:, :, sl] = vs.values
+        if ks.scale is not None:
+            self.k_scale[:, :, sl] = ks.scale
+        if vs.scale is not None:
+            self.v_scale[:, :, sl] = vs.scale
         self.n_c += n
 
     def _append_window(self, k, v):
@@ -129,14 +146,18 @@ class MustafarLayer(MustafarLayerBase):
         store = dict(k_bitmap=self.k_bitmap[:, :, : self.n_c], k_values=self.k_vals[:, :, : self.n_c],
                      v_bitmap=self.v_bitmap[:, :, : self.n_c], v_values=self.v_vals[:, :, : self.n_c],
                      k_window=keys, v_window=values, head_dim=self.head_dim,
+                     k_scale=None if self.k_scale is None else self.k_scale[:, :, : self.n_c],
+                     v_scale=None if self.v_scale is None else self.v_scale[:, :, : self.n_c],
                      kernel=self.cfg.decode_kernel if keys.device.type == "cuda" else "auto")  # CPU: one C++ kernel
         return keys, values, store
 
     def _past_dense(self):
-        d = self.head_dim
-        pk = ops.decode_bitmap(self.k_bitmap[:, :, : self.n_c], self.k_vals[:, :, : self.n_c], d)
-        pv = ops.decode_bitmap(self.v_bitmap[:, :, : self.n_c], self.v_vals[:, :, : self.n_c], d)
-        return pk, pv
+        n, d = self.n_c, self.head_dim
+        out = []
+        for bm, vals, sc in ((self.k_bitmap, self.k_vals, self.k_scale), (self.v_bitmap, self.v_vals, self.v_scale)):
+            sp = fmt.SparseKV(bm[:, :, :n], vals[:, :, :n], d, scale=None if sc is None else sc[:, :, :n])
+            out.append(fmt.decode(sp, dtype=self.dtype))
+        return out[0], out[1]
 
     def _dense_with(self, k, v):
         if self.n_c == 0 and self.n_w == 0:
@@ -197,7 +218,11 @@ class MustafarSimulatedLayer(MustafarLayerBase):
         zero = torch.zeros((), dtype=self.dtype, device=self.k_buf.device)
         for buf, which, m in ((self.k_buf, "k", km), (self.v_buf, "v", vm)):
             rows = buf[:, :, sl].clone()
-            buf[:, :, sl] = self._prune_dense(which, rows) if m is None else torch.where(m, rows, zero)
+            rows = self._prune_dense(which, rows) if m is None else torch.where(m, rows, zero)
+            if self.cfg.value_dtype(which) is not None:  # the compressed mode's fp8 values, dequantized
+                q8, sc = fmt.quantize_fp8(rows)  # zeros (pruned) stay 0; the amax is the kept values'
+                rows = (q8.float() * sc.float()[..., None]).to(self.dtype)
+            buf[:, :, sl] = rows
 
     def _window_rows(self):
         sl = slice(self.n_c, self.n_c + self.n_w)
