@@ -214,7 +214,7 @@ def write_results(path, res: dict, command: str | None = None, prov: dict | None
 
 # ------------------------------------------------------------------------------------------------ caches by name
 DENSE_KINDS = ("dense", "static")
-MUSTAFAR_KINDS = ("compressed", "simulate")
+MUSTAFAR_KINDS = ("compressed", "compressed-fp8", "simulate")
 CACHE_KINDS = DENSE_KINDS + MUSTAFAR_KINDS
 
 
@@ -227,7 +227,8 @@ def make_cache(kind: str, model, sparsity: float = 0.0, max_len: int | None = No
         ``"dense"``: transformers ``DynamicCache`` (grows by ``torch.cat``); ``"static"``:
         ``StaticCache`` of ``max_len`` tokens (preallocated); ``"compressed"`` / ``"simulate"``:
         :class:`mustafar.MustafarCache` with ``MustafarConfig(k_sparsity=v_sparsity=sparsity,
-        mode=kind)`` and ``max_cache_len=max_len``.
+        mode=kind)`` and ``max_cache_len=max_len``; ``"compressed-fp8"``: compressed with e4m3 stored
+        values on both sides.
     model : transformers model
     sparsity : float
         K and V sparsity of a MustafarCache (ignored by the dense kinds).
@@ -265,6 +266,9 @@ def make_cache(kind: str, model, sparsity: float = 0.0, max_len: int | None = No
 
     # the config's default decode kernel is "auto": name it only when another one is asked for
     chosen = {} if kernel == "auto" else {"decode_kernel": kernel}
+    if kind == "compressed-fp8":  # e4m3 stored values + a float16 scale per token vector, both sides
+        chosen.update(k_value_dtype="fp8_e4m3", v_value_dtype="fp8_e4m3")
+        kind = "compressed"
     cfg = mustafar.MustafarConfig(k_sparsity=sparsity, v_sparsity=sparsity, mode=kind, **chosen)
     return mustafar.MustafarCache(model, cfg, max_cache_len=max_len)
 

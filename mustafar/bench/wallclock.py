@@ -22,9 +22,13 @@ Variants (``--variants``; every one runs greedy, fixed length, no EOS):
   time is taken at the first generated token (a streamer that synchronises once).
 * ``mustafar``: eager :func:`mustafar.generate.generate` on a compressed :class:`mustafar.MustafarCache`
   (``max_cache_len = P + N``) at each ``--sparsities`` (``MustafarConfig(decode_kernel=--decode-kernel)``).
-* ``mustafar-compiled``: the same with the decode step compiled. Today ``MustafarCache`` is not
-  compileable and :func:`mustafar.generate.generate` refuses (``ValueError``); the row records that
-  message instead of a time (no silent eager fallback).
+* ``mustafar-compiled``: the same with the decode step compiled (the compileable layer of
+  :mod:`mustafar.cache.static`: ``MustafarCache(..., max_cache_len=P + N)`` with per-token magnitude
+  pruning); one cache per cell, ``reset()`` between calls, as ``static-compiled``. A configuration that
+  cannot be compiled records :func:`mustafar.generate.check_compileable`'s message instead of a time
+  (no silent eager fallback).
+* ``mustafar-fp8-compiled``: ``mustafar-compiled`` with e4m3 stored values (+ a float16 scale per token
+  vector) on both sides.
 
 Protocol per cell (model, dtype, P:N, batch): every variant is called ``--warmup`` times (the first call
 is recorded as ``first_call_s``: it includes compilation / CUDA-graph capture), then ``--reps`` rounds in
@@ -60,7 +64,8 @@ from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, cache_nbytes, comman
 
 __all__ = ["VARIANTS", "main", "run", "run_cell"]
 
-VARIANTS = ("dynamic", "static", "static-compiled", "hf-static-compiled", "mustafar", "mustafar-compiled")
+VARIANTS = ("dynamic", "static", "static-compiled", "hf-static-compiled", "mustafar", "mustafar-compiled",
+            "mustafar-fp8-compiled")
 COMPILED_BASELINES = ("static-compiled", "hf-static-compiled")
 
 
@@ -97,9 +102,13 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
 
     def ours(kind, s, compile=None, cache_box=None):
         def fn():
-            if cache_box is not None:  # one StaticCache per cell, reset: the compiled graph keeps its addresses
+            if cache_box is not None:  # one preallocated cache per cell, reset: the compiled graph keeps its addresses
                 if "cache" in cache_box:
-                    _use_sdpa(model)
+                    if kind.startswith("compressed"):
+                        from mustafar.cache.attention import prepare_model
+                        prepare_model(model)  # a dense variant in between switched the model back to sdpa
+                    else:
+                        _use_sdpa(model)
                     cache_box["cache"].reset()
                 else:
                     cache_box["cache"] = make_cache(kind, model, s, max_len, kernel)
@@ -145,16 +154,19 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
             out["static-compiled"] = (v, None, ours("static", 0.0, compile_mode, cache_box={}))
         elif v == "hf-static-compiled":
             out["hf-static-compiled"] = (v, None, hf_static())
-        elif v in ("mustafar", "mustafar-compiled"):
+        elif v in ("mustafar", "mustafar-compiled", "mustafar-fp8-compiled"):
+            kind = "compressed-fp8" if "fp8" in v else "compressed"
+            compiled = v.endswith("-compiled")
             for s in sparsities:
                 label = f"{v}@{s:g}"
-                if v == "mustafar-compiled":
+                if compiled:
                     try:
-                        check_compileable(make_cache("compressed", model, s, max_len, kernel))
+                        check_compileable(make_cache(kind, model, s, max_len, kernel))
                     except ValueError as exc:
                         out[label] = str(exc)
                         continue
-                out[label] = (v, s, ours("compressed", s, compile_mode if v == "mustafar-compiled" else None))
+                out[label] = (v, s, ours(kind, s, compile_mode if compiled else None,
+                                         cache_box={} if compiled else None))
         else:
             raise ValueError(f"unknown variant {v!r}; known: {VARIANTS}")
     return out
