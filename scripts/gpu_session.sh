@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call for issues #15 / #16: build, v7 checks, v7 timings, compiled wall clock, prototypes.
+# Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
+# in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-16}
+t0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+stamp build
+python3 -m mustafar.ops.build -v > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; grep -B2 -A8 -m5 error "$OUT/build.log"; exit 1; }
+stamp v7-check
+timeout ${T_CHECK:-170} python3 scripts/gpu_v7.py --part check --out "$OUT" 2>&1 | grep -v "^append_decode" | tail -25
+grep "^append_decode" "$OUT/gpu_v7_check_log.txt" | cut -c1-200
+stamp v7-bench
+timeout ${T_BENCH:-170} python3 scripts/gpu_v7.py --part bench --out "$OUT" 2>&1 | tail -20
+stamp wallclock
+timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --models llama2-7b --dtypes float16 \
+  --shapes ${WALL_SHAPE:-2048:128} --batches 8 --sparsities 0.7 \
+  --variants dynamic static-compiled mustafar mustafar-compiled mustafar-fp8-compiled --reps 2 \
+  --out "$OUT/e2e_wallclock.json" > "$OUT/wallclock.log" 2>&1
+tail -30 "$OUT/wallclock.log" | cut -c1-240
+stamp proto
+timeout ${T_PROTO:-100} python3 scripts/kernel_proto.py --out "$OUT" --quick 2>&1 | tail -30
+stamp done
