@@ -34,7 +34,7 @@ def _ext():
     from mustafar.ops.build import load_extension
 
     load_extension()
-    for n in ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode"):
+    for n in ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mustafar::{n}", "CUDA"), n
 
 
@@ -130,7 +130,7 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
 # every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with one or
 # four query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
 # they refuse them, test_sparse_decode_v6_refuses / test_sparse_decode_fp16_kernels_refuse_float32).
-@pytest.fixture(params=["v6", "v5", "v4"])
+@pytest.fixture(params=["v7", "v7g", "v6", "v5", "v4"])
 def decode_kernel(request):
     return request.param
 
@@ -140,6 +140,8 @@ def _skip_unless_v6_covers(kernel, g, dtype, *values):
         pytest.skip("v6 covers fp16/bf16, G in {1, 4}, k <= 64")
     if kernel == "v5" and dtype == torch.float32:
         pytest.skip("v5 covers fp16/bf16")
+    if kernel in ("v7", "v7g") and dtype == torch.float32:
+        pytest.skip("v7 covers fp16/bf16 (float32 runs v4)")
 
 
 def _ref64(q, kb, kv, vb, vv, kw, vw, ks, scale):
@@ -429,3 +431,117 @@ def test_sparse_decode_bad_head_dim_raises():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "RAISED" in res.stdout, res.stdout
+
+
+# ------------------------------------------------------------------------------------------------ v7 (issue #15)
+# v7 alone serves: every G in 1..8, D = 256, e4m3 stored values (+ float16 scale per token vector) on either
+# side, device-side lengths with a ring window. Reference: reference.sparse_decode in float64 over the same
+# (dequantized) inputs; tolerance 1e-2 as above.
+def _fp8_side(bm, vals):
+    q8, sc = reference.quantize_fp8(vals)
+    return bm, q8, sc
+
+
+V7_CASES = [
+    # b, h_kv, g, d, t_c, ring, sparsity
+    (3, 2, 1, 128, 1111, 33, 0.7), (2, 2, 2, 64, 37, 300, 0.5), (1, 4, 3, 128, 2049, 17, 0.6),
+    (2, 1, 5, 128, 517, 64, 0.8), (2, 2, 6, 64, 999, 40, 0.9), (1, 4, 7, 128, 4133, 289, 0.7),
+    (2, 2, 8, 128, 64, 1, 0.5), (2, 1, 4, 256, 700, 48, 0.7), (1, 2, 1, 256, 3000, 20, 0.8),
+    (4, 3, 1, 64, 0, 12, 0.7), (1, 1, 4, 128, 31, 0, 0.7),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fp8", ["none", "k", "v", "kv"])
+@pytest.mark.parametrize("case", V7_CASES)
+@pytest.mark.parametrize("kernel", ["v7", "v7g"])
+def test_v7_fp8_lengths_ring(dtype, fp8, case, kernel):
+    b, h_kv, g, d, t_c, ring, s = case
+    gen = torch.Generator(device=DEV).manual_seed(sum(case) + len(fp8))
+    k = d - int(math.floor(s * d + 0.5))
+    q = torch.randn(b, h_kv * g, d, device=DEV, generator=gen).to(dtype)
+    kx = torch.randn(b, h_kv, t_c, d, device=DEV, generator=gen).to(dtype)
+    vx = torch.randn(b, h_kv, t_c, d, device=DEV, generator=gen).to(dtype)
+    kb, kv = torch.ops.mustafar.prune_encode_topk(kx, k)
+    vb, vv = torch.ops.mustafar.prune_encode_topk(vx, k)
+    ks = vs = None
+    if "k" in fp8:
+        kb, kv, ks = _fp8_side(kb, kv)
+    if "v" in fp8:
+        vb, vv, vs = _fp8_side(vb, vv)
+    kw = torch.randn(b, h_kv, ring, d, device=DEV, generator=gen).to(dtype)
+    vw = torch.randn(b, h_kv, ring, d, device=DEV, generator=gen).to(dtype)
+    for lengths in (None, (max(0, t_c - 7), max(0, ring - 1))):
+        if lengths is not None and ring == 0:
+            continue
+        ln = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEV)
+        kvs = torch.randint(0, max(1, t_c // 2), (b,), device=DEV, generator=gen).to(torch.int32)
+        if b > 1:
+            kvs[-1] = t_c + ring + 1  # every position masked: zeros
+        out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), ks, vs, ln,
+                                               variant=kernel)
+        ref = reference.sparse_decode(q.double(), kb, kv if ks is not None else kv.double(), vb,
+                                      vv if vs is not None else vv.double(), kw.double(), vw.double(), kvs,
+                                      1 / math.sqrt(d), k_scale=ks, v_scale=vs, lengths=ln)
+        assert _rel(out, ref) < 1e-2, (lengths, fp8)
+        if b > 1:
+            assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+@pytest.mark.parametrize("dtype,d,s,L,chunk,fp8", [
+    (torch.float16, 128, 0.7, 32, 64, False), (torch.bfloat16, 64, 0.5, 8, 16, True),
+    (torch.float16, 256, 0.8, 0, 8, False), (torch.bfloat16, 128, 0.6, 16, 1, True), (torch.float32, 64, 0.7, 4, 4, False)])
+def test_append_decode_cuda_equals_reference(dtype, d, s, L, chunk, fp8):
+    """300 steps of append_decode on the GPU and in the plain-torch reference from the same state: identical
+    states after every step (bitmaps, values / e4m3 bytes and scales, ring, lengths)."""
+    b, h, steps = 2, 3, 300
+    k = d - int(math.floor(s * d + 0.5))
+    C, R = ((steps + 31) // 32) * 32, L + chunk + 1
+    vdt = torch.float8_e4m3fn if fp8 else dtype
+    gen = torch.Generator(device=DEV).manual_seed(d + k)
+    state = dict(k_window=torch.zeros(b, h, R, d, dtype=dtype, device=DEV),
+                 v_window=torch.zeros(b, h, R, d, dtype=dtype, device=DEV),
+                 k_bitmap=torch.zeros(b, h, C, d // 64, dtype=torch.int64, device=DEV),
+                 k_values=torch.zeros(b, h, C, k, dtype=vdt, device=DEV),
+                 v_bitmap=torch.zeros(b, h, C, d // 64, dtype=torch.int64, device=DEV),
+                 v_values=torch.zeros(b, h, C, k, dtype=vdt, device=DEV),
+                 k_scale=torch.ones(b, h, C, dtype=torch.float16, device=DEV) if fp8 else None,
+                 v_scale=torch.ones(b, h, C, dtype=torch.float16, device=DEV) if fp8 else None,
+                 lengths=torch.zeros(2, dtype=torch.int32, device=DEV))
+    ref = {n: (None if t is None else t.clone()) for n, t in state.items()}
+    names = ("k_window", "v_window", "k_bitmap", "k_values", "v_bitmap", "v_values", "k_scale", "v_scale", "lengths")
+    for step in range(steps):
+        kn = torch.randn(b, h, 1, d, device=DEV, generator=gen).to(dtype)
+        vn = torch.randn(b, h, 1, d, device=DEV, generator=gen).to(dtype)
+        if step % 17 == 3:
+            kn[..., : d // 2] = 0.5  # ties: the tie rule decides
+        torch.ops.mustafar.append_decode(kn, vn, *[state[n] for n in names], L, chunk)
+        reference.append_decode(kn, vn, *[ref[n] for n in names], L, chunk)
+    for n in names:
+        if state[n] is None:
+            continue
+        a, r = state[n], ref[n]
+        if a.dtype == torch.float8_e4m3fn:
+            a, r = a.view(torch.uint8), r.view(torch.uint8)
+        assert torch.equal(a, r), n
+
+
+@pytest.mark.parametrize("vdt", ["model", "fp8_e4m3"])
+def test_compiled_cuda_graph_generation_matches_eager(vdt):
+    """MustafarCache(max_cache_len) on the GPU: the decode step compiled with mode="reduce-overhead" (a CUDA graph
+    replayed every step, lengths read by the kernels from device memory) gives the eager greedy tokens (fp32
+    tiny-llama, 96 tokens, left padding)."""
+    import mustafar
+    from mustafar.generate import generate
+
+    model = mustafar.load_model("tiny-llama")[0].to(DEV).eval()
+    cfg = mustafar.MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, local_window=8, compress_chunk=16,
+                                  k_value_dtype=vdt, v_value_dtype=vdt)
+    ids = torch.randint(3, 1000, (3, 40), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    n = 96
+    eager = generate(model, ids, mustafar.MustafarCache(model, cfg, max_cache_len=40 + n), n, attention_mask=mask)
+    cache = mustafar.MustafarCache(model, cfg, max_cache_len=40 + n)
+    compiled = generate(model, ids, cache, n, attention_mask=mask, compile="reduce-overhead")
+    assert torch.equal(compiled, eager)
