@@ -24,6 +24,11 @@ namespace mustafar_cuda {
 // everywhere (v6 has instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128).
 enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7 };
 
+// Whether "auto" runs v7 (decode_v7.cuh) for every fp16 / bf16 call. v7 always serves what only it can (fp8
+// values, device-side lengths, D = 256, G not in {1, 4} fast); this switch moves the remaining calls to it once
+// it has been timed against v6 / v5 on the GPU (docs/kernel_notes.md).
+constexpr bool kAutoV7 = false;
+
 // "auto", "v4", "v5", "v6", "v6g"; anything else raises ValueError naming it
 DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
 const char* decode_kernel_name(DecodeKernel k);

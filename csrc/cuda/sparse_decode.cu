@@ -45,8 +45,8 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
                               const std::optional<at::Tensor>& k_scale_in, const std::optional<at::Tensor>& v_scale_in,
                               const std::optional<at::Tensor>& lengths_in, c10::string_view kernel, bool pdl) {
   const char* op = "mustafar.sparse_decode (CUDA): ";
-  const bool want_v7 = kernel == "auto" || kernel == "v7" || kernel == "v7g";
-  const DecodeKernel requested = want_v7 ? DecodeKernel::kAuto : parse_decode_kernel(kernel, op);
+  const bool named_v7 = kernel == "v7" || kernel == "v7g";
+  const DecodeKernel requested = named_v7 ? DecodeKernel::kAuto : parse_decode_kernel(kernel, op);
   check_cuda_tensor(q_in, "q");
   check_cuda_tensor(k_bitmap_in, "k_bitmap");
   check_cuda_tensor(k_values_in, "k_values");
@@ -72,6 +72,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "H_q=", Hq, " is not a multiple of H_kv=", Hkv);
   const int64_t G = Hq / Hkv;
   const bool K8 = k_values_in.scalar_type() == at::kFloat8_e4m3fn, V8 = v_values_in.scalar_type() == at::kFloat8_e4m3fn;
+  const bool has_len = lengths_in.has_value() && lengths_in->defined();
   for (const at::Tensor* t : {&k_values_in, &v_values_in, &k_window_in, &v_window_in}) {
     const bool f8 = t->scalar_type() == at::kFloat8_e4m3fn && (t == &k_values_in || t == &v_values_in);
     MF_CHECK_VALUE(f8 || t->scalar_type() == dt, op, "K/V dtype ", t->scalar_type(), " != q.dtype ", dt);
@@ -86,9 +87,11 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
                  "windows must both be [B, H_kv, T_w, D], got ", k_window_in.sizes(), " / ", v_window_in.sizes());
   const int64_t Tw = k_window_in.size(2);
   MF_CHECK_VALUE(Tc + Tw < (1LL << 30), op, "sequence too long: ", Tc + Tw);
-  const bool has_len = lengths_in.has_value() && lengths_in->defined();
   MF_CHECK_VALUE(K8 == (k_scale_in.has_value() && k_scale_in->defined()), op, "k_scale must be given iff k_values is float8_e4m3fn");
   MF_CHECK_VALUE(V8 == (v_scale_in.has_value() && v_scale_in->defined()), op, "v_scale must be given iff v_values is float8_e4m3fn");
+  // "auto": v7 wherever only it serves (fp8 values, device lengths, D = 256) and kAutoV7 (plan.h) says so;
+  // otherwise the rule of plan.cu (v6 / v5 / v4)
+  const bool want_v7 = named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || has_len || D == 256 || kAutoV7));
   const bool use_v7 = want_v7 && dt != at::kFloat;
   MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && !has_len), op, "kernel=", kernel, " with dtype ", dt,
                  ": fp8 values and device lengths need kernel 'auto', 'v7' or 'v7g' and a float16 / bfloat16 model");
