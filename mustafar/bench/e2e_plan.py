@@ -83,21 +83,30 @@ def longest_context(kind: str, s: float, geo: dict, budget_bytes: float, batch: 
                     extra_tokens: int = 0) -> int:
     """Longest context, a multiple of ``multiple``, whose cache (sized for ``context + extra_tokens``:
     the decode steps run after filling it) fits ``budget_bytes`` at ``batch``; 0 when not even
-    ``multiple`` tokens fit. Bytes per token: :func:`kv_bytes` (dense: ``2 * layers * kv_heads *
-    head_dim * itemsize``; compressed: bitmaps + kept values, plus the fixed dense window).
+    ``multiple`` tokens fit, found by a search over multiples (:func:`kv_bytes` grows with the context; dense:
+    ``2 * layers * kv_heads * head_dim * itemsize`` per token; compressed: bitmaps + kept values of the store
+    rows, plus the fixed dense window ring).
 
     Raises ``ValueError`` for a budget that is not a positive finite number, ``batch < 1``,
     ``multiple < 1`` or ``extra_tokens < 0``."""
     b = check_budget(budget_bytes)
     if int(batch) < 1 or int(multiple) < 1 or int(extra_tokens) < 0:
         raise ValueError(f"batch={batch} and multiple={multiple} must be >= 1, extra_tokens={extra_tokens} >= 0")
-    fixed = kv_bytes(kind, s, geo, batch, 0)
-    per_tok = (kv_bytes(kind, s, geo, batch, 8 * 1024) - fixed) / (8 * 1024)  # exact on multiples of 8
-    n = int((b - fixed) // per_tok) - int(extra_tokens)
-    ctx = max(0, n // multiple * multiple)
-    while ctx > 0 and kv_bytes(kind, s, geo, batch, ctx + extra_tokens) > b:  # round8 of the store
-        ctx -= multiple
-    return ctx
+    m, extra = int(multiple), int(extra_tokens)
+
+    def fits(n_mult: int) -> bool:  # kv_bytes grows with the context: a monotone search over multiples
+        return kv_bytes(kind, s, geo, batch, n_mult * m + extra) <= b
+
+    if not fits(1):
+        return 0
+    hi = 2
+    while fits(hi):
+        hi *= 2
+    lo = hi // 2  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * m
 
 
 def parse_ratios(ratios) -> list[tuple[int, int]]:

@@ -116,7 +116,7 @@ def test_make_cache_each_kind(tiny_llama):
     make_cache("compressed", model, 0.5)
     st = make_cache("static", model, max_len=48)
     assert isinstance(st, StaticCache) and model.config._attn_implementation == "sdpa"
-    assert set(common.CACHE_KINDS) == {"dense", "static", "compressed", "simulate"}
+    assert set(common.CACHE_KINDS) == {"dense", "static", "compressed", "compressed-fp8", "simulate"}
     with pytest.raises(ValueError, match="kind"):
         make_cache("sparse", model)
     with pytest.raises(ValueError, match="max_len"):

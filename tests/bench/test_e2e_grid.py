@@ -65,14 +65,16 @@ def test_longest_context_dense_by_hand():
 def test_longest_context_compressed_by_hand():
     # D=64 -> one 64-bit bitmap word per token vector; 50 %: 32 kept fp32 values each for K and V
     per_token = GEO["layers"] * GEO["kv_heads"] * (2 * 8 + 2 * 32 * 4)  # 1088 bytes
-    window = GEO["layers"] * (GEO["kv_heads"] * 2 * (32 + 256 + 1) * 64 * 4 + 16)  # dense window + counters
-    # the cache's account (mustafar.cache.preallocated_layer_nbytes): an empty cache holds its counters only;
-    # the local_window (32) newest tokens live in the dense window, the rest in the compressed store
-    assert kv_bytes("compressed", 0.5, GEO, 1, 0) == GEO["layers"] * 16
-    assert kv_bytes("compressed", 0.5, GEO, 1, 3000) - window == (3000 - 32) * per_token
+    # the compileable layer (mustafar.cache.static): a dense K/V ring of local_window + compress_chunk + 1 rows,
+    # 32 bytes of slack after each of the two value buffers, the int32 [2] lengths and the int64 token count
+    window = GEO["layers"] * (GEO["kv_heads"] * 2 * (32 + 256 + 1) * 64 * 4 + 2 * 32 + 8 + 8)
+    # store rows = round32(max(1, L - local_window)): token positions that ever leave the window
+    assert kv_bytes("compressed", 0.5, GEO, 1, 0) == window + 32 * per_token
+    assert kv_bytes("compressed", 0.5, GEO, 1, 3000) == window + 2976 * per_token  # round32(2968)
     budget = window + 3000 * per_token
-    assert longest_context("compressed", 0.5, GEO, budget) == 2048
-    assert longest_context("compressed", 0.5, GEO, budget + 72 * per_token) == 3072
+    assert longest_context("compressed", 0.5, GEO, budget) == 2048  # 3072 needs round32(3040) = 3040 rows
+    assert longest_context("compressed", 0.5, GEO, budget + 40 * per_token) == 3072
+    assert longest_context("compressed", 0.5, GEO, budget + 39 * per_token) == 2048
     # 70 %: k = 64 - round(44.8) = 19 kept values -> fewer bytes per token -> longer context
     assert longest_context("compressed", 0.7, GEO, 4 * budget) > longest_context("compressed", 0.5, GEO, 4 * budget)
 
