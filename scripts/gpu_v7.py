@@ -213,31 +213,16 @@ def check_append(log):
     return res
 
 
-_flush = None
-
-
 def timeit(fn, reps=30, warm=5):
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        _flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    """median ms, CUDA events, L2 flushed before each rep (mustafar.bench.common.time_ms)"""
+    from mustafar.bench.common import time_ms
+    return time_ms(fn, reps=reps, warmup=warm, device="cuda", flush_l2=True)
 
 
 def copy_bw():
     x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    t = timeit(lambda: y.copy_(x), reps=20)
-    return 2 * x.numel() / (t * 1e-3)
+    return 2 * x.numel() / (timeit(lambda: y.copy_(x), reps=20) * 1e-3)
 
 
 def bench(log, bw, grid):

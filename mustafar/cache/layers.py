@@ -60,7 +60,7 @@ from mustafar.cache.scoring import QueryScores
 from mustafar.config import QUERY_STRATEGIES
 from mustafar.pruning import prune
 
-__all__ = ["MustafarLayerBase", "round_up"]
+__all__ = ["MustafarLayerBase", "UnsupportedOps", "round_up"]
 
 _WINDOW_STEP = 16  # window buffers grow / shrink in steps of this many rows (no max_cache_len)
 
@@ -70,7 +70,30 @@ def round_up(n: int, m: int = 8) -> int:
     return -(-int(n) // m) * m
 
 
-class MustafarLayerBase(CacheLayerMixin):
+class UnsupportedOps:
+    """The ``CacheLayerMixin`` operations no MustafarCache layer supports (clear errors), shared by the eager
+    layers and :class:`mustafar.cache.static.MustafarStaticLayer`."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MustafarCache cannot be cropped (pruned tokens cannot be restored)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("MustafarCache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("MustafarCache does not support batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("MustafarCache does not support batch_select_indices")
+
+    def offload(self):
+        raise NotImplementedError("MustafarCache does not support offloading")
+
+    def prefetch(self):
+        pass
+
+
+class MustafarLayerBase(UnsupportedOps, CacheLayerMixin):
     """Schedule shared by both modes; subclasses implement the storage."""
 
     is_sliding = False
@@ -282,23 +305,6 @@ class MustafarLayerBase(CacheLayerMixin):
             self._qs.free()
         self._free()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("MustafarCache cannot be cropped (pruned tokens cannot be restored)")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("MustafarCache does not support beam search")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("MustafarCache does not support batch_repeat_interleave")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("MustafarCache does not support batch_select_indices")
-
-    def offload(self):
-        raise NotImplementedError("MustafarCache does not support offloading")
-
-    def prefetch(self):
-        pass
 
     # -- capacities
     def _window_capacity(self, needed: int) -> int:

@@ -42,7 +42,7 @@ from transformers.cache_utils import CacheLayerMixin
 from mustafar import format as fmt
 from mustafar import ops
 from mustafar.cache.handoff import Note
-from mustafar.cache.layers import round_up
+from mustafar.cache.layers import UnsupportedOps, round_up
 
 __all__ = ["MustafarStaticLayer", "static_layer_nbytes", "static_capable", "SLACK_BYTES"]
 
@@ -94,7 +94,7 @@ def static_layer_nbytes(cfg, batch: int, num_kv_heads: int, head_dim: int, dtype
     return bh * (rows * per_row + 2 * ring * head_dim * it) + 2 * SLACK_BYTES + 4 * 2 + 8
 
 
-class MustafarStaticLayer(CacheLayerMixin):
+class MustafarStaticLayer(UnsupportedOps, CacheLayerMixin):
     """Preallocated, compileable compressed layer (module docstring)."""
 
     is_compileable = True
@@ -285,20 +285,3 @@ class MustafarStaticLayer(CacheLayerMixin):
                     sc.fill_(1.0)
         self.note = None
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("MustafarCache cannot be cropped (pruned tokens cannot be restored)")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("MustafarCache does not support beam search")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("MustafarCache does not support batch_repeat_interleave")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("MustafarCache does not support batch_select_indices")
-
-    def offload(self):
-        raise NotImplementedError("MustafarCache does not support offloading")
-
-    def prefetch(self):
-        pass
