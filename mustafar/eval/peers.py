@@ -588,7 +588,7 @@ def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir=
                 a = acc[s.name]
                 p = sum(a["scores"]) / len(a["scores"])
                 lo, hi = wilson(p, len(a["scores"]))
-                c = dict(base, **s.to_dict(), name=s.name, variant="qic" if s.qic else "std",
+                c = dict(base, **s.to_dict(), name=s.name, profile=profile, variant="qic" if s.qic else "std",
                          score=round(100 * p, 2), ci95_lo=round(100 * lo, 2), ci95_hi=round(100 * hi, 2),
                          n=len(a["scores"]), sample_scores=a["scores"], preds=a["preds"],
                          answers=[x.answers for x in smps], chance=round(ruler.chance_score(smps), 3),
@@ -668,6 +668,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--lengths", default=None)
     ap.add_argument("--families", default="dense,kvpress,quant,mustafar,joint")
+    ap.add_argument("--variants", default="std,qic", help="std (kvpress's pipeline) and/or qic (question in context)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--merge", nargs="*", default=None, help="merge these result files into --out/--out-name and exit")
@@ -699,6 +700,8 @@ def main(argv=None) -> int:
         model, tok = load_model(a.model)
         D = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
         specs = profile_specs(D, families=tuple(a.families.split(",")))
+        keep = set(a.variants.split(","))
+        specs = [s for s in specs if ("qic" if s.qic else "std") in keep]
         res = run_peers(a.model, a.profile, a.out, a.out_name, specs=specs,
                         tasks=a.tasks.split(",") if a.tasks else None,
                         lengths=[int(x) for x in a.lengths.split(",")] if a.lengths else None,
