@@ -76,7 +76,8 @@ figures: reproduce
 # One command per profile: `make peers` (quick) or `make peers PEERS_PROFILE=full` (SmolLM2-135M full
 # profile + Gemma 3 270M core table). kvpress 0.5.5 pins transformers < 5.3, so it gets its own venv
 # in $(VENV)/peers (quanto and HQQ run there too); MustafarCache (transformers >= 5.17) and
-# transformers' QuantizedCache(backend="fp8") (5.2x) run in the main venv, on the same token ids.
+# transformers' QuantizedCache(backend="fp8") (5.2x) run in the main venv, which also writes the prompts'
+# token ids that the peers venv then reads (transformers 5.2 tokenizes Gemma 3's GGUF vocabulary differently).
 # Each venv skips what it cannot run; the resumable shards in $(BUILD)/peers are merged (new cells
 # first, then the committed ones) into results/peers_<model>.{json,csv}. One thread per process.
 PEERS_VENV ?= $(VENV)/peers
@@ -103,11 +104,12 @@ peers: $(STAMP) $(PEERS_STAMP) $(GEMMA_STAMP)
 	@set -e; for m in $(PEERS_MODELS); do \
 		prof=$(PEERS_PROFILE); if [ "$$m" = gemma3-270m ]; then prof=gemma3-core; fi; \
 		args="--model $$m --profile $$prof $(if $(PEERS_TASKS),--tasks $(PEERS_TASKS)) --threads 1 --out $(BUILD)/peers"; \
-		echo "== peers $$m ($$prof): kvpress, quanto / HQQ, FP8, joint (.venv/peers)"; \
-		$(PEERS_VENV)/bin/python -m mustafar.eval.peers $$args --families dense,kvpress,quant,joint --out-name $$m.$$prof.peersenv.json; \
-		echo "== peers $$m ($$prof): MUSTAFAR, QuantizedCache fp8 (main venv)"; \
+		args="$$args --prompts $(BUILD)/peers/$$m.$$prof.prompts.json"; \
+		echo "== peers $$m ($$prof): MUSTAFAR, QuantizedCache fp8, FP8 (main venv; writes the prompts' token ids)"; \
 		$(VPY) -m mustafar.eval.peers $$args --families dense,mustafar,quant --out-name $$m.$$prof.mainenv.json; \
-		$(VPY) -m mustafar.eval.peers --model $$m --out results --merge $$(ls $(BUILD)/peers/$$m.*.json) \
+		echo "== peers $$m ($$prof): kvpress, quanto / HQQ, joint (.venv/peers; reads the same token ids)"; \
+		$(PEERS_VENV)/bin/python -m mustafar.eval.peers $$args --families dense,kvpress,quant,joint --out-name $$m.$$prof.peersenv.json; \
+		$(VPY) -m mustafar.eval.peers --model $$m --out results --merge $$(ls $(BUILD)/peers/$$m.*env.json) \
 			$$(ls results/peers_$$m.json 2>/dev/null); \
 	done
 

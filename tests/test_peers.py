@@ -294,3 +294,33 @@ def test_hf_qc_fp8_backend_when_available():
     assert br == pytest.approx(0.5, abs=0.01)  # 1 byte per value + a per-tensor scale, vs fp16
     k, _ = cache.layers[0].update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
     assert k.shape[-2] == 65 and float((k[..., :64, :] - keys[0]).abs().max()) < 0.3
+
+
+def test_prompts_file_shares_token_ids(tmp_path):
+    """The prompts file keeps one tokenization for both environments; cells record its id hashes."""
+    from mustafar.eval.runtime import ByteTokenizer
+
+    f = tmp_path / "prompts.json"
+    a = peers.cell_samples(f, "m", ByteTokenizer(), "niah_single", 700, 2)
+    b = peers.cell_samples(f, "m", None, "niah_single", 700, 2)  # read back: no tokenizer needed
+    assert a == b and len(a) == 2 and f.is_file()
+    for s in a:
+        c, q = s["ids"]["std"]
+        cq, qq = s["ids"]["qic"]
+        assert c + q == cq + qq  # the same tokens, split elsewhere
+        assert len(qq) < len(q)
+    assert peers.build_samples(ByteTokenizer(), "niah_single", 700, 2) == a
+
+
+@pytest.mark.parametrize("name", ["ExpectedAttention", "SnapKV", "ObservedAttention"])
+def test_presses_run_on_hybrid_model(name):
+    """Gemma-3-style model: only the global layers are compressed (kvpress's Gemma 3 rule)."""
+    pytest.importorskip("kvpress")
+    model = _tiny_gemma_sliding()
+    ids = torch.randint(3, 900, (1, 120))
+    key = (name, 0.5)
+    keys, values, comp = peers.shared_prefill(model, ids, {key: peers.make_press(name, 0.5)})
+    assert comp[key][0] is None and comp[key][2] is None
+    assert comp[key][1][0].shape[-2] == comp[key][3][0].shape[-2] == 60
+    cache, br = peers.build_peer_cache(model, peers.PeerSpec("kvpress", name, ratio=0.5), keys, values, comp, 8, 120)
+    assert br == 0.5 and cache.layers[0].keys.shape[-2] == 47

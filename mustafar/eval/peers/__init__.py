@@ -40,12 +40,12 @@ from __future__ import annotations
 from .accounting import cache_bytes_ratio, end_bytes, joint_bytes_ratio, tensor_bytes
 from .caches import FP8Layer, build_peer_cache, compressed_layers, kivi_kept, prune_tok, replay
 from .presses import make_press, shared_prefill
-from .prompts import answer, preprocess, split_prompt
+from .prompts import answer, build_samples, cell_samples, preprocess, split_prompt
 from .run import cell_key, load, merge, run_peers, save
 from .specs import PRESSES, PROFILES, QUANT, PeerSpec, keep_ratios, profile_specs, unavailable
 from .stats import summarize, wilson
 
 __all__ = ["PeerSpec", "PRESSES", "PROFILES", "QUANT", "wilson", "keep_ratios", "profile_specs", "unavailable",
            "run_peers", "tensor_bytes", "FP8Layer", "joint_bytes_ratio", "cache_bytes_ratio", "end_bytes",
-           "split_prompt", "preprocess", "answer", "summarize", "build_peer_cache", "compressed_layers",
+           "split_prompt", "preprocess", "answer", "build_samples", "cell_samples", "summarize", "build_peer_cache", "compressed_layers",
            "kivi_kept", "prune_tok", "replay", "make_press", "shared_prefill", "cell_key", "load", "merge", "save"]

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="std,qic", help="std (kvpress's pipeline) and/or qic (question in context)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--prompts", default=None, help="prompts file (token ids) shared between the two environments")
     ap.add_argument("--merge", nargs="*", default=None, help="merge these result files into --out/--out-name and exit")
     a = ap.parse_args(argv)
     if a.threads:
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
         res = run_peers(a.model, a.profile, a.out, a.out_name, specs=specs,
                         tasks=a.tasks.split(",") if a.tasks else None,
                         lengths=[int(x) for x in a.lengths.split(",")] if a.lengths else None,
-                        samples=a.samples, model_obj=model, tokenizer=tok, resume=not a.no_resume, command=cmd)
+                        samples=a.samples, model_obj=model, tokenizer=tok, resume=not a.no_resume, command=cmd,
+                        prompts=a.prompts)
     import pandas as pd
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_rows", 200):
         print(summarize(res).drop(columns=["method", "ratio", "sparsity", "nbits"]).to_string())

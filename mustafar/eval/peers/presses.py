@@ -10,6 +10,7 @@ Gemma 3, :func:`.caches.compressed_layers`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -24,6 +25,18 @@ def make_press(name: str, cr: float):
     import kvpress
 
     return getattr(kvpress, PRESSES[name])(compression_ratio=cr)
+
+
+class _TypedRope(torch.nn.Module):
+    """``rotary_emb(x, position_ids)`` for one layer type of a model whose rotary embedding takes
+    ``layer_type`` (Gemma 3: global and sliding layers have different RoPE bases)."""
+
+    def __init__(self, rope, layer_type: str):
+        super().__init__()
+        self.rope, self.layer_type = rope, layer_type
+
+    def forward(self, x, position_ids):
+        return self.rope(x, position_ids, layer_type=self.layer_type)
 
 
 @contextlib.contextmanager
@@ -52,11 +65,16 @@ def multi_press(model, presses: dict, store: dict):
         return output
 
     hooks = []
+    cfg = model.config.get_text_config(decoder=True)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(lm.layers)
+    typed = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
     try:
-        for layer, on in zip(lm.layers, compressed_layers(model)):
+        for layer, on, t in zip(lm.layers, compressed_layers(model), types):
             if not on:
                 continue
-            layer.self_attn.rotary_emb = lm.rotary_emb
+            # kvpress's own assignment; Gemma 3's rotary embedding also needs the layer's type (kvpress
+            # 0.5.5 + transformers 5.2 raise in ExpectedAttention without it)
+            layer.self_attn.rotary_emb = _TypedRope(lm.rotary_emb, t) if typed else lm.rotary_emb
             hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         yield store
     finally:

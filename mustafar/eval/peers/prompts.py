@@ -55,3 +55,64 @@ def answer(model, tokenizer, cache, question_ids, context_length: int, max_new_t
             break
     # tokens written to the cache: the question and every generated token but the last
     return tokenizer.decode(ids, skip_special_tokens=True), question_ids.shape[1] + len(ids) - 1
+
+
+# ------------------------------------------------------------------------------ prompt files
+def _ids_sha(cids, qids) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([list(map(int, cids)), list(map(int, qids))]).encode()).hexdigest()[:16]
+
+
+def build_samples(tokenizer, task: str, length: int, n: int, seed: int = 0) -> list[dict]:
+    """The suite's RULER samples of one (task, length) cell as token ids, both variants:
+    ``[{index, answers, metric, max_new_tokens, chance, ids: {"std": [ctx, q], "qic": [ctx, q]},
+    ids_sha256: {...}}]`` (``qic``: the question inside the compressed context)."""
+    from .. import ruler
+
+    out = []
+    for smp in ruler.generate_samples(task, tokenizer, int(length), int(n), seed=seed):
+        ctx, q = split_prompt(smp.user)
+        ids, sha = {}, {}
+        for v, (c_text, q_text) in (("std", (ctx, q)), ("qic", (ctx + q, ""))):
+            c, qq = preprocess(tokenizer, c_text, q_text, smp.answer_prefix.lstrip())
+            ids[v] = [c[0].tolist(), qq[0].tolist()]
+            sha[v] = _ids_sha(*ids[v])
+        out.append(dict(index=smp.index, answers=list(smp.answers), metric=smp.metric,
+                        max_new_tokens=smp.max_new_tokens, chance=smp.chance, ids=ids, ids_sha256=sha))
+    return out
+
+
+def prompt_key(model: str, task: str, length: int, n: int, seed: int) -> str:
+    return f"{model}|{task}|{int(length)}|{int(n)}|{int(seed)}"
+
+
+def cell_samples(prompts_file, model: str, tokenizer, task: str, length: int, n: int, seed: int = 0) -> list[dict]:
+    """:func:`build_samples` through an optional prompts file (JSON, written atomically).
+
+    A (model, task, length, samples, seed) entry already in the file is used as it is, otherwise it is
+    built with ``tokenizer`` and added. ``make peers`` lets the main environment (transformers 5.24)
+    write the file and the peers environment (transformers 5.2) read it: 5.2 tokenizes Gemma 3's GGUF
+    vocabulary differently (e.g. "capital" into pieces), so both environments must share token ids,
+    not texts. Decoding the model's answers agrees between the two versions.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    if prompts_file is None:
+        return build_samples(tokenizer, task, length, n, seed)
+    p = Path(prompts_file)
+    data = json.loads(p.read_text()) if p.is_file() else {}
+    key = prompt_key(model, task, length, n, seed)
+    if key not in data:
+        import transformers
+
+        data[key] = dict(samples=build_samples(tokenizer, task, length, n, seed),
+                         tokenized_with=f"transformers {transformers.__version__}")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, p)
+    return data[key]["samples"]

@@ -13,7 +13,6 @@ Methods this environment cannot run (:func:`.specs.unavailable`) are skipped and
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,7 +23,7 @@ import torch
 from .accounting import cache_bytes_ratio, end_bytes
 from .caches import build_peer_cache, compressed_layers
 from .presses import make_press, shared_prefill
-from .prompts import answer, preprocess, split_prompt
+from .prompts import answer, cell_samples
 from .specs import PROFILES, keep_ratios, profile_specs, unavailable
 from .stats import summarize, wilson
 
@@ -113,12 +112,13 @@ def merge(paths, out_path, command: str | None = None) -> dict:
 
 def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir="results", out_name=None,
               specs=None, tasks=None, lengths=None, samples=None, seed: int = 0, model_obj=None, tokenizer=None,
-              resume: bool = True, progress: bool = True, command: str | None = None) -> dict:
+              resume: bool = True, progress: bool = True, command: str | None = None, prompts=None) -> dict:
     """Run (or resume) the peers on the profile's RULER cells; writes ``<out_dir>/peers_<model>.json`` + csv.
 
     ``specs`` default to every method of :func:`.specs.profile_specs`; those this environment cannot
     run are skipped (``notes["skipped"]``). The question-in-context variant runs at the profile's
-    ``qic_lengths`` (and at lengths outside the profile given with ``lengths``).
+    ``qic_lengths`` (and at lengths outside the profile given with ``lengths``). ``prompts``: a prompts
+    file shared between environments (:func:`.prompts.cell_samples`).
     """
     from tqdm.auto import tqdm
 
@@ -162,20 +162,19 @@ def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir=
                     and (not s.qic or int(L) in qic_lengths)]
             if not pend:
                 continue
-            smps = ruler.generate_samples(task, tokenizer, int(L), n, seed=seed)
+            smps = cell_samples(prompts, model_name, tokenizer, task, int(L), n, seed)
             acc = {s.name: dict(scores=[], preds=[], br=[], brc=[], real=0, dense=0, sec=0.0, sha=[], ctx=[])
                    for s in pend}
             prefill_s = 0.0
             bar = tqdm(total=len(smps) * len(pend), desc=f"peers {task}@{L}", disable=not progress, leave=False)
             for smp in smps:
-                ctx, q = split_prompt(smp.user)
-                stop = ruler.stop_rule(task, len(smp.answers))
+                stop = ruler.stop_rule(task, len(smp["answers"]))
                 for qic in (False, True):
                     group = [s for s in pend if s.qic == qic]
                     if not group:
                         continue
-                    cids, qids = preprocess(tokenizer, ctx + q if qic else ctx, "" if qic else q,
-                                            smp.answer_prefix.lstrip())
+                    v = "qic" if qic else "std"
+                    cids, qids = (torch.tensor([x]) for x in smp["ids"][v])
                     keys_needed = sorted({(s.method, s.ratio) for s in group if s.family == "kvpress"}
                                          | {("ObservedAttention", s.ratio) for s in group if s.method == "h2o+tok"})
                     presses = {k: make_press(k[0], k[1]) for k in keys_needed}
@@ -186,19 +185,19 @@ def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir=
                     dense_tokens = [int(k.shape[-2]) for k in keys]
                     for s in group:
                         t0 = time.perf_counter()
-                        cache, br = build_peer_cache(model, s, keys, values, comp, qids.shape[1] + smp.max_new_tokens + 1, T)
-                        pred, n_fed = answer(model, tokenizer, cache, qids, T, smp.max_new_tokens, stop)
+                        cache, br = build_peer_cache(model, s, keys, values, comp,
+                                                     qids.shape[1] + smp["max_new_tokens"] + 1, T)
+                        pred, n_fed = answer(model, tokenizer, cache, qids, T, smp["max_new_tokens"], stop)
                         real, dense = end_bytes(cache, keys, n_fed, T)
                         a = acc[s.name]
                         a["sec"] += time.perf_counter() - t0
-                        a["scores"].append(ruler_sample_score(pred, smp.answers, smp.metric))
+                        a["scores"].append(ruler_sample_score(pred, smp["answers"], smp["metric"]))
                         a["preds"].append(pred)
                         a["br"].append(br)
                         a["brc"].append(cache_bytes_ratio(br, dense_tokens, cl))
                         a["real"] += real
                         a["dense"] += dense
-                        a["sha"].append(hashlib.sha256(
-                            (tokenizer.decode(cids[0]) + "|" + tokenizer.decode(qids[0])).encode()).hexdigest()[:16])
+                        a["sha"].append(smp["ids_sha256"][v])
                         a["ctx"].append(T)
                         del cache
                         bar.update(1)
@@ -211,13 +210,14 @@ def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir=
                 c = dict(base, **s.to_dict(), name=s.name, profile=profile, variant=s.variant,
                          score=round(100 * p, 2), ci95_lo=round(100 * lo, 2), ci95_hi=round(100 * hi, 2),
                          n=len(a["scores"]), sample_scores=a["scores"], preds=a["preds"],
-                         answers=[x.answers for x in smps], chance=round(ruler.chance_score(smps), 3),
+                         answers=[x["answers"] for x in smps],
+                         chance=round(100 * sum(x["chance"] for x in smps) / len(smps), 3),
                          bytes_ratio=round(sum(a["br"]) / len(a["br"]), 6),
                          bytes_ratio_cache=round(sum(a["brc"]) / len(a["brc"]), 6),
                          # joint cells are simulated (dense tensors): no real end-of-decode bytes
                          bytes_ratio_end=(round(a["real"] / a["dense"], 6) if a["dense"] and s.family != "joint"
                                           else None),
-                         context_tokens=a["ctx"], prompt_sha256=a["sha"],
+                         context_tokens=a["ctx"], prompt_ids_sha256=a["sha"],
                          seconds_decode=round(a["sec"], 2), seconds_prefill_shared=round(prefill_s, 2))
                 results["cells"].append(c)
                 done.add(cell_key(c))
