@@ -68,12 +68,10 @@ def save(results: dict, path: Path) -> None:
 
 
 def load(path) -> dict:
-    """A results file, or an empty one when ``path`` does not exist."""
-    p = Path(path)
-    if p.is_file():
-        with open(p) as f:
-            return json.load(f)
-    return {"provenance": {}, "profiles": {}, "notes": {}, "cells": []}
+    """A results file, or an empty one when ``path`` does not exist (the sweep's reader: same layout)."""
+    from ..sweep import load_results
+
+    return load_results(path)
 
 
 def _union_profile(old: dict | None, new: dict) -> dict:
