@@ -98,8 +98,9 @@ def cell_samples(prompts_file, model: str, tokenizer, task: str, length: int, n:
     not texts. Decoding the model's answers agrees between the two versions.
     """
     import json
-    import os
     from pathlib import Path
+
+    from mustafar.provenance import write_json_atomic
 
     if prompts_file is None:
         return build_samples(tokenizer, task, length, n, seed)
@@ -111,8 +112,5 @@ def cell_samples(prompts_file, model: str, tokenizer, task: str, length: int, n:
 
         data[key] = dict(samples=build_samples(tokenizer, task, length, n, seed),
                          tokenized_with=f"transformers {transformers.__version__}")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, p)
+        write_json_atomic(data, p, indent=None)
     return data[key]["samples"]

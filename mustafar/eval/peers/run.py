@@ -55,12 +55,9 @@ def cell_key(c: dict) -> str:
 
 def save(results: dict, path: Path) -> None:
     """Write the JSON atomically and the summary CSV next to it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    from mustafar.provenance import write_json_atomic
+
+    path = write_json_atomic(results, path)
     df = summarize(results)
     tmpc = path.with_suffix(".csv.tmp")
     df.to_csv(tmpc, index=False)
