@@ -4,7 +4,7 @@ joint experiments at equal KV bytes, read from ``results/peers_<model>.json`` (w
 only reads the committed results).
 
 Functions: :func:`peers_results`, :func:`peers_summary`, :func:`method_group`, :func:`bytes_table`,
-:func:`best_at_levels`, :func:`plot_peers_pareto`.
+:func:`best_at_levels`, :func:`plot_peers_pareto`, :func:`markdown_table` (the README's table).
 
 Reading the numbers: ``avg`` is the mean score (%) over the method's (task, length) cells, ``n`` the
 samples behind it (pooled over cells) and ``ci95_lo``/``ci95_hi`` a Wilson 95 % interval with
@@ -19,7 +19,7 @@ from typing import Sequence
 from mustafar.analysis.results import read_results_json
 
 __all__ = ["peers_results", "peers_summary", "method_group", "bytes_table", "best_at_levels",
-           "plot_peers_pareto", "LEVELS"]
+           "plot_peers_pareto", "markdown_table", "LEVELS"]
 
 #: the byte levels of the table (fractions of dense fp16 bytes): MUSTAFAR's 50 % and 70 % formats
 #: (D = 64: 0.5625 and 0.359) and 0.2.
@@ -198,3 +198,14 @@ def plot_peers_pareto(ax, summary, title: str = "", xlabel: str = "KV bytes / de
         ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     return ax
+
+
+def markdown_table(df, index_name: str = "method") -> str:
+    """``df`` (e.g. :func:`bytes_table`) as a GitHub markdown table, the index as the first column
+    (the README's table is printed by the notebook with this)."""
+    cols = [index_name] + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in df.iterrows():
+        cells = [str(idx)] + ["" if v is None or v != v else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

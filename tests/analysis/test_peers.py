@@ -81,3 +81,10 @@ def test_committed_peers_results_have_provenance_and_intervals():
     assert r["provenance"]["git"] is not None and r["cells"]
     for c in r["cells"]:
         assert c["n"] == len(c["sample_scores"]) and c["ci95_lo"] <= c["score"] <= c["ci95_hi"]
+
+
+def test_markdown_table():
+    t = ap.bytes_table(ap.peers_summary(_results(), "full", "std"))
+    md = ap.markdown_table(t).splitlines()
+    assert md[0] == "| method | ~0.56 | ~0.36 | ~0.2 |" and md[1] == "|---|---|---|---|"
+    assert len(md) == 2 + len(t) and md[2].startswith("| dense | 100.0")
