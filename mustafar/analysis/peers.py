@@ -166,10 +166,11 @@ def best_at_levels(summary, levels: Sequence[float] = LEVELS, rel_tol: float = 0
 
 
 def plot_peers_pareto(ax, summary, title: str = "", xlabel: str = "KV bytes / dense fp16 bytes",
-                      errorbars: bool = True):
+                      errorbars: bool = True, legend: bool = True):
     """Average score against KV bytes, every method: one colour per method group with its points
     joined across compression levels, Wilson 95 % intervals as error bars, dense as a dashed line,
-    MUSTAFAR drawn on top, and the Pareto front (fewer bytes, higher score) in black."""
+    MUSTAFAR drawn on top, and the Pareto front (fewer bytes, higher score) in black; the legend
+    (``legend=True``) outside the axes, on the right."""
     from mustafar.analysis.plotting import pareto_front
 
     dense = summary[summary["group"] == "dense"]
@@ -196,7 +197,8 @@ def plot_peers_pareto(ax, summary, title: str = "", xlabel: str = "KV bytes / de
     ax.set_xlim(0, 1.05)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return ax
 
 
