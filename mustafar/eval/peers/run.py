@@ -219,6 +219,8 @@ def run_peers(model_name: str = "smollm2-135m", profile: str = "quick", out_dir=
             save(results, path)
             if progress:
                 print(f"[peers] {task}@{L}: {len(pend)} cells ({time.perf_counter() - t_start:.0f}s)", flush=True)
-    results["last_run"] = dict(profile=profile, seconds=round(time.perf_counter() - t_start, 1))
+    results["last_run"] = dict(profile=profile, seconds=round(time.perf_counter() - t_start, 1),
+                               tasks=list(tasks), lengths=list(lengths), cells=len(results["cells"]))
+    results.setdefault("runs", []).append(dict(results["last_run"], date=results["provenance"].get("date")))
     save(results, path)
     return results
