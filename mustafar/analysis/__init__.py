@@ -7,6 +7,8 @@ no function definitions). One module per notebook, plus what several share:
 * :mod:`~mustafar.analysis.kernel_speed` - notebook 03: bytes of the format against sparsity, the
   recorded GPU kernel benchmark in bar-plot form.
 * :mod:`~mustafar.analysis.accuracy` - notebook 04: the accuracy sweep loaded (or run) and tabled.
+* :mod:`~mustafar.analysis.peers` - notebook 04, recorded: MUSTAFAR against kvpress, quantized caches
+  and the joint experiments at equal bytes (Pareto plot, table at ~0.56 / 0.36 / 0.2 of dense bytes).
 * :mod:`~mustafar.analysis.throughput` - notebook 05, live: cache memory and CPU decode tokens/s.
 * :mod:`~mustafar.analysis.e2e_grid` - notebook 05, recorded: the GPU end-to-end grid and the
   earlier runs it shows as history.

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["CacheSpec", "PrefillState", "prefill", "build_cache", "greedy_decode", "format_bytes_ratio",
+__all__ = ["CacheSpec", "PrefillState", "prefill", "build_cache", "restore_sliding_lengths", "greedy_decode", "format_bytes_ratio",
            "ByteTokenizer", "QUERY_STRATEGIES", "COMPRESSED_STRATEGIES", "needs_queries"]
 
 QUERY_STRATEGIES = ("output_aware", "think")
@@ -205,6 +205,7 @@ def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(zip(state.keys, state.values)):
             cache.update(k.clone(), v.clone(), i)
+        restore_sliding_lengths(cache, state.n_tokens)
         return cache, spec.mode
     from mustafar import MustafarCache, MustafarConfig
 
@@ -223,8 +224,17 @@ def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int
             cache.update(k, v, i, {"query_states": state.queries[i]})  # q [1, H_q, T, D] post-RoPE
         else:
             cache.update(k, v, i)
+    restore_sliding_lengths(cache, state.n_tokens)
     cache.discard_handoff()  # a replay: no attention call follows these updates
     return cache, spec.mode
+
+
+def restore_sliding_lengths(cache, n_tokens: int) -> None:
+    """A replayed sliding-window layer (Gemma 3) holds only its last ``window - 1`` tokens, so replay
+    counts that many; its masks and the model's positions need the length it really saw."""
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = int(n_tokens)
 
 
 @torch.inference_mode()

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -193,12 +192,9 @@ def save_results(results: dict, json_path) -> None:
     import pandas as pd
 
     refresh_cells(results)
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, json_path)
+    from mustafar.provenance import write_json_atomic
+
+    json_path = write_json_atomic(results, json_path)
     rows = [{c: cell.get(c) for c in _SCALAR_COLS} for cell in results["cells"]]
     pd.DataFrame(rows, columns=list(_SCALAR_COLS)).to_csv(json_path.with_suffix(".csv"), index=False)
 
