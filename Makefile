@@ -105,8 +105,8 @@ peers: $(STAMP) $(PEERS_STAMP) $(GEMMA_STAMP)
 		prof=$(PEERS_PROFILE); if [ "$$m" = gemma3-270m ]; then prof=gemma3-core; fi; \
 		args="--model $$m --profile $$prof $(if $(PEERS_TASKS),--tasks $(PEERS_TASKS)) --threads 1 --out $(BUILD)/peers"; \
 		args="$$args --prompts $(BUILD)/peers/$$m.$$prof.prompts.json"; \
-		echo "== peers $$m ($$prof): MUSTAFAR, QuantizedCache fp8, FP8 (main venv; writes the prompts' token ids)"; \
-		$(VPY) -m mustafar.eval.peers $$args --families dense,mustafar,quant --out-name $$m.$$prof.mainenv.json; \
+		echo "== peers $$m ($$prof): MUSTAFAR (+ FP8 values), QuantizedCache fp8, FP8 (main venv; writes the prompts' token ids)"; \
+		$(VPY) -m mustafar.eval.peers $$args --families dense,mustafar,quant,joint --out-name $$m.$$prof.mainenv.json; \
 		echo "== peers $$m ($$prof): kvpress, quanto / HQQ, joint (.venv/peers; reads the same token ids)"; \
 		$(PEERS_VENV)/bin/python -m mustafar.eval.peers $$args --families dense,kvpress,quant,joint --out-name $$m.$$prof.peersenv.json; \
 		$(VPY) -m mustafar.eval.peers --model $$m --out results --merge $$(ls $(BUILD)/peers/$$m.*env.json) \

@@ -119,7 +119,8 @@ def test_runner_dense_and_mustafar_tiny(tmp_path):
     from mustafar.models import load_model
 
     model, _ = load_model("tiny-llama")
-    specs = [peers.PeerSpec("dense"), peers.PeerSpec("mustafar", "tok", sparsity=0.7)]
+    specs = [peers.PeerSpec("dense"), peers.PeerSpec("mustafar", "tok", sparsity=0.7),
+             peers.PeerSpec("joint", "tok+fp8", sparsity=0.7, nbits=8)]
     if peers.unavailable(specs[1]):  # MustafarCache needs transformers >= 5.17 (not the peers env's 5.2)
         res = peers.run_peers("tiny-llama", "tiny", tmp_path, specs=specs, lengths=[700], samples=1,
                               model_obj=model, tokenizer=ByteTokenizer(), progress=False)
@@ -129,17 +130,19 @@ def test_runner_dense_and_mustafar_tiny(tmp_path):
     res = peers.run_peers("tiny-llama", "tiny", tmp_path, specs=specs, lengths=[700], samples=2,
                           model_obj=model, tokenizer=ByteTokenizer(), progress=False)
     cells = {c["name"]: c for c in res["cells"]}
-    assert set(cells) == {"dense[std]", "MUSTAFAR-KV70[std]"}
+    assert set(cells) == {"dense[std]", "MUSTAFAR-KV70[std]", "MUSTAFAR-KV70+FP8[std]"}
     for c in cells.values():
         assert c["n"] == 2 and len(c["sample_scores"]) == 2 and 0 <= c["ci95_lo"] <= c["score"] <= c["ci95_hi"]
     assert cells["dense[std]"]["bytes_ratio"] == 1.0
     assert cells["MUSTAFAR-KV70[std]"]["bytes_ratio"] == pytest.approx(46 / 128)
+    # fp8 kept values: 8 B bitmap + 19 B e4m3 + 2 B scale per token vector at D = 64 (fp32 model: vs 2 B/value)
+    assert cells["MUSTAFAR-KV70+FP8[std]"]["bytes_ratio"] == pytest.approx((8 + 19 + 2) / 128, abs=1e-6)
     assert (tmp_path / "peers_tiny-llama.json").is_file() and (tmp_path / "peers_tiny-llama.csv").is_file()
     assert res["provenance"]["git"] is not None
     # resume: nothing recomputed
     res2 = peers.run_peers("tiny-llama", "tiny", tmp_path, specs=specs, lengths=[700], samples=2,
                            model_obj=model, tokenizer=ByteTokenizer(), progress=False)
-    assert len(res2["cells"]) == 2
+    assert len(res2["cells"]) == 3
 
 
 # ------------------------------------------------------------------------------ peers env only

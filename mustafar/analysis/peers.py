@@ -69,7 +69,7 @@ def method_group(row) -> str:
         return "ObservedAttention (H2O)" if m == "ObservedAttention" else m
     if fam == "quant":
         return {"quanto": "quanto", "hqq": "HQQ", "fp8": "FP8 (per token)", "qc-fp8": "QuantizedCache fp8"}.get(m, m)
-    return "MUSTAFAR+KIVI" if m == "tok+kivi" else "H2O+MUSTAFAR"
+    return {"tok+kivi": "MUSTAFAR+KIVI", "tok+fp8": "MUSTAFAR+FP8"}.get(m, "H2O+MUSTAFAR")
 
 
 def peers_summary(results: dict, profile: str = "full", variant: str | None = "std"):

@@ -48,6 +48,8 @@ class CacheSpec:
     k_sparsity, v_sparsity : float in [0, 1).
     local_window : int, most recent tokens kept dense (paper: 32).
     k_granularity, v_granularity : ``"per_token"`` / ``"per_channel"``, only for ``output_aware``.
+    value_dtype : ``"model"`` or ``"fp8_e4m3"``: the stored value type of both sides
+        (:class:`mustafar.MustafarConfig` ``k_value_dtype`` / ``v_value_dtype``).
     """
 
     k_strategy: str = "per_token_magnitude"
@@ -57,6 +59,7 @@ class CacheSpec:
     local_window: int = 32
     k_granularity: str = "per_token"
     v_granularity: str = "per_token"
+    value_dtype: str = "model"
 
     @property
     def is_dense(self) -> bool:
@@ -217,7 +220,8 @@ def build_cache(model, state: PrefillState, spec: CacheSpec, max_new_tokens: int
         v_strategy=_strategy_for_cache(spec.v_strategy, spec.v_sparsity),
         k_strategy_kwargs=_strategy_kwargs(spec.k_strategy, spec.k_sparsity, spec.k_granularity),
         v_strategy_kwargs=_strategy_kwargs(spec.v_strategy, spec.v_sparsity, spec.v_granularity),
-        local_window=spec.local_window, mode=spec.mode)
+        local_window=spec.local_window, mode=spec.mode,
+        k_value_dtype=spec.value_dtype, v_value_dtype=spec.value_dtype)
     cache = MustafarCache(model, cfg)  # grows with the sequence: never more bytes than the DynamicCache
     for i, (k, v) in enumerate(zip(state.keys, state.values)):
         if spec.needs_queries:

@@ -21,11 +21,13 @@ sample ``i`` of a cell here is sample ``i`` of the suite's cell), the same model
   after the first update), and a plain FP8 (e4m3) KV cache with one fp16 scale per token vector (``fp8``).
 - ``mustafar``: K and V per-token magnitude pruning in ``MustafarCache`` (``compressed`` mode, local
   window 32) through :func:`mustafar.eval.runtime.build_cache`, both variants.
-- ``joint`` (the paper's joint experiments, ``simulate`` mode -- the kernel does not read these
-  combinations): per-token pruning + KIVI-style asymmetric group-wise 4/2-bit quantization of the
-  kept values (one group = the kept values of one token vector, fp16 scale and minimum), and
-  ObservedAttention (H2O-style) eviction followed by per-token pruning of the kept tokens. The FP8
-  value format of the kernel issue has not landed; when it does it is a ``tok+kivi``-like entry.
+- ``joint`` (the paper's joint experiments): per-token pruning + KIVI-style asymmetric group-wise 4/2-bit
+  quantization of the kept values (one group = the kept values of one token vector, fp16 scale and
+  minimum; ``simulate``-style dense caches: the kernel does not read this combination), ObservedAttention
+  (H2O-style) eviction followed by per-token pruning of the kept tokens (same), and ``tok+fp8``: per-token
+  pruning at 50 / 70 % with e4m3 kept values and a float16 scale per token vector, the kernel issue's
+  format, run in the real compressed ``MustafarCache`` (``k_value_dtype = v_value_dtype = "fp8_e4m3"``;
+  the op decodes it directly).
 
 Hybrid models (Gemma 3 270M: 15 of 18 layers sliding-window): every method compresses the 3 global
 layers only, the sliding layers keep their dense 512-token window (:mod:`.caches`).

@@ -198,6 +198,19 @@ def build_peer_cache(model, spec: PeerSpec, keys, values, comp: dict, max_len: i
         st = PrefillState(list(keys), list(values), None, torch.zeros(1), T)
         cache, _ = build_cache(model, st, cs, max_new_tokens=max_len)
         return cache, format_bytes_ratio(D, spec.sparsity)
+    if spec.family == "joint" and spec.method == "tok+fp8":
+        # the kernel issue's format: bitmap + e4m3 kept values + a float16 scale per token vector, in the real
+        # compressed MustafarCache (the CPU op decodes it directly)
+        import torch as _t
+
+        from mustafar.format import format_bytes_ratio
+
+        from ..runtime import CacheSpec, PrefillState, build_cache
+
+        cs = CacheSpec(k_sparsity=spec.sparsity, v_sparsity=spec.sparsity, value_dtype="fp8_e4m3")
+        st = PrefillState(list(keys), list(values), None, torch.zeros(1), T)
+        cache, _ = build_cache(model, st, cs, max_new_tokens=max_len)
+        return cache, format_bytes_ratio(D, spec.sparsity, value_dtype=_t.float8_e4m3fn)
     if spec.family == "joint" and spec.method == "tok+kivi":
         ks = [kivi_kept(k, spec.sparsity, spec.nbits) if c else k for k, c in zip(keys, cl)]
         vs = [kivi_kept(v, spec.sparsity, spec.nbits) if c else v for v, c in zip(values, cl)]

@@ -42,7 +42,7 @@ class PeerSpec:
 
     family : ``dense`` | ``kvpress`` | ``quant`` | ``mustafar`` | ``joint``.
     method : press name (``PRESSES``), ``quanto``/``hqq``/``fp8``/``qc-fp8``, ``tok`` (MUSTAFAR
-        per-token magnitude), ``tok+kivi`` or ``h2o+tok`` (joint).
+        per-token magnitude), ``tok+kivi``, ``tok+fp8`` or ``h2o+tok`` (joint).
     ratio : kvpress compression ratio (fraction of tokens evicted; joint h2o+tok: of the H2O step).
     sparsity : MUSTAFAR per-token sparsity (mustafar, joint).
     nbits : quantization bits (quant, joint tok+kivi).
@@ -69,6 +69,8 @@ class PeerSpec:
             return f"MUSTAFAR-KV{int(round(self.sparsity * 100))}[{v}]"
         if self.method == "tok+kivi":
             return f"MUSTAFAR-KV{int(round(self.sparsity * 100))}+KIVI{self.nbits}[{v}]"
+        if self.method == "tok+fp8":
+            return f"MUSTAFAR-KV{int(round(self.sparsity * 100))}+FP8[{v}]"
         return f"H2O@cr{self.ratio:.4f}+MUSTAFAR-KV{int(round(self.sparsity * 100))}[{v}]"
 
     @property
@@ -110,6 +112,7 @@ def profile_specs(head_dim: int, families=("dense", "kvpress", "quant", "mustafa
             out += [PeerSpec("quant", m, nbits=b) for m, b in QUANT]
         if "joint" in families:
             out += [PeerSpec("joint", "tok+kivi", sparsity=0.5, nbits=b) for b in (4, 2)]
+            out += [PeerSpec("joint", "tok+fp8", sparsity=s, nbits=8) for s in (0.5, 0.7)]
             if "ObservedAttention" in presses:
                 out += [PeerSpec("joint", "h2o+tok", ratio=cr, sparsity=0.5) for cr in crs[:2]]
     return out
@@ -136,7 +139,7 @@ def unavailable(spec: PeerSpec) -> str | None:
     if spec.method == "qc-fp8":
         return None if hasattr(cu, "Fp8QuantizedLayer") else (
             "transformers' QuantizedCache has no fp8 backend before 5.2x (the peers env has 5.2)")
-    if spec.family == "mustafar":
+    if spec.family == "mustafar" or spec.method == "tok+fp8":
         import transformers
         from packaging.version import Version
 
