@@ -35,20 +35,11 @@ def kept(D, s):
     return D - int(math.floor(s * D + 0.5))
 
 
-def quant8(vals):
-    """the spec's per-row e4m3 rule: vals [..., k] -> (q8, scale fp16 [...])"""
-    amax = vals.float().abs().amax(-1)
-    s = (amax / 448).to(torch.float16)
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    q8 = (vals.float() / s.float()[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q8, s
-
-
 def make_store(x, k, f8):
     """x [B,H,T,D] -> bitmap, values (model dtype or e4m3), scale, dense (float64, what the kernel must see)"""
     bm, vals = ops.prune_encode_topk(x, k)
     if f8:
-        q8, s = quant8(vals)
+        q8, s = R.quantize_fp8(vals)
         dq = (q8.float() * s.float()[..., None]).to(torch.float64)
         dense = R.decode_bitmap(bm, dq, x.shape[-1])
         return bm, q8, s, dense
@@ -172,7 +163,7 @@ def check_append(log):
             b_, v_ = ops.prune_encode_topk(src[:, :, :n_c].contiguous(), k)
             bm[:, :, :n_c] = b_
             if f8:
-                q8, s8 = quant8(v_)
+                q8, s8 = R.quantize_fp8(v_)
                 vl[:, :, :n_c] = q8; sc_[:, :, :n_c] = s8
             else:
                 vl[:, :, :n_c] = v_
@@ -196,7 +187,7 @@ def check_append(log):
                 if not f8:
                     ok_all &= bool((kvl[:, :, :hc] == v_).all())
                 else:
-                    q8, s8 = quant8(v_)
+                    q8, s8 = R.quantize_fp8(v_)
                     ok_all &= bool((kvl[:, :, :hc].view(torch.uint8) == q8.view(torch.uint8)).all()) and bool((ksc[:, :, :hc] == s8).all())
                 q = torch.randn(B, H * G, D, device="cuda").to(dt)
                 out = call(q, kb, kvl, vb, vvl, kw, vw, None, 1 / math.sqrt(D), ksc, vsc, lengths)
@@ -254,7 +245,7 @@ def bench(log, bw, grid):
                 t[kern] = timeit(f)
             except Exception as exc:  # noqa: BLE001 - a kernel that cannot serve the shape
                 t[kern] = float("nan")
-        k8, s8k = quant8(kvl); v8, s8v = quant8(vvl)
+        k8, s8k = R.quantize_fp8(kvl); v8, s8v = R.quantize_fp8(vvl)
         t["v7_fp8"] = timeit(lambda: call(q, kb, k8, vb, v8, e0, e0, None, sc, s8k, s8v))
         by16 = 2 * B * Hkv * T * (D // 8 + 2 * k)
         by8 = 2 * B * Hkv * T * (D // 8 + k + 2)
