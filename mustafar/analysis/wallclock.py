@@ -1,0 +1,64 @@
+"""Notebook 05, wall-clock part: the files of ``python -m mustafar.bench wallclock`` read into tables.
+
+``results/e2e_wallclock_h200.json`` (GPU, when recorded) and ``results/generate_compile_cpu.json`` (CPU)
+hold one cell per (model, dtype, device, batch, prompt:new); each cell holds one entry per variant
+(``dynamic``, ``static-compiled``, ``hf-static-compiled``, ``mustafar@0.7``, ``mustafar-compiled@0.7``, ...)
+with medians of wall-clock seconds and the ratios against the compiled StaticCache variants measured in
+the same cell (:mod:`mustafar.bench.wallclock` says how). These functions only reshape; they compute no
+new ratio except :func:`wallclock_headline`'s choice of the best entry per cell.
+"""
+
+from __future__ import annotations
+
+__all__ = ["wallclock_table", "wallclock_headline"]
+
+_COLUMNS = ["model", "dtype", "device", "batch", "P:N", "variant", "label", "sparsity", "decode_tok_per_s",
+            "total_s", "prefill_s", "first_call_s", "decode_vs_best_static", "total_vs_best_static",
+            "tokens_equal_dynamic", "cache_gib"]
+
+
+def wallclock_table(raw: dict):
+    """One row per (cell, variant) that ran; variants that could not run (an ``error`` entry) are left out
+    and listed in ``df.attrs["not_run"]`` as ``(cell, label, message)``. ``decode_vs_best_static`` /
+    ``total_vs_best_static``: the variant's decode tokens/s / total time against the faster compiled
+    StaticCache of its cell (> 1 = faster than it), as recorded in the file."""
+    import pandas as pd
+
+    rows, not_run = [], []
+    for cell in raw.get("cells", []):
+        key = dict(model=cell["model"], dtype=cell["dtype"], device=cell["device"], batch=cell["batch"],
+                   **{"P:N": f"{cell['prompt']}:{cell['new_tokens']}"})
+        for label, v in cell["variants"].items():
+            if "error" in v:
+                not_run.append((key, label, v["error"]))
+                continue
+            best = v.get("vs_best_static_compiled") or {}
+            rows.append(dict(key, variant=v["variant"], label=label, sparsity=v.get("sparsity"),
+                             decode_tok_per_s=v["decode_tok_per_s"], total_s=v["total_s"],
+                             prefill_s=v["prefill_s"], first_call_s=v.get("first_call_s"),
+                             decode_vs_best_static=best.get("decode_tok_per_s"),
+                             total_vs_best_static=best.get("total"),
+                             tokens_equal_dynamic=v.get("tokens_equal_dynamic"), cache_gib=v.get("cache_gib")))
+    df = pd.DataFrame(rows, columns=_COLUMNS)
+    df.attrs["not_run"] = not_run
+    return df
+
+
+def wallclock_headline(df):
+    """Per cell: the best compiled StaticCache (decode tokens/s) and each MustafarCache entry's ratio to it,
+    the table the README's headline is taken from. Empty when the file holds no MustafarCache entry."""
+    import pandas as pd
+
+    keys = ["model", "dtype", "device", "batch", "P:N"]
+    out = []
+    for k, sub in df.groupby(keys, sort=False):
+        static = sub[sub["variant"].isin(["static-compiled", "hf-static-compiled"])]
+        if static.empty:
+            continue
+        ref = static.loc[static["decode_tok_per_s"].idxmax()]
+        for _, r in sub[sub["variant"].str.startswith("mustafar")].iterrows():
+            out.append(dict(zip(keys, k), baseline=ref["label"], baseline_tok_per_s=ref["decode_tok_per_s"],
+                            cache=r["label"], tok_per_s=r["decode_tok_per_s"],
+                            decode_ratio=r["decode_tok_per_s"] / ref["decode_tok_per_s"],
+                            total_ratio=ref["total_s"] / r["total_s"]))
+    return pd.DataFrame(out)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Second device call for issue #16 (on the warm machine after scripts/gpu_session.sh, so the build is reused):
+# the wall-clock generation cell of the issue's targets. Shape, batches, sparsities and variants by environment:
+#   MODELS (llama2-7b) DTYPES (float16) SHAPES (4096:1024) BATCHES (8) SPARS (0.5 0.7) REPS (3)
+#   VARIANTS (static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled) T_WALL (560 s)
+# Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_wall.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-16}
+python3 -m mustafar.ops.build > "$OUT/build2.log" 2>&1 || { echo BUILD FAILED; tail -20 "$OUT/build2.log"; exit 1; }
+name=${NAME:-e2e_wallclock_2}
+timeout ${T_WALL:-560} python3 -m mustafar.bench wallclock --device cuda --models ${MODELS:-llama2-7b} \
+  --dtypes ${DTYPES:-float16} --shapes ${SHAPES:-4096:1024} --batches ${BATCHES:-8} --sparsities ${SPARS:-0.5 0.7} \
+  --variants ${VARIANTS:-static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled} \
+  --reps ${REPS:-3} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+echo "rc=$?"
+tail -40 "$OUT/$name.log" | cut -c1-240
