@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call for issues #15 / #16: build, v7 checks, v7 timings, compiled wall clock, prototypes.
+# One device call for issues #15 / #16: build, v7 checks, GPU tests, the kernel benchmark (python -m mustafar.bench
+# kernel), compiled wall clock, optionally the prototypes (T_PROTO > 0).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
 # in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
 set -uo pipefail
@@ -16,14 +17,17 @@ timeout ${T_CHECK:-170} python3 scripts/gpu_v7.py --part check --out "$OUT" 2>&1
 grep "^append_decode" "$OUT/gpu_v7_check_log.txt" | cut -c1-200
 stamp gpu-tests
 timeout ${T_TESTS:-150} python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -x -k "append_decode_cuda or compiled_cuda_graph" 2>&1 | tail -6
-stamp v7-bench
-timeout ${T_BENCH:-170} python3 scripts/gpu_v7.py --part bench --out "$OUT" 2>&1 | tail -20
+stamp kernel-bench
+timeout ${T_BENCH:-180} python3 -m mustafar.bench kernel --profile ${KERNEL_PROFILE:-quick} --out "$OUT/kernel_h200.json" \
+  2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
 stamp wallclock
 timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --models llama2-7b --dtypes float16 \
   --shapes ${WALL_SHAPE:-2048:128} --batches 8 --sparsities 0.7 \
   --variants dynamic static-compiled mustafar mustafar-compiled mustafar-fp8-compiled --reps 2 \
   --out "$OUT/e2e_wallclock.json" > "$OUT/wallclock.log" 2>&1
 tail -30 "$OUT/wallclock.log" | cut -c1-240
-stamp proto
-timeout ${T_PROTO:-100} python3 scripts/kernel_proto.py --out "$OUT" --quick 2>&1 | tail -30
+if [ "${T_PROTO:-0}" -gt 0 ]; then
+  stamp proto
+  timeout ${T_PROTO} python3 scripts/kernel_proto.py --out "$OUT" --quick 2>&1 | tail -30
+fi
 stamp done

@@ -79,10 +79,10 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
     Returns
     -------
     pandas.DataFrame
-        Columns ``shape`` (e.g. ``"H32/8 B=8 T=16K"``), ``kernel`` (``dense SDPA``, ``fused v4``,
-        ``fused v5``, ``fused v6``, ``fused v6g`` (each CUDA kernel the run timed; ``fused sparse``
-        for runs that timed only the default one), ``unfused (decode + SDPA)``,
-        ``byte floor (fused)``) and ``ms``.
+        Columns ``shape`` (e.g. ``"H32/8 B=8 T=16K"``, ``"H9/3 D64 B=3 T=12345"``), ``kernel``
+        (``dense SDPA``, ``FP8 proxy (SDPA, T/2)`` and ``fused, FP8 values`` when recorded, ``fused v7`` ...
+        ``fused v4`` (each CUDA kernel the run timed; ``fused sparse`` for runs that timed only the default
+        one), ``unfused (decode + SDPA)``, ``byte floor (fused)``) and ``ms``.
     """
     import pandas as pd
 
@@ -92,16 +92,19 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
     if "dtype" in df.columns:
         sub = sub[sub["dtype"] == dtype]
     per_kernel = {c: f"fused {c.removeprefix('fused_').removesuffix('_ms')}"
-                  for c in ("fused_v4_ms", "fused_v5_ms", "fused_v6_ms", "fused_v6g_ms")
+                  for c in ("fused_v7_ms", "fused_v7g_ms", "fused_v6_ms", "fused_v6g_ms", "fused_v5_ms", "fused_v4_ms")
                   if c in sub.columns and sub[c].notna().any()}
     fused = per_kernel or {"fused_ms": "fused sparse"}
-    cols = {"dense_ms": "dense SDPA", **fused, "unfused_ms": "unfused (decode + SDPA)",
+    extra = {c: n for c, n in (("fused_fp8_ms", "fused, FP8 values"), ("fp8_proxy_ms", "FP8 proxy (SDPA, T/2)"))
+             if c in sub.columns}
+    cols = {"dense_ms": "dense SDPA", **extra, **fused, "unfused_ms": "unfused (decode + SDPA)",
             "fused_floor_ms": "byte floor (fused)"}
     rows = []
     for _, r in sub.iterrows():
         t = int(r["T"])
-        shape = (f"H{int(r['H_q'])}/{int(r['H_kv'])} B={int(r['B'])} T={t // _K}K" if t >= _K
-                 else f"B={int(r['B'])} T={t}")
+        tt = f"{t // _K}K" if t >= _K and t % _K == 0 else str(t)
+        d = f" D{int(r['D'])}" if "D" in r and pd.notna(r["D"]) and int(r["D"]) != 128 else ""
+        shape = f"H{int(r['H_q'])}/{int(r['H_kv'])}{d} B={int(r['B'])} T={tt}"
         for c, name in cols.items():
             if c in r and pd.notna(r[c]):
                 rows.append({"shape": shape, "kernel": name, "ms": float(r[c])})
