@@ -1,7 +1,7 @@
 """Decode-attention kernel benchmark (issue #15): dense SDPA, an FP8 byte proxy, the unfused path and every
 stored format of ours, side by side in one run, over a grid that spans the classes the cache accepts.
 
-``python -m mustafar.bench kernel [--profile quick|full|targets] [--device cuda] [--out results/kernel_h200.json]``
+``python -m mustafar.bench kernel [--profile quick|full|targets] [--device cuda|cpu] [--out results/kernel_h200.json]``
 (also ``python -m mustafar.bench.kernel``).
 
 Grid (:data:`HEADS` x :data:`SPARSITIES` x :data:`POINTS`, ``--profile`` picks a subset, see
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mustafar.bench.common import command_line, default_out, gpu_bench_ms, time_ms, write_results
+from mustafar.bench.common import command_line, default_out, gpu_bench_ms, require_cuda, time_ms, write_results
 
 __all__ = ["KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "copy_bandwidth", "format_read_bytes",
            "grid", "run", "summary", "main"]
@@ -303,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m mustafar.bench kernel", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="quick", choices=list(PROFILES), help="grid subset (default quick)")
+    ap.add_argument("--quick", dest="profile", action="store_const", const="quick", help="= --profile quick")
+    ap.add_argument("--targets", dest="profile", action="store_const", const="targets", help="= --profile targets")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cuda (default); cpu runs the same code as a smoke test (op 'auto' only)")
     ap.add_argument("--out", default=None, help="output JSON (default results/kernel_h200.json on CUDA)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("python -m mustafar.bench kernel: no CUDA GPU here (use --device cpu for a smoke run)", file=sys.stderr)
+    if args.device == "cuda" and not require_cuda("python -m mustafar.bench kernel", " (--device cpu: a smoke run)"):
         return 2
     name = "kernel_h200.json" if args.device == "cuda" else "kernel_cpu_smoke.json"
     path, cmd = args.out or default_out(name), command_line("kernel", argv)
