@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 stamp build
 python3 -m mustafar.ops.build -v > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; grep -B2 -A8 -m5 error "$OUT/build.log"; exit 1; }
 stamp v7-check
-timeout ${T_CHECK:-170} python3 scripts/gpu_v7.py --part check --out "$OUT" 2>&1 | grep -v "^append_decode" | tail -25
+timeout ${T_CHECK:-170} python3 scripts/gpu_v7.py --out "$OUT" 2>&1 | grep -v "^append_decode" | tail -25
 grep "^append_decode" "$OUT/gpu_v7_check_log.txt" | cut -c1-200
 stamp gpu-tests
 timeout ${T_TESTS:-150} python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -x -k "append_decode_cuda or compiled_cuda_graph" 2>&1 | tail -6

@@ -1,12 +1,10 @@
-"""v7 decode kernel on the GPU: float64 checks over the coverage grid, append_decode checks, side-by-side timings.
+"""v7 decode kernel on the GPU: float64 checks over the coverage grid and append_decode checks (timings:
+``python -m mustafar.bench kernel``).
 
 One device call: ``python3 scripts/gpu_v7.py --out $OUT`` (after ``python3 -m mustafar.ops.build``).
 Checks (fresh random inputs, outputs poisoned with NaN by MUSTAFAR_CUDA_POISON=1): every (dtype, D, G,
 sparsity, value format, lengths/ring, kv_start) case against a float64 reference built from the dense
-dequantized K/V, rel. error < 1e-2. Timings: median of CUDA-event intervals with the L2 flushed before
-each rep; dense = torch SDPA decode; fp8 proxy = dense SDPA over T/2 tokens (the bytes of an 8-bit KV
-cache, a proxy, labelled); v6 (the previous kernel) where it serves the shape; v7 and v7g (k at run time);
-v7 with e4m3 values.
+dequantized K/V, rel. error < 1e-2.
 """
 from __future__ import annotations
 
@@ -18,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["MUSTAFAR_CUDA_POISON"] = "1" if "check" in sys.argv else "0"
+os.environ["MUSTAFAR_CUDA_POISON"] = "1"  # outputs poisoned with NaN before every kernel run
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -204,90 +201,13 @@ def check_append(log):
     return res
 
 
-def timeit(fn, reps=30, warm=5):
-    """median ms, CUDA events, L2 flushed before each rep (mustafar.bench.common.time_ms)"""
-    from mustafar.bench.common import time_ms
-    return time_ms(fn, reps=reps, warmup=warm, device="cuda", flush_l2=True)
-
-
-def copy_bw():
-    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * x.numel() / (timeit(lambda: y.copy_(x), reps=20) * 1e-3)
-
-
-def bench(log, bw, grid):
-    rows = []
-    for (G, Hq, D, s, B, T, dt) in grid:
-        torch.manual_seed(0)
-        Hkv = Hq // G
-        k = kept(D, s)
-        q = torch.randn(B, Hq, D, device="cuda", dtype=dt)
-        Kx = torch.randn(B, Hkv, T, D, device="cuda", dtype=dt)
-        Vx = torch.randn(B, Hkv, T, D, device="cuda", dtype=dt)
-        kb, kvl = ops.prune_encode_topk(Kx, k)
-        vb, vvl = ops.prune_encode_topk(Vx, k)
-        sc = 1.0 / math.sqrt(D)
-        q4 = q.view(B, Hq, 1, D)
-        e0 = torch.empty(B, Hkv, 0, D, device="cuda", dtype=dt)
-        t = {}
-        t["dense"] = timeit(lambda: F.scaled_dot_product_attention(q4, Kx, Vx, scale=sc, enable_gqa=G > 1))
-        Kh, Vh = Kx[:, :, : T // 2].contiguous(), Vx[:, :, : T // 2].contiguous()
-        t["fp8_proxy"] = timeit(lambda: F.scaled_dot_product_attention(q4, Kh, Vh, scale=sc, enable_gqa=G > 1))
-        del Kh, Vh
-        ref = None
-        for kern in ("v7", "v7g", "v6", "v5"):
-            try:
-                f = lambda kern=kern: call(q, kb, kvl, vb, vvl, e0, e0, None, sc, kernel=kern)
-                o = f()
-                if ref is None:
-                    ref = o.double()
-                t[kern] = timeit(f)
-            except Exception as exc:  # noqa: BLE001 - a kernel that cannot serve the shape
-                t[kern] = float("nan")
-        k8, s8k = R.quantize_fp8(kvl); v8, s8v = R.quantize_fp8(vvl)
-        t["v7_fp8"] = timeit(lambda: call(q, kb, k8, vb, v8, e0, e0, None, sc, s8k, s8v))
-        by16 = 2 * B * Hkv * T * (D // 8 + 2 * k)
-        by8 = 2 * B * Hkv * T * (D // 8 + k + 2)
-        dense_b = 2 * B * Hkv * T * D * 2
-        r = dict(G=G, Hq=Hq, Hkv=Hkv, D=D, sparsity=s, k=k, B=B, T=T, dtype=str(dt)[6:], ms=t,
-                 bytes=dict(dense=dense_b, sparse16=by16, sparse_fp8=by8))
-        r["speedup_vs_dense"] = {n: t["dense"] / v for n, v in t.items() if n != "dense"}
-        r["speedup_vs_fp8_proxy"] = {n: t["fp8_proxy"] / v for n, v in t.items() if n != "fp8_proxy"}
-        r["pct_copy_bw"] = {"dense": dense_b / (t["dense"] * 1e-3) / bw * 100,
-                            "v7": by16 / (t["v7"] * 1e-3) / bw * 100, "v7_fp8": by8 / (t["v7_fp8"] * 1e-3) / bw * 100}
-        rows.append(r)
-        sd = r["speedup_vs_dense"]
-        log(f"G={G} Hq={Hq} D={D:3d} s={s} B={B:3d} T={T:6d} {r['dtype']}: dense {t['dense']:.4f} fp8p {t['fp8_proxy']:.4f} "
-            f"v7 {t['v7']:.4f} ({sd['v7']:.2f}x) v7g {sd['v7g']:.2f}x v6 {sd['v6']:.2f}x v5 {sd['v5']:.2f}x "
-            f"fp8 {sd['v7_fp8']:.2f}x ({r['speedup_vs_fp8_proxy']['v7_fp8']:.2f}x fp8p) bw% {r['pct_copy_bw']['v7']:.0f}")
-        del Kx, Vx, kb, kvl, vb, vvl
-        torch.cuda.empty_cache()
-    return rows
-
-
-GRID_QUICK = [
-    (1, 32, 128, 0.7, 8, 16384, torch.float16), (1, 32, 128, 0.5, 8, 16384, torch.float16),
-    (1, 32, 128, 0.6, 8, 16384, torch.float16), (1, 32, 128, 0.7, 1, 32768, torch.float16),
-    (1, 32, 128, 0.7, 32, 4096, torch.float16), (1, 32, 128, 0.7, 3, 12345, torch.float16),
-    (7, 28, 128, 0.7, 8, 16384, torch.bfloat16), (3, 9, 64, 0.7, 32, 4096, torch.float16),
-    (4, 32, 128, 0.5, 32, 4096, torch.bfloat16), (4, 32, 128, 0.7, 8, 16384, torch.float16),
-    (8, 32, 128, 0.7, 8, 16384, torch.float16), (1, 32, 64, 0.7, 16, 8192, torch.float16),
-    (1, 32, 128, 0.8, 8, 16384, torch.float16), (4, 8, 256, 0.7, 8, 16384, torch.bfloat16),
-    (1, 32, 128, 0.7, 128, 1024, torch.float16), (4, 32, 128, 0.7, 1, 131072, torch.bfloat16),
-]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "build" / "gpu_v7"))
-    ap.add_argument("--part", choices=("check", "bench"), required=True,
-                    help="check: float64 checks with poisoned outputs; bench: timings (run as its own process: "
-                         "MUSTAFAR_CUDA_POISON is read once per process)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / f"gpu_v7_{a.part}_log.txt", "w")
+    logf = open(out / "gpu_v7_check_log.txt", "w")
 
     def log(m):
         print(m, flush=True)
@@ -296,18 +216,12 @@ def main():
     t0 = time.time()
     ops.backend("cuda")
     from mustafar.provenance import collect
-    res = dict(provenance=collect(f"python3 scripts/gpu_v7.py --part {a.part} --out $OUT"))
-    if a.part == "check":
-        res["append"] = check_append(log)
-        log(f"append checks {time.time() - t0:.0f} s")
-        res["correctness"] = check(log)
-    else:
-        bw = copy_bw()
-        res["copy_bw_Bps"] = bw
-        log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-        res["bench"] = bench(log, bw, GRID_QUICK)
+    res = dict(provenance=collect("python3 scripts/gpu_v7.py --out $OUT"))
+    res["append"] = check_append(log)
+    log(f"append checks {time.time() - t0:.0f} s")
+    res["correctness"] = check(log)
     res["wall_s"] = time.time() - t0
-    (out / f"gpu_v7_{a.part}.json").write_text(json.dumps(res, indent=1))
+    (out / "gpu_v7_check.json").write_text(json.dumps(res, indent=1))
     log(f"done {time.time() - t0:.0f} s")
 
 

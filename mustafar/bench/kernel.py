@@ -105,11 +105,14 @@ def grid(profile: str = "quick", heads=None, sparsities=None, points=None):
     return hs, tuple(sparsities or p["sparsities"]), tuple(points or p["points"])
 
 
-def format_read_bytes(b: int, h_q: int, h_kv: int, t: int, d: int, k: int, itemsize: int, fp8: bool = False) -> int:
-    """Bytes one decode call reads and writes in our format: per stored K and V row ``D/8`` bitmap bytes +
-    ``k`` values (``itemsize`` each, or 1 byte + a 2-byte scale with FP8), plus q and the output."""
-    row = d // 8 + (k + 2 if fp8 else k * itemsize)
-    return 2 * b * h_kv * t * row + 2 * b * h_q * d * itemsize
+def format_read_bytes(b: int, h_q: int, h_kv: int, t: int, d: int, sparsity: float, dtype: torch.dtype,
+                      fp8: bool = False) -> int:
+    """Bytes one decode call reads and writes in our format: ``B·H_kv·T`` stored K and V rows of
+    :func:`mustafar.format.format_bytes` each (bitmap + kept values, FP8 with its scale), plus q and the output."""
+    from mustafar.format import format_bytes
+
+    row = format_bytes(d, sparsity, dtype, torch.float8_e4m3fn if fp8 else None)
+    return 2 * b * h_kv * t * row + 2 * b * h_q * d * torch.tensor([], dtype=dtype).element_size()
 
 
 def copy_bandwidth(device: str = "cuda") -> float:
@@ -145,7 +148,7 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
         ``copy_bandwidth_Bps``, ``rows`` (one dict per heads x B x T x sparsity), ``skipped``.
     """
     from mustafar import ops
-    from mustafar.format import kept_count
+    from mustafar.format import format_bytes, kept_count
     from mustafar.ops import reference as R
 
     if device == "cuda":
@@ -226,12 +229,12 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["compress_256_ms"] = timer(lambda k=k: (ops.prune_encode_topk(kn, k), ops.prune_encode_topk(vn, k)))
             row["compress_256_over_step"] = row["compress_256_ms"] / row["fused_ms"]
             row["dense_bytes"] = dense_bytes + 2 * b * h.h_q * d * isz
-            row["fused_bytes"] = format_read_bytes(b, h.h_q, h.h_kv, t, d, k, isz)
-            row["fused_fp8_bytes"] = format_read_bytes(b, h.h_q, h.h_kv, t, d, k, isz, fp8=True)
+            row["fused_bytes"] = format_read_bytes(b, h.h_q, h.h_kv, t, d, s, dt)
+            row["fused_fp8_bytes"] = format_read_bytes(b, h.h_q, h.h_kv, t, d, s, dt, fp8=True)
             row["bytes_ratio"] = row["fused_bytes"] / row["dense_bytes"]
             row["fp8_bytes_ratio"] = row["fused_fp8_bytes"] / row["dense_bytes"]
             row["fused_floor_ms"] = row["fused_bytes"] / bw * 1e3
-            row["fp8_store_ratio"] = (d // 8 + k + 2) / (2 * d)  # stored bytes per row vs fp16 dense
+            row["fp8_store_ratio"] = format_bytes(d, s, torch.float16, torch.float8_e4m3fn) / (2 * d)  # vs fp16 dense
             row["speedup_fp8_proxy"] = t_dense / t_proxy
             for name in ["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in KERNELS]:
                 ms = row.get(f"{name}_ms")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from mustafar.bench import kernel, overhead
 
@@ -27,9 +28,9 @@ def test_grid_spans_the_issue_classes():
 
 
 def test_format_read_bytes_by_hand():
-    # B=2, H_q=8, H_kv=2, T=100, D=128, k=38, fp16: rows 16 + 76 = 92 B; fp8 rows 16 + 38 + 2 = 56 B
-    assert kernel.format_read_bytes(2, 8, 2, 100, 128, 38, 2) == 2 * 2 * 2 * 100 * 92 + 2 * 2 * 8 * 128 * 2
-    assert kernel.format_read_bytes(2, 8, 2, 100, 128, 38, 2, fp8=True) == 2 * 2 * 2 * 100 * 56 + 2 * 2 * 8 * 128 * 2
+    # B=2, H_q=8, H_kv=2, T=100, D=128, 70 % (k=38), fp16: rows 16 + 76 = 92 B; fp8 rows 16 + 38 + 2 = 56 B
+    assert kernel.format_read_bytes(2, 8, 2, 100, 128, 0.7, torch.float16) == 2 * 2 * 2 * 100 * 92 + 2 * 2 * 8 * 128 * 2
+    assert kernel.format_read_bytes(2, 8, 2, 100, 128, 0.7, torch.float16, fp8=True) == 2 * 2 * 2 * 100 * 56 + 2 * 2 * 8 * 128 * 2
 
 
 def _row(**kw):
@@ -71,7 +72,7 @@ def test_cpu_smoke_run_matches_the_reference():
         assert r["speedup_fused"] == pytest.approx(r["dense_ms"] / r["fused_ms"])
         assert r["fused_fp8_over_fp8_proxy"] == pytest.approx(r["fp8_proxy_ms"] / r["fused_fp8_ms"])
         assert r["k"] == r["D"] - math.floor(r["sparsity"] * r["D"] + 0.5)
-        assert r["fused_bytes"] == kernel.format_read_bytes(2, r["H_q"], r["H_kv"], 300, r["D"], r["k"], 2)
+        assert r["fused_bytes"] == kernel.format_read_bytes(2, r["H_q"], r["H_kv"], 300, r["D"], r["sparsity"], getattr(torch, r["dtype"]))
         assert r["fused_fp8_bytes"] < r["fused_bytes"] < r["dense_bytes"]
         assert all(r[f"fused_{x}_ms"] is None for x in kernel.KERNELS if f"fused_{x}_ms" in r)
 
