@@ -16,16 +16,19 @@ stamp v7-check
 timeout ${T_CHECK:-170} python3 scripts/gpu_v7.py --out "$OUT" 2>&1 | grep -v "^append_decode" | tail -25
 grep "^append_decode" "$OUT/gpu_v7_check_log.txt" | cut -c1-200
 stamp gpu-tests
-timeout ${T_TESTS:-150} python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -x -k "append_decode_cuda or compiled_cuda_graph" 2>&1 | tail -6
+timeout ${T_TESTS:-150} python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+  > "$OUT/gpu_tests.log" 2>&1
+tail -6 "$OUT/gpu_tests.log"
 stamp kernel-bench
-timeout ${T_BENCH:-180} python3 -m mustafar.bench kernel --profile ${KERNEL_PROFILE:-quick} --out "$OUT/kernel_h200.json" \
+timeout ${T_BENCH:-180} python3 -m mustafar.bench kernel --profile ${KERNEL_PROFILE:-quick} --out "$OUT/kernel.json" \
   2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
 stamp wallclock
 timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --models llama2-7b --dtypes float16 \
-  --shapes ${WALL_SHAPE:-2048:128} --batches 8 --sparsities 0.7 \
-  --variants dynamic static-compiled mustafar mustafar-compiled mustafar-fp8-compiled --reps 2 \
+  --shapes ${WALL_SHAPE:-2048:128} --batches ${WALL_BATCHES:-8} --sparsities ${WALL_SPARS:-0.7} \
+  --variants ${WALL_VARIANTS:-dynamic static-compiled mustafar mustafar-compiled mustafar-fp8-compiled} --reps ${WALL_REPS:-2} \
   --out "$OUT/e2e_wallclock.json" > "$OUT/wallclock.log" 2>&1
-tail -30 "$OUT/wallclock.log" | cut -c1-240
+grep -v "cudagraph_utils.py" "$OUT/wallclock.log" | tail -30 | cut -c1-240
+grep -m3 "skipping cudagraphs" "$OUT/wallclock.log" | cut -c1-240
 if [ "${T_PROTO:-0}" -gt 0 ]; then
   stamp proto
   timeout ${T_PROTO} python3 scripts/kernel_proto.py --out "$OUT" --quick 2>&1 | tail -30

@@ -543,5 +543,11 @@ def test_compiled_cuda_graph_generation_matches_eager(vdt):
     n = 96
     eager = generate(model, ids, mustafar.MustafarCache(model, cfg, max_cache_len=40 + n), n, attention_mask=mask)
     cache = mustafar.MustafarCache(model, cfg, max_cache_len=40 + n)
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
     compiled = generate(model, ids, cache, n, attention_mask=mask, compile="reduce-overhead")
     assert torch.equal(compiled, eager)
+    # the step really ran as a CUDA graph: inductor did not fall back ("skipping cudagraphs due to mutated inputs"
+    # when the cache's buffers were not static addresses)
+    assert counters["inductor"]["cudagraph_skips"] == skips

@@ -6,8 +6,9 @@
 //
 // Work split: one warp owns a 32-token tile at a time, one lane per token (row); the 4 warps of a CTA are
 // independent (no __syncthreads after the prologue). A tile is either compressed (rows [32 i, 32 i + 32) of
-// the store) or dense (window rows). For a compressed tile each lane loads its K and V rows (bitmap words,
-// then the values in chunks of 8) from global memory straight into registers and *scatters* them into a
+// the store) or dense (window rows). For a compressed tile each lane loads its K and V rows (bitmap words and
+// the values of both sides, every load of a row issued before the first is used: one memory round trip per
+// row, the warp's next tile prefetched into L2 meanwhile) straight into registers and *scatters* them into a
 // per-warp dense tile in shared memory with a fixed-step walk over the set bits (the walk of v6 / the
 // prototypes: k steps for every lane, a queue of the remaining 32-bit words, so the loop is the same for
 // all lanes and values are indexed statically); a window tile is copied densely. Then both products run on
@@ -70,6 +71,7 @@ __device__ __forceinline__ void v7_sts32(uint32_t a, uint32_t v) { asm volatile(
 __device__ __forceinline__ void v7_sts128(uint32_t a, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
   asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(a), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
 }
+__device__ __forceinline__ void v7_prefetch_l2(const void* g) { asm volatile("prefetch.global.L2 [%0];" ::"l"(g)); }
 __device__ __forceinline__ uint32_t v7_lds32(uint32_t a) { uint32_t v; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory"); return v; }
 __device__ __forceinline__ void v7_ldsm_x4(uint32_t a, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
@@ -151,49 +153,55 @@ __device__ __forceinline__ void load_words(const uint32_t* g, uint32_t (&wd)[NW]
   }
 }
 
-// One chunk of 8 stored values of a row as four 16-bit pairs (fp16 / bf16, or e4m3 converted to fp16).
-// g: the 4-byte aligned word holding the chunk's first byte; sh: the byte misalignment (0..3).
-template <int ES>
-__device__ __forceinline__ void load_chunk(const uint32_t* g, uint32_t sh, uint32_t (&h)[4]) {
-  if constexpr (ES == 2) {
-    uint32_t r[5];
+// Stored values are read in groups of up to GV values per row: every word of a group is loaded before the first
+// of them is used (one memory round trip per group; a row of k <= GV values is one group, and K and V groups are
+// in flight together). GV: 64 values at D = 128 (k up to 64 in one trip: the paper's 50 % / 70 % and anything
+// sparser), 32 at D = 64 (50 % and sparser in one trip) and at D = 256 (registers: two or three trips).
+template <int D>
+struct Group {
+  static constexpr int GV = D == 128 ? 64 : 32;
+};
+template <int D, int ES>
+struct GroupWords {
+  static constexpr int N = Group<D>::GV * ES / 4 + 1;  // + 1: the row may start mid-word
+};
+
+// Load the words holding `n` values (n <= GV; n <= 0: none) that start `sh` bytes into the aligned word g.
+// Reads end at most 3 bytes past the group's last value (within the 16 bytes of slack of the contract).
+template <int NWD, int ES>
+__device__ __forceinline__ void load_group(const uint32_t* g, uint32_t sh, int n, uint32_t (&r)[NWD]) {
+  const int nw = n > 0 ? (int)((sh + (uint32_t)n * ES + 3u) >> 2) : 0;
 #pragma unroll
-    for (int i = 0; i < 5; ++i) r[i] = __ldg(g + i);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __funnelshift_r(r[i], r[i + 1], 8u * sh);
-  } else {
-    uint32_t r[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) r[i] = __ldg(g + i);
-    const uint32_t a = __funnelshift_r(r[0], r[1], 8u * sh), b = __funnelshift_r(r[1], r[2], 8u * sh);
-    h[0] = v7_e4m3x2(a); h[1] = v7_e4m3x2(a >> 16); h[2] = v7_e4m3x2(b); h[3] = v7_e4m3x2(b >> 16);
-  }
+  for (int i = 0; i < NWD; ++i) r[i] = i < nw ? __ldg(g + i) : 0u;
 }
 
-// Scatter the lane's compressed row (k values, fast walk) into its dense tile row `trow`.
-template <int NW, int ES, int KC>
-__device__ __forceinline__ void scatter_fast(const uint32_t (&wd)[NW], const uint8_t* vrow, int k_rt, uint32_t trow) {
-  const int k = KC > 0 ? KC : k_rt;
-  Walk<NW> wk;
-  wk.init(wd, trow);
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(vrow);
-  const uint32_t sh = (uint32_t)(a0 & 3u);
-  const uint32_t* g = reinterpret_cast<const uint32_t*>(a0 & ~(uintptr_t)3);
-  constexpr int CW = 8 * ES / 4;  // words per chunk
-  const int nfull = k >> 3, rem = k & 7;
-#pragma unroll(KC > 0 ? 16 : 1)
-  for (int c = 0; c < nfull; ++c) {
-    uint32_t h[4];
-    load_chunk<ES>(g + c * CW, sh, h);
+// Scatter n (<= GV) loaded values through the walk: four values (two 16-bit pairs) per step of the outer loop;
+// fp16 / bf16 values are funnel-shifted out of the loaded words, e4m3 pairs converted to fp16.
+template <int NW, int ES, int NWD, int GV>
+__device__ __forceinline__ void scatter_group(Walk<NW>& wk, const uint32_t (&r)[NWD], uint32_t sh, int n) {
+  const uint32_t s8 = 8u * sh;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v7_sts16(wk.next(), (i & 1) ? (h[i >> 1] >> 16) : h[i >> 1]);
-  }
-  if (rem) {
-    uint32_t h[4];
-    load_chunk<ES>(g + nfull * CW, sh, h);
-#pragma unroll
-    for (int i = 0; i < 7; ++i)
-      if (i < rem) v7_sts16(wk.next(), (i & 1) ? (h[i >> 1] >> 16) : h[i >> 1]);
+  for (int j = 0; j < GV / 4; ++j) {
+    if (4 * j >= n) break;
+    uint32_t p0, p1;
+    if constexpr (ES == 2) {
+      p0 = __funnelshift_r(r[2 * j], r[2 * j + 1], s8);
+      p1 = __funnelshift_r(r[2 * j + 1], r[2 * j + 2], s8);
+    } else {
+      const uint32_t a = __funnelshift_r(r[j], r[j + 1], s8);
+      p0 = v7_e4m3x2(a);
+      p1 = v7_e4m3x2(a >> 16);
+    }
+    if (4 * j + 4 <= n) {
+      v7_sts16(wk.next(), p0);
+      v7_sts16(wk.next(), p0 >> 16);
+      v7_sts16(wk.next(), p1);
+      v7_sts16(wk.next(), p1 >> 16);
+    } else {
+      v7_sts16(wk.next(), p0);
+      if (4 * j + 1 < n) v7_sts16(wk.next(), p0 >> 16);
+      if (4 * j + 2 < n) v7_sts16(wk.next(), p1);
+    }
   }
 }
 
@@ -201,8 +209,8 @@ __device__ __forceinline__ void scatter_fast(const uint32_t (&wd)[NW], const uin
 template <int NW, int ES>
 __device__ __forceinline__ void scatter_generic(const uint32_t (&wd)[NW], const uint8_t* vrow, int k, uint32_t trow) {
   int j = 0;
-#pragma unroll 1
-  for (int i = 0; i < NW; ++i) {
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {  // unrolled: the words stay in registers
     uint32_t w = wd[i];
 #pragma unroll 1
     while (w != 0u && j < k) {
@@ -304,6 +312,20 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
     const int r = r0 + min(lane, nrows - 1);               // the row this lane reads (clamped)
     const int pos = (comp ? 0 : n_c) + r0 + lane;           // absolute position of the lane's token
     const bool valid = lane < nrows && pos >= kvs;
+    {  // the warp's next compressed tile into L2 now, so that its loads wait on L2 rather than on DRAM
+      const int tn = ti + kWarps;
+      if (tn < t_end && tn < NTc) {
+        const int rn = min(tn * 32 + lane, n_c - 1);
+        v7_prefetch_l2(p.kbm + 2 * ((int64_t)b * p.kbm_sb + (int64_t)hk * p.kbm_sh + (int64_t)rn * (D / 64)));
+        v7_prefetch_l2(p.vbm + 2 * ((int64_t)b * p.vbm_sb + (int64_t)hk * p.vbm_sh + (int64_t)rn * (D / 64)));
+        const uint8_t* kn = p.kval + ((int64_t)b * p.kval_sb + (int64_t)hk * p.kval_sh + (int64_t)rn * p.kk) * KES;
+        const uint8_t* vn = p.vval + ((int64_t)b * p.vval_sb + (int64_t)hk * p.vval_sh + (int64_t)rn * p.kv) * VES;
+        v7_prefetch_l2(kn);
+        v7_prefetch_l2(kn + max(p.kk * KES - 1, 0));
+        v7_prefetch_l2(vn);
+        v7_prefetch_l2(vn + max(p.kv * VES - 1, 0));
+      }
+    }
     float ks = 1.f, vs = 1.f;
     if (comp) {
       const int64_t bk = (int64_t)b * p.kbm_sb + (int64_t)hk * p.kbm_sh + (int64_t)r * (D / 64);
@@ -315,12 +337,32 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
       const uint8_t* vg = p.vval + ((int64_t)b * p.vval_sb + (int64_t)hk * p.vval_sh + (int64_t)r * p.kv) * VES;
       if constexpr (K8) ks = __half2float(p.ksc[(int64_t)b * p.ksc_sb + (int64_t)hk * p.ksc_sh + r]);
       if constexpr (V8) vs = __half2float(p.vsc[(int64_t)b * p.vsc_sb + (int64_t)hk * p.vsc_sh + r]);
+      // issue every load of the row's first group (both sides) before any of it is used
+      constexpr int GV = Group<D>::GV, NWK = GroupWords<D, KES>::N, NWV = GroupWords<D, VES>::N;
+      const int kk = KC > 0 ? KC : p.kk, kv = KC > 0 ? KC : p.kv;
+      const uint32_t shk = (uint32_t)(reinterpret_cast<uintptr_t>(kg) & 3u), shv = (uint32_t)(reinterpret_cast<uintptr_t>(vg) & 3u);
+      const uint32_t* gk = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(kg) & ~(uintptr_t)3);
+      const uint32_t* gv = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(vg) & ~(uintptr_t)3);
+      uint32_t rk[NWK], rv[NWV];
+      load_group<NWK, KES>(gk, shk, min(GV, kk), rk);
+      load_group<NWV, VES>(gv, shv, min(GV, kv), rv);
       zero_row<D>(krow);
       zero_row<D>(vrow);
-      const bool ok = walk_ok<NW>(kw, p.kk) && walk_ok<NW>(vw, p.kv);
+      const bool ok = walk_ok<NW>(kw, kk) && walk_ok<NW>(vw, kv);
       if (__all_sync(0xffffffffu, ok)) {
-        scatter_fast<NW, KES, KC>(kw, kg, p.kk, krow);
-        scatter_fast<NW, VES, KC>(vw, vg, p.kv, vrow);
+        Walk<NW> wkk, wkv;
+        wkk.init(kw, krow);
+        wkv.init(vw, vrow);
+        const int kmax = max(kk, kv);
+#pragma unroll(KC > 0 ? 4 : 1)
+        for (int g0 = 0; g0 < kmax; g0 += GV) {
+          if (g0 > 0) {  // later groups (k > GV): GV values per side, 4-byte aligned offsets (GV * ES % 4 == 0)
+            load_group<NWK, KES>(gk + g0 * KES / 4, shk, min(GV, kk - g0), rk);
+            load_group<NWV, VES>(gv + g0 * VES / 4, shv, min(GV, kv - g0), rv);
+          }
+          scatter_group<NW, KES, NWK, GV>(wkk, rk, shk, min(GV, kk - g0));
+          scatter_group<NW, VES, NWV, GV>(wkv, rv, shv, min(GV, kv - g0));
+        }
       } else {
         scatter_generic<NW, KES>(kw, kg, p.kk, krow);
         scatter_generic<NW, VES>(vw, vg, p.kv, vrow);

@@ -39,7 +39,8 @@ compiled StaticCache variants measured in the same cell (``vs_static_compiled``,
 ``vs_best_static_compiled``: against the faster of the two). ``tokens_equal_dynamic`` is the fraction of
 generated tokens equal to the eager ``DynamicCache`` run's (random-weight models in fp16 can flip
 near-tied greedy choices; fp32 compiled vs eager StaticCache is tested for equality in
-``tests/test_generate.py``). ``graphs_compiled_during_timing`` counts dynamo graphs compiled during
+``tests/test_generate.py``). ``cudagraph_skips`` (per variant) counts compiled graphs inductor ran without a CUDA graph during the
+warm-up calls (0 for a step that replays as a graph). ``graphs_compiled_during_timing`` counts dynamo graphs compiled during
 the timed rounds (0 means no recompilation was timed). GPU runs exclude the cuDNN SDPA backend
 (:func:`mustafar.bench.common.sdpa_backends`), as ``mustafar.bench e2e`` does.
 
@@ -172,6 +173,14 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
     return out
 
 
+def _cudagraph_skips() -> int:
+    """Compiled graphs inductor ran without a CUDA graph (e.g. "skipping cudagraphs due to mutated inputs");
+    a compiled variant on CUDA in ``reduce-overhead`` mode should add none."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -196,11 +205,13 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
         variant, s, fn = r
         rows[label] = {"variant": variant, "sparsity": s}
         try:
+            skips0 = _cudagraph_skips()
             for i in range(max(1, warmup)):
                 t0 = time.perf_counter()
                 tok, *_ = fn()
                 if i == 0:
                     rows[label]["first_call_s"] = time.perf_counter() - t0
+            rows[label]["cudagraph_skips"] = _cudagraph_skips() - skips0
             tokens[label] = tok
             samples[label] = []
             log(f"  {label}: first call {rows[label]['first_call_s']:.2f} s")

@@ -142,10 +142,10 @@ class MustafarStaticLayer(UnsupportedOps, CacheLayerMixin):
                            v_values=self.v_vals, k_window=self.k_win, v_window=self.v_win, k_scale=self.k_scale,
                            v_scale=self.v_scale, lengths=self.lengths, head_dim=d,
                            kernel=self.cfg.decode_kernel if dev.type == "cuda" else "auto")
+        self.is_initialized = True  # before the marking: tensors() lists nothing until then
         if not _is_compiling():
             for t in self.tensors().values():
                 torch._dynamo.mark_static_address(t)
-        self.is_initialized = True
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the layer holds, by role (value buffers with their slack)."""

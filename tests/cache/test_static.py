@@ -87,6 +87,31 @@ def test_reset_in_place_and_repeatable():
     assert [t.data_ptr() for t in layer.tensors().values()] == ptrs
 
 
+def test_static_addresses_marked():
+    """A CUDA graph (``mode="reduce-overhead"``) replays a step that mutates an input only if that input is a
+    static address; transformers' ``StaticLayer`` marks its buffers with ``torch._dynamo.mark_static_address``
+    and so must every buffer of ours (unmarked, inductor skipped the graphs: "mutated inputs")."""
+    from transformers import StaticCache
+
+    from mustafar.generate import prefill
+
+    model = _model("tiny-llama")
+    ids = _ids()
+    dense = StaticCache(config=model.config, max_cache_len=80)
+    with torch.no_grad():
+        prefill(model, ids, dense)
+    assert getattr(dense.layers[0].keys, "_dynamo_static_input_type", None) is not None  # the mechanism
+    for vdt in ("model", "fp8_e4m3"):
+        cache = MustafarCache(model, MustafarConfig(k_value_dtype=vdt, v_value_dtype=vdt, **SMALL), max_cache_len=80)
+        with torch.no_grad():
+            prefill(model, ids, cache)
+        for layer in cache.layers:
+            tensors = layer.tensors()
+            assert tensors, "an initialised layer lists its tensors"
+            for role, t in tensors.items():
+                assert getattr(t, "_dynamo_static_input_type", None) is not None, (vdt, role)
+
+
 def test_full_cache_raises():
     model = _model("tiny-llama")
     cache = MustafarCache(model, MustafarConfig(**SMALL), max_cache_len=50)
