@@ -11,6 +11,17 @@ namespace mustafar_cuda {
 // ------------------------------------------------------------------------------------------------
 // prune_encode_topk / encode_bitmap: one warp per token vector, lane owns channels e*32 + lane
 // ------------------------------------------------------------------------------------------------
+// |x| of a 16-bit value as a 15-bit integer key in the order of |x| (NaN: one key above inf)
+__device__ __forceinline__ uint32_t mag16(__half x) {
+  const uint32_t b = __half_as_ushort(x) & 0x7fffu;
+  return b > 0x7c00u ? 0x7e00u : b;
+}
+__device__ __forceinline__ uint32_t mag16(__nv_bfloat16 x) {
+  const uint32_t b = __bfloat16_as_ushort(x) & 0x7fffu;
+  return b > 0x7f80u ? 0x7fc0u : b;
+}
+__device__ __forceinline__ uint32_t mag16(float) { return 0u; }  // not used (the float path has its own keys)
+
 template <typename T, int D, bool TOPK>
 __global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
                                                      int64_t rows, int k, int64_t* __restrict__ bitmap,
@@ -26,19 +37,47 @@ __global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, co
 #pragma unroll
   for (int e = 0; e < NE; ++e) xv[e] = xr[e * 32 + lane];
   if (TOPK) {
-    // key = |x| bits (NaN canonical = largest) << 8 | channel: unique; keep the k largest keys,
-    // so of equal magnitudes the higher channel is kept (lower channel pruned first).
-    uint64_t key[NE];
+    // Keep the k largest |x| (NaN, canonicalised, above inf); of equal magnitudes the higher channel is kept
+    // (the lower channel is pruned first). Ranks of the float path = ranks of the 16-bit path: the 16-bit
+    // formats convert to float monotonically.
+    if (k <= 0 || k >= D) {
 #pragma unroll
-    for (int e = 0; e < NE; ++e) {
-      float f = to_f(xv[e]);
-      uint32_t mb = isnan(f) ? 0x7fc00000u : (__float_as_uint(f) & 0x7fffffffu);
-      key[e] = ((uint64_t)mb << 8) | (uint64_t)(e * 32 + lane);
-    }
-    uint64_t thr = 0;
-    if (k <= 0) {
-      thr = ~0ull;  // keep nothing
-    } else if (k < D) {
+      for (int e = 0; e < NE; ++e) keep[e] = k > 0;
+    } else if constexpr (sizeof(T) == 2) {
+      // 16-bit values: magnitude keys of 15 bits; the k-th largest magnitude by a 15-step bitwise search,
+      // then the ties at it resolved by channel with one ballot per channel block (no search over channels)
+      uint32_t mag[NE];
+#pragma unroll
+      for (int e = 0; e < NE; ++e) mag[e] = mag16(xv[e]);
+      uint32_t thr = 0;
+#pragma unroll 1
+      for (int bit = 14; bit >= 0; --bit) {
+        const uint32_t cand = thr | (1u << bit);
+        int cnt = 0;
+#pragma unroll
+        for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, mag[e] >= cand));
+        if (cnt >= k) thr = cand;
+      }
+      int need = k;  // k - #(mag > thr): how many of the ties are kept
+#pragma unroll
+      for (int e = 0; e < NE; ++e) need -= __popc(__ballot_sync(0xffffffffu, mag[e] > thr));
+      const uint32_t above = lane == 31 ? 0u : (0xffffffffu << (lane + 1));  // lanes of higher channels
+#pragma unroll
+      for (int e = NE - 1; e >= 0; --e) {
+        const uint32_t tie = __ballot_sync(0xffffffffu, mag[e] == thr);
+        keep[e] = mag[e] > thr || (mag[e] == thr && __popc(tie & above) < need);
+        need -= __popc(tie);
+      }
+    } else {
+      // float values: key = |x| bits << 8 | channel (unique), the k-th largest key by a 40-step search
+      uint64_t key[NE];
+#pragma unroll
+      for (int e = 0; e < NE; ++e) {
+        float f = to_f(xv[e]);
+        uint32_t mb = isnan(f) ? 0x7fc00000u : (__float_as_uint(f) & 0x7fffffffu);
+        key[e] = ((uint64_t)mb << 8) | (uint64_t)(e * 32 + lane);
+      }
+      uint64_t thr = 0;
       // largest thr with count(key >= thr) >= k == the k-th largest key
 #pragma unroll 1
       for (int bit = 39; bit >= 0; --bit) {
@@ -48,9 +87,9 @@ __global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, co
         for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, key[e] >= cand));
         if (cnt >= k) thr = cand;
       }
-    }
 #pragma unroll
-    for (int e = 0; e < NE; ++e) keep[e] = key[e] >= thr;
+      for (int e = 0; e < NE; ++e) keep[e] = key[e] >= thr;
+    }
   } else {
     const bool* mr = mask + row * D;
 #pragma unroll
