@@ -127,7 +127,10 @@ def _color(label: str, i: int):
     if label in COLORS:
         return COLORS[label]
     cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    return cycle[i % len(cycle)]
+    if i < len(cycle):
+        return cycle[i]
+    light = plt.get_cmap("tab20").colors[1::2]  # past the cycle: the light tones, so no two series share a color
+    return light[(i - len(cycle)) % len(light)]
 
 
 def plot_channel_profile(ax, magnitudes, title: str = "", ylabel: str = "max |x| over tokens", labels=None):

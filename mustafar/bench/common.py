@@ -181,6 +181,27 @@ def default_out(name: str) -> Path:
     return results_dir() / name
 
 
+def gpu_slug(device=None) -> str:
+    """A short file-name tag of the current CUDA device: ``"h100"`` / ``"h200"`` / ... (the first ``[A-Z]\\d+``
+    model token of its name, lower case), or the sanitised name; ``"cpu"`` without CUDA. GPU results are named
+    ``<benchmark>_<slug>.json`` so that runs on different cards sit side by side."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return slug_of_device_name(name)
+
+
+def slug_of_device_name(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``, ``"NVIDIA A100-SXM4-80GB"`` -> ``"a100"``; a name without such a
+    token is sanitised (``"NVIDIA GeForce RTX 4090"`` -> ``"nvidia_geforce_rtx_4090"``)."""
+    import re
+
+    m = re.search(r"\b[A-Z]{1,2}\d{2,4}\b", name)
+    if m:
+        return m.group(0).lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
+
+
 def write_results(path, res: dict, command: str | None = None, prov: dict | None = None, **extra) -> Path:
     """Write ``res`` as JSON to ``path`` with its ``"provenance"`` block: the one writer of results files.
 

@@ -1,7 +1,7 @@
 """Decode-attention kernel benchmark (issue #15): dense SDPA, an FP8 byte proxy, the unfused path and every
 stored format of ours, side by side in one run, over a grid that spans the classes the cache accepts.
 
-``python -m mustafar.bench kernel [--profile quick|full|targets] [--device cuda|cpu] [--out results/kernel_h200.json]``
+``python -m mustafar.bench kernel [--profile quick|full|targets] [--device cuda|cpu] [--out results/kernel_<gpu>.json]``
 (also ``python -m mustafar.bench.kernel``).
 
 Grid (:data:`HEADS` x :data:`SPARSITIES` x :data:`POINTS`, ``--profile`` picks a subset, see
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mustafar.bench.common import command_line, default_out, gpu_bench_ms, require_cuda, time_ms, write_results
+from mustafar.bench.common import command_line, default_out, gpu_bench_ms, gpu_slug, require_cuda, time_ms, write_results
 
 __all__ = ["KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "copy_bandwidth", "format_read_bytes",
            "grid", "run", "summary", "main"]
@@ -310,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", dest="profile", action="store_const", const="targets", help="= --profile targets")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cuda (default); cpu runs the same code as a smoke test (op 'auto' only)")
-    ap.add_argument("--out", default=None, help="output JSON (default results/kernel_h200.json on CUDA)")
+    ap.add_argument("--out", default=None, help="output JSON (default results/kernel_<gpu>.json on CUDA, e.g. _h100)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not require_cuda("python -m mustafar.bench kernel", " (--device cpu: a smoke run)"):
         return 2
-    name = "kernel_h200.json" if args.device == "cuda" else "kernel_cpu_smoke.json"
+    name = f"kernel_{gpu_slug()}.json" if args.device == "cuda" else "kernel_cpu_smoke.json"
     path, cmd = args.out or default_out(name), command_line("kernel", argv)
 
     def save(res):

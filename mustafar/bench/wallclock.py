@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, cache_nbytes, command_line, default_out, free,
+from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, cache_nbytes, command_line, default_out, free, gpu_slug,
                                    is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance, sdpa_backends,
                                    set_threads, sync, write_results)
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out and skip them")
     ap.add_argument("--out", default=None, help="output JSON (default results/generate_compile_cpu.json on CPU, "
-                                                 "results/e2e_wallclock_h200.json on CUDA)")
+                                                 "results/e2e_wallclock_<gpu>.json on CUDA, e.g. _h100)")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.warmup < 1:
         ap.error("--reps and --warmup must be >= 1")
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not torch.cuda.is_available():
         print("mustafar.bench wallclock: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    out = args.out or default_out("e2e_wallclock_h200.json" if cuda else "generate_compile_cpu.json")
+    out = args.out or default_out(f"e2e_wallclock_{gpu_slug()}.json" if cuda else "generate_compile_cpu.json")
     kw = dict(models=args.models, dtypes=args.dtypes, device=args.device, shapes=args.shapes, batches=args.batches,
               sparsities=args.sparsities, variants=args.variants, reps=args.reps, warmup=args.warmup,
               compile_mode=args.compile_mode, kernel=args.decode_kernel, kv_budget_gib=args.kv_budget_gib, out=out,

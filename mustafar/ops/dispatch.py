@@ -425,25 +425,8 @@ def sparse_decode(
         return reference.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window, v_window,
                                        kv_start, scale, k_scale=k_scale, v_scale=v_scale, lengths=lengths,
                                        kernel=kernel, pdl=pdl)
-    if be == "cuda" and (kernel in ("v7", "v7g") or lengths is not None or k_scale is not None
-                         or v_scale is not None or d == 256):
-        _warn_unverified_v7()
     return torch.ops.mustafar.sparse_decode(q, k_bitmap, k_values, v_bitmap, v_values, k_window,
                                             v_window, kv_start, scale, k_scale, v_scale, lengths, kernel, pdl)
-
-
-_V7_WARNED = [False]
-
-
-def _warn_unverified_v7() -> None:
-    """Once per process: the v7 CUDA kernel (fp8 values, device lengths, D = 256, kernel="v7"/"v7g") and the CUDA
-    append_decode are compile-checked but have not yet been run on a GPU (docs/kernel_notes.md)."""
-    if not _V7_WARNED[0]:
-        _V7_WARNED[0] = True
-        warnings.warn("mustafar: the v7 CUDA decode kernel and the CUDA append_decode are compile-checked only; they "
-                      "have not yet been run on a GPU in this repository's tests (run `make test-gpu` to check them "
-                      "on yours); the growing MustafarCache (no max_cache_len, fp16/bf16 values) uses the verified "
-                      "kernels", RuntimeWarning, stacklevel=3)
 
 
 def _check_int(name: str, x, lo: int) -> int:

@@ -207,3 +207,12 @@ def e2e_pending(cache=None):
     return {} if cache is None else dict(cache.handoff._slots)
 
 
+
+
+def test_gpu_result_names_carry_the_card():
+    from mustafar.bench.common import slug_of_device_name
+
+    assert slug_of_device_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert slug_of_device_name("NVIDIA H200") == "h200"
+    assert slug_of_device_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert slug_of_device_name("NVIDIA GeForce RTX 4090") == "nvidia_geforce_rtx_4090"
