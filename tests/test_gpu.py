@@ -130,7 +130,7 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
 # every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with one or
 # four query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
 # they refuse them, test_sparse_decode_v6_refuses / test_sparse_decode_fp16_kernels_refuse_float32).
-@pytest.fixture(params=["v7", "v7g", "v6", "v5", "v4"])
+@pytest.fixture(params=["v7", "v7g", "v7w", "v6", "v5", "v4"])
 def decode_kernel(request):
     return request.param
 
@@ -140,7 +140,7 @@ def _skip_unless_v6_covers(kernel, g, dtype, *values):
         pytest.skip("v6 covers fp16/bf16, G in {1, 4}, k <= 64")
     if kernel == "v5" and dtype == torch.float32:
         pytest.skip("v5 covers fp16/bf16")
-    if kernel in ("v7", "v7g") and dtype == torch.float32:
+    if kernel in ("v7", "v7g", "v7w") and dtype == torch.float32:
         pytest.skip("v7 covers fp16/bf16 (float32 runs v4)")
 
 
@@ -454,7 +454,7 @@ V7_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fp8", ["none", "k", "v", "kv"])
 @pytest.mark.parametrize("case", V7_CASES)
-@pytest.mark.parametrize("kernel", ["v7", "v7g"])
+@pytest.mark.parametrize("kernel", ["v7", "v7g", "v7w"])
 def test_v7_fp8_lengths_ring(dtype, fp8, case, kernel):
     b, h_kv, g, d, t_c, ring, s = case
     gen = torch.Generator(device=DEV).manual_seed(int(1000 * sum(case)) + len(fp8))  # case holds a float

@@ -23,8 +23,10 @@
 // to a per-lane generic walk (values re-read one by one); rows past the visible length or before kv_start
 // are masked (score -inf, probability 0); lanes past the tile's last row read that row again (finite data).
 //
-// Memory contract: value buffers are read with aligned 4-byte loads, up to 16 bytes past the end of a row
-// (see ops.cu: the op copies a value tensor that has less than 16 readable bytes after it).
+// Memory contract: value buffers are read with aligned 4-byte loads (WIDE = false: "v7", "v7g") or aligned 16-byte
+// loads (WIDE = true: "v7w", a candidate not yet timed), up to 15 bytes before a row (WIDE) and up to 20 bytes past
+// its end (sparse_decode.cu with_slack: the op copies a value tensor with less than 32 readable bytes after it or
+// a storage start that is not 16-byte aligned).
 #include "common.cuh"
 
 namespace mustafar_cuda {
@@ -157,13 +159,14 @@ __device__ __forceinline__ void load_words(const uint32_t* g, uint32_t (&wd)[NW]
 // of them is used (one memory round trip per group; a row of k <= GV values is one group, and K and V groups are
 // in flight together). GV: 64 values at D = 128 (k up to 64 in one trip: the paper's 50 % / 70 % and anything
 // sparser), 32 at D = 64 (50 % and sparser in one trip) and at D = 256 (registers: two or three trips).
-template <int D>
+// With 16-byte loads (WIDE) a group holds up to 3 words of lead-in, so D = 128 groups are 48 values (registers).
+template <int D, bool WIDE = false>
 struct Group {
-  static constexpr int GV = D == 128 ? 64 : 32;
+  static constexpr int GV = D == 128 ? (WIDE ? 48 : 64) : 32;
 };
-template <int D, int ES>
+template <int D, int ES, bool WIDE = false>
 struct GroupWords {
-  static constexpr int N = Group<D>::GV * ES / 4 + 1;  // + 1: the row may start mid-word
+  static constexpr int N = Group<D, WIDE>::GV * ES / 4 + 1;  // + 1: the row may start mid-word
 };
 
 // Load the words holding `n` values (n <= GV; n <= 0: none) that start `sh` bytes into the aligned word g.
@@ -173,6 +176,32 @@ __device__ __forceinline__ void load_group(const uint32_t* g, uint32_t sh, int n
   const int nw = n > 0 ? (int)((sh + (uint32_t)n * ES + 3u) >> 2) : 0;
 #pragma unroll
   for (int i = 0; i < NWD; ++i) r[i] = i < nw ? __ldg(g + i) : 0u;
+}
+
+// The same words (r[i] = the 32-bit word at (row & ~3) + 4 i, for n values of ES bytes at byte address `row`) read
+// with 16-byte aligned loads, then realigned to the row's first word with two selects per word. Why: lane = row,
+// so a warp-wide 4-byte load touches 32 rows = 32 sectors for 128 useful bytes; a 16-byte load touches one
+// sector per lane for 512 (kernel_notes.md, session 9). Reads start up to 15 bytes before the row (inside the
+// tensor's 16-byte aligned storage) and end at most 15 bytes after its last value (the slack contract).
+template <int NWD, int ES>
+__device__ __forceinline__ void load_group16(const uint8_t* row, int n, uint32_t (&r)[NWD]) {
+  constexpr int NC = (NWD + 6) / 4;  // 16-byte chunks: NWD words + up to 3 words of offset
+  const uintptr_t a = reinterpret_cast<uintptr_t>(row);
+  const uint4* g = reinterpret_cast<const uint4*>(a & ~(uintptr_t)15);
+  const uint32_t q = (uint32_t)(a >> 2) & 3u;  // the row's first word within its 16 bytes
+  const int nbytes = n > 0 ? (int)(a & 15u) + n * ES : 0;
+  uint32_t w[4 * NC];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    uint4 x = make_uint4(0u, 0u, 0u, 0u);
+    if (16 * c < nbytes) x = __ldg(g + c);
+    w[4 * c] = x.x; w[4 * c + 1] = x.y; w[4 * c + 2] = x.z; w[4 * c + 3] = x.w;
+  }
+  uint32_t x1[NWD + 2];  // shifted by q & 1
+#pragma unroll
+  for (int j = 0; j < NWD + 2; ++j) x1[j] = (q & 1u) ? w[j + 1] : w[j];
+#pragma unroll
+  for (int i = 0; i < NWD; ++i) r[i] = (q & 2u) ? x1[i + 2] : x1[i];
 }
 
 // Scatter n (<= GV) loaded values through the walk: four values (two 16-bit pairs) per step of the outer loop;
@@ -251,7 +280,7 @@ __device__ __forceinline__ void zero_row(uint32_t trow) {
   for (int c = 0; c < D * 2 / 16; ++c) v7_sts128(trow + 16 * c, 0u, 0u, 0u, 0u);
 }
 
-template <int D, typename TM, bool K8, bool V8, int KC>
+template <int D, typename TM, bool K8, bool V8, int KC, bool WIDE>
 __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
   using L = Layout<D>;
   using TK = typename std::conditional<K8, __half, TM>::type;  // dense tile types
@@ -338,14 +367,19 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
       if constexpr (K8) ks = __half2float(p.ksc[(int64_t)b * p.ksc_sb + (int64_t)hk * p.ksc_sh + r]);
       if constexpr (V8) vs = __half2float(p.vsc[(int64_t)b * p.vsc_sb + (int64_t)hk * p.vsc_sh + r]);
       // issue every load of the row's first group (both sides) before any of it is used
-      constexpr int GV = Group<D>::GV, NWK = GroupWords<D, KES>::N, NWV = GroupWords<D, VES>::N;
+      constexpr int GV = Group<D, WIDE>::GV, NWK = GroupWords<D, KES, WIDE>::N, NWV = GroupWords<D, VES, WIDE>::N;
       const int kk = KC > 0 ? KC : p.kk, kv = KC > 0 ? KC : p.kv;
       const uint32_t shk = (uint32_t)(reinterpret_cast<uintptr_t>(kg) & 3u), shv = (uint32_t)(reinterpret_cast<uintptr_t>(vg) & 3u);
       const uint32_t* gk = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(kg) & ~(uintptr_t)3);
       const uint32_t* gv = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(vg) & ~(uintptr_t)3);
       uint32_t rk[NWK], rv[NWV];
-      load_group<NWK, KES>(gk, shk, min(GV, kk), rk);
-      load_group<NWV, VES>(gv, shv, min(GV, kv), rv);
+      if constexpr (WIDE) {
+        load_group16<NWK, KES>(kg, min(GV, kk), rk);
+        load_group16<NWV, VES>(vg, min(GV, kv), rv);
+      } else {
+        load_group<NWK, KES>(gk, shk, min(GV, kk), rk);
+        load_group<NWV, VES>(gv, shv, min(GV, kv), rv);
+      }
       zero_row<D>(krow);
       zero_row<D>(vrow);
       const bool ok = walk_ok<NW>(kw, kk) && walk_ok<NW>(vw, kv);
@@ -357,8 +391,13 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
 #pragma unroll(KC > 0 ? 4 : 1)
         for (int g0 = 0; g0 < kmax; g0 += GV) {
           if (g0 > 0) {  // later groups (k > GV): GV values per side, 4-byte aligned offsets (GV * ES % 4 == 0)
-            load_group<NWK, KES>(gk + g0 * KES / 4, shk, min(GV, kk - g0), rk);
-            load_group<NWV, VES>(gv + g0 * VES / 4, shv, min(GV, kv - g0), rv);
+            if constexpr (WIDE) {
+              load_group16<NWK, KES>(kg + g0 * KES, min(GV, kk - g0), rk);
+              load_group16<NWV, VES>(vg + g0 * VES, min(GV, kv - g0), rv);
+            } else {
+              load_group<NWK, KES>(gk + g0 * KES / 4, shk, min(GV, kk - g0), rk);
+              load_group<NWV, VES>(gv + g0 * VES / 4, shv, min(GV, kv - g0), rv);
+            }
           }
           scatter_group<NW, KES, NWK, GV>(wkk, rk, shk, min(GV, kk - g0));
           scatter_group<NW, VES, NWV, GV>(wkv, rv, shv, min(GV, kv - g0));

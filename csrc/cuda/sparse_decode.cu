@@ -22,8 +22,9 @@ static at::Tensor rows_ok(const at::Tensor& t) {
 }
 
 
-// A value tensor v7 reads with 4-byte loads up to 20 bytes past a row's end: give it >= 32 readable bytes
-// after its last element (a copy when its storage ends sooner; the cache allocates the slack itself).
+// A value tensor v7 reads with 4-byte loads up to 20 bytes past a row's end, v7w with 16-byte aligned loads up to
+// 15 bytes before a row and 15 after: give it >= 32 readable bytes after its last element and a 16-byte aligned
+// storage start (a copy otherwise; the cache allocates the slack itself).
 static at::Tensor with_slack(const at::Tensor& t) {
   if (t.numel() == 0) return t;
   const int64_t isz = t.element_size();
@@ -31,7 +32,8 @@ static at::Tensor with_slack(const at::Tensor& t) {
   for (int d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
   const int64_t end = (t.storage_offset() + last + 1) * isz;
   const int64_t have = (int64_t)t.storage().nbytes();
-  if (have - end >= 32) return t;
+  const bool base16 = reinterpret_cast<uintptr_t>(t.storage().data()) % 16 == 0;
+  if (have - end >= 32 && base16) return t;
   at::Tensor buf = at::empty({t.numel() * isz + 32}, t.options().dtype(at::kByte));
   at::Tensor out = buf.narrow(0, 0, t.numel() * isz).view(t.scalar_type()).view(t.sizes());
   out.copy_(t);
@@ -45,7 +47,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
                               const std::optional<at::Tensor>& k_scale_in, const std::optional<at::Tensor>& v_scale_in,
                               const std::optional<at::Tensor>& lengths_in, c10::string_view kernel, bool pdl) {
   const char* op = "mustafar.sparse_decode (CUDA): ";
-  const bool named_v7 = kernel == "v7" || kernel == "v7g";
+  const bool named_v7 = kernel == "v7" || kernel == "v7g" || kernel == "v7w";
   const DecodeKernel requested = named_v7 ? DecodeKernel::kAuto : parse_decode_kernel(kernel, op);
   check_cuda_tensor(q_in, "q");
   check_cuda_tensor(k_bitmap_in, "k_bitmap");
@@ -94,7 +96,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   const bool want_v7 = named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || has_len || D == 256 || kAutoV7));
   const bool use_v7 = want_v7 && dt != at::kFloat;
   MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && !has_len), op, "kernel=", kernel, " with dtype ", dt,
-                 ": fp8 values and device lengths need kernel 'auto', 'v7' or 'v7g' and a float16 / bfloat16 model");
+                 ": fp8 values and device lengths need kernel 'auto', 'v7', 'v7g' or 'v7w' and a float16 / bfloat16 model");
   c10::cuda::CUDAGuard guard(q_in.device());
 
   at::Tensor ks;
@@ -155,7 +157,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
       out.zero_();
       return out;
     }
-    const v7::Launch L = v7::plan(dt, (int)D, K8, V8, KC, B, Hkv, tiles_max, q.device().index());
+    const v7::Launch L = v7::plan(dt, (int)D, K8, V8, KC, kernel == "v7w", B, Hkv, tiles_max, q.device().index());
     at::Tensor ws_o = poison ? at::full({B, Hq, L.NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
                              : at::empty({B, Hq, L.NP, D}, q.options().dtype(at::kFloat));
     at::Tensor ws_ml = at::empty({B, Hq, L.NP, 2}, q.options().dtype(at::kFloat));

@@ -53,7 +53,7 @@ _FP8 = reference.FP8
 _OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode")
 _MODES = ("auto", "reference", "compiled")
 #: the values of ``sparse_decode``'s ``kernel`` argument
-DECODE_KERNELS = ("auto", "v7", "v7g", "v4", "v5", "v6", "v6g")
+DECODE_KERNELS = ("auto", "v7", "v7g", "v7w", "v4", "v5", "v6", "v6g")
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "warned": False, "cuda": False}
 _mode_value: str | None = None  # None: read MUSTAFAR_BACKEND at the next use
@@ -358,7 +358,10 @@ def sparse_decode(
         ``n_c = T_c``, ``n_w = T_w``, window row ``i`` in slot ``i``. Positions: compressed row ``r`` is
         ``r``, window row ``i`` is ``n_c + i`` (what ``kv_start`` masks).
     kernel : the CUDA decode kernel: ``"auto"`` (default rule, see the module docstring), ``"v4"``,
-        ``"v5"``, ``"v6"`` or ``"v6g"``; one that cannot serve the dtype / shape raises ``ValueError``.
+        ``"v5"``, ``"v6"``, ``"v6g"``, ``"v7"`` (every G, fp8 values, ``lengths``; k compiled in where
+        instantiated), ``"v7g"`` (v7, k at run time) or ``"v7w"`` (v7 reading rows with 16-byte loads: a
+        candidate, float64-checked by the GPU tests but not yet timed; docs/kernel_notes.md session 9); one
+        that cannot serve the dtype / shape raises ``ValueError``.
         CPU tensors take ``"auto"`` only; the reference backend ignores it.
     pdl : launch the CUDA merge kernel as a programmatic dependent of the decode kernel (default), or
         after it. Ignored off CUDA.
