@@ -22,6 +22,22 @@ __device__ __forceinline__ uint32_t mag16(__nv_bfloat16 x) {
 }
 __device__ __forceinline__ uint32_t mag16(float) { return 0u; }  // not used (the float path has its own keys)
 
+// The k-th largest of the warp's keys (NE per lane, keys below 2^BITS, 1 <= k <= 32 NE): the largest thr with
+// count(key >= thr) >= k, found bit by bit from the top (one ballot per key register and bit).
+template <int BITS, typename K, int NE>
+__device__ __forceinline__ K kth_largest(const K (&key)[NE], int k) {
+  K thr = 0;
+#pragma unroll 1
+  for (int bit = BITS - 1; bit >= 0; --bit) {
+    const K cand = thr | ((K)1 << bit);
+    int cnt = 0;
+#pragma unroll
+    for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, key[e] >= cand));
+    if (cnt >= k) thr = cand;
+  }
+  return thr;
+}
+
 template <typename T, int D, bool TOPK>
 __global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
                                                      int64_t rows, int k, int64_t* __restrict__ bitmap,
@@ -49,15 +65,7 @@ __global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, co
       uint32_t mag[NE];
 #pragma unroll
       for (int e = 0; e < NE; ++e) mag[e] = mag16(xv[e]);
-      uint32_t thr = 0;
-#pragma unroll 1
-      for (int bit = 14; bit >= 0; --bit) {
-        const uint32_t cand = thr | (1u << bit);
-        int cnt = 0;
-#pragma unroll
-        for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, mag[e] >= cand));
-        if (cnt >= k) thr = cand;
-      }
+      const uint32_t thr = kth_largest<15>(mag, k);
       int need = k;  // k - #(mag > thr): how many of the ties are kept
 #pragma unroll
       for (int e = 0; e < NE; ++e) need -= __popc(__ballot_sync(0xffffffffu, mag[e] > thr));
@@ -77,16 +85,7 @@ __global__ void __launch_bounds__(256) encode_kernel(const T* __restrict__ x, co
         uint32_t mb = isnan(f) ? 0x7fc00000u : (__float_as_uint(f) & 0x7fffffffu);
         key[e] = ((uint64_t)mb << 8) | (uint64_t)(e * 32 + lane);
       }
-      uint64_t thr = 0;
-      // largest thr with count(key >= thr) >= k == the k-th largest key
-#pragma unroll 1
-      for (int bit = 39; bit >= 0; --bit) {
-        const uint64_t cand = thr | (1ull << bit);
-        int cnt = 0;
-#pragma unroll
-        for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, key[e] >= cand));
-        if (cnt >= k) thr = cand;
-      }
+      const uint64_t thr = kth_largest<40>(key, k);
 #pragma unroll
       for (int e = 0; e < NE; ++e) keep[e] = key[e] >= thr;
     }
