@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issues #15 / #16: build, v7 checks, GPU tests, the kernel benchmark (python -m mustafar.bench
-# kernel), compiled wall clock, optionally the prototypes (T_PROTO > 0).
+# kernel), compiled wall clock, optionally Nsight Compute counters of v6 / v7 / v7w (T_PROFILE > 0: seconds per
+# kernel) and the prototypes (T_PROTO > 0).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
 # in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
 set -uo pipefail
@@ -29,6 +30,17 @@ timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --model
   --out "$OUT/e2e_wallclock.json" > "$OUT/wallclock.log" 2>&1
 grep -v "cudagraph_utils.py" "$OUT/wallclock.log" | tail -30 | cut -c1-240
 grep -m3 "skipping cudagraphs" "$OUT/wallclock.log" | cut -c1-240
+if [ "${T_PROFILE:-0}" -gt 0 ] && command -v ncu > /dev/null; then
+  # L2 sector traffic and L1 hit rate of v6 / v7 / v7w at B=8, T=16K, 70 % (the session-9 diagnosis of v7)
+  stamp profile
+  for kern in v6 v7 v7w; do
+    echo "== $kern" >> "$OUT/ncu_v7.txt"
+    timeout ${T_PROFILE} ncu --clock-control none -k "regex:sd_rows_kernel|^decode_kernel" --launch-skip 2 --launch-count 1 \
+      --metrics gpu__time_duration.sum,lts__t_sectors_srcunit_tex_op_read.sum,l1tex__t_sector_hit_rate.pct,dram__bytes_read.sum,sm__inst_executed.sum,smsp__warps_active.avg.per_cycle_active \
+      python3 scripts/gpu_profile.py --kernel $kern >> "$OUT/ncu_v7.txt" 2>&1
+  done
+  grep -E "^==|duration|sectors|hit_rate|dram__bytes|inst_executed|warps_active" "$OUT/ncu_v7.txt" | cut -c1-160
+fi
 if [ "${T_PROTO:-0}" -gt 0 ]; then
   stamp proto
   timeout ${T_PROTO} python3 scripts/kernel_proto.py --out "$OUT" --quick 2>&1 | tail -30
