@@ -360,7 +360,7 @@ def sparse_decode(
     kernel : the CUDA decode kernel: ``"auto"`` (default rule, see the module docstring), ``"v4"``,
         ``"v5"``, ``"v6"``, ``"v6g"``, ``"v7"`` (every G, fp8 values, ``lengths``; k compiled in where
         instantiated), ``"v7g"`` (v7, k at run time) or ``"v7w"`` (v7 reading rows with 16-byte loads: a
-        candidate, float64-checked by the GPU tests but not yet timed; docs/kernel_notes.md session 9); one
+        candidate with GPU tests written but not yet run on a GPU; docs/kernel_notes.md session 9); one
         that cannot serve the dtype / shape raises ``ValueError``.
         CPU tensors take ``"auto"`` only; the reference backend ignores it.
     pdl : launch the CUDA merge kernel as a programmatic dependent of the decode kernel (default), or
