@@ -204,6 +204,18 @@ __device__ __forceinline__ void load_group16(const uint8_t* row, int n, uint32_t
   for (int i = 0; i < NWD; ++i) r[i] = (q & 2u) ? x1[i + 2] : x1[i];
 }
 
+// The words of n values of a row at byte address `row` (r[i] = the word at (row & ~3) + 4 i): 16-byte loads when
+// WIDE ("v7w"), 4-byte loads otherwise.
+template <bool WIDE, int NWD, int ES>
+__device__ __forceinline__ void load_row(const uint8_t* row, int n, uint32_t (&r)[NWD]) {
+  if constexpr (WIDE) {
+    load_group16<NWD, ES>(row, n, r);
+  } else {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(row);
+    load_group<NWD, ES>(reinterpret_cast<const uint32_t*>(a & ~(uintptr_t)3), (uint32_t)(a & 3u), n, r);
+  }
+}
+
 // Scatter n (<= GV) loaded values through the walk: four values (two 16-bit pairs) per step of the outer loop;
 // fp16 / bf16 values are funnel-shifted out of the loaded words, e4m3 pairs converted to fp16.
 template <int NW, int ES, int NWD, int GV>
@@ -369,17 +381,11 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
       // issue every load of the row's first group (both sides) before any of it is used
       constexpr int GV = Group<D, WIDE>::GV, NWK = GroupWords<D, KES, WIDE>::N, NWV = GroupWords<D, VES, WIDE>::N;
       const int kk = KC > 0 ? KC : p.kk, kv = KC > 0 ? KC : p.kv;
+      // byte offset of a row in its word: the same for every group (GV * ES % 4 == 0)
       const uint32_t shk = (uint32_t)(reinterpret_cast<uintptr_t>(kg) & 3u), shv = (uint32_t)(reinterpret_cast<uintptr_t>(vg) & 3u);
-      const uint32_t* gk = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(kg) & ~(uintptr_t)3);
-      const uint32_t* gv = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(vg) & ~(uintptr_t)3);
       uint32_t rk[NWK], rv[NWV];
-      if constexpr (WIDE) {
-        load_group16<NWK, KES>(kg, min(GV, kk), rk);
-        load_group16<NWV, VES>(vg, min(GV, kv), rv);
-      } else {
-        load_group<NWK, KES>(gk, shk, min(GV, kk), rk);
-        load_group<NWV, VES>(gv, shv, min(GV, kv), rv);
-      }
+      load_row<WIDE, NWK, KES>(kg, min(GV, kk), rk);
+      load_row<WIDE, NWV, VES>(vg, min(GV, kv), rv);
       zero_row<D>(krow);
       zero_row<D>(vrow);
       const bool ok = walk_ok<NW>(kw, kk) && walk_ok<NW>(vw, kv);
@@ -390,14 +396,9 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
         const int kmax = max(kk, kv);
 #pragma unroll(KC > 0 ? 4 : 1)
         for (int g0 = 0; g0 < kmax; g0 += GV) {
-          if (g0 > 0) {  // later groups (k > GV): GV values per side, 4-byte aligned offsets (GV * ES % 4 == 0)
-            if constexpr (WIDE) {
-              load_group16<NWK, KES>(kg + g0 * KES, min(GV, kk - g0), rk);
-              load_group16<NWV, VES>(vg + g0 * VES, min(GV, kv - g0), rv);
-            } else {
-              load_group<NWK, KES>(gk + g0 * KES / 4, shk, min(GV, kk - g0), rk);
-              load_group<NWV, VES>(gv + g0 * VES / 4, shv, min(GV, kv - g0), rv);
-            }
+          if (g0 > 0) {  // later groups (k > GV)
+            load_row<WIDE, NWK, KES>(kg + g0 * KES, min(GV, kk - g0), rk);
+            load_row<WIDE, NWV, VES>(vg + g0 * VES, min(GV, kv - g0), rv);
           }
           scatter_group<NW, KES, NWK, GV>(wkk, rk, shk, min(GV, kk - g0));
           scatter_group<NW, VES, NWV, GV>(wkv, rv, shv, min(GV, kv - g0));

@@ -20,7 +20,6 @@ __device__ __forceinline__ uint32_t mag16(__nv_bfloat16 x) {
   const uint32_t b = __bfloat16_as_ushort(x) & 0x7fffu;
   return b > 0x7f80u ? 0x7fc0u : b;
 }
-__device__ __forceinline__ uint32_t mag16(float) { return 0u; }  // not used (the float path has its own keys)
 
 // The k-th largest of the warp's keys (NE per lane, keys below 2^BITS, 1 <= k <= 32 NE): the largest thr with
 // count(key >= thr) >= k, found bit by bit from the top (one ballot per key register and bit).
