@@ -166,7 +166,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()  # not inference_mode: a cache filled here must stay usable (reset()) outside it
 def generate(model, input_ids: torch.Tensor, cache, max_new_tokens: int, compile: str | None = None,
              attention_mask: torch.Tensor | None = None, backend: str = "inductor", fullgraph: bool = True,
-             stats: dict | None = None) -> torch.Tensor:
+             stats: dict | None = None, prefill_chunk: int | None = None) -> torch.Tensor:
     """Greedy generation of exactly ``max_new_tokens`` tokens: :func:`prefill`, then :func:`decode_n_tokens`.
 
     Parameters
@@ -188,6 +188,12 @@ def generate(model, input_ids: torch.Tensor, cache, max_new_tokens: int, compile
         ``torch.compile(fullgraph=...)``: True (gpt-fast's choice) makes any graph break an error.
     stats : dict, optional
         Filled with ``prefill_s`` and ``decode_s`` (wall clock, the device synchronised around each phase).
+    prefill_chunk : int, optional
+        Run the prompt in consecutive pieces of at most this many tokens (each a :func:`prefill` into the same
+        cache), as servers do to bound the activation memory of a long prompt at a large batch. Dense caches give
+        the same result as one piece; a MustafarCache compresses the tokens that left its window after each piece,
+        so later pieces attend to the pruned K/V of earlier ones (what a chunked prefill into a compressed cache
+        means). ``None``: the whole prompt in one forward.
 
     Returns
     -------
@@ -199,6 +205,9 @@ def generate(model, input_ids: torch.Tensor, cache, max_new_tokens: int, compile
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) != prefill_chunk
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a positive int or None")
     n = int(max_new_tokens)
     step, cudagraphs = decode_one_token, False
     if compile is not None:
@@ -228,8 +237,11 @@ def generate(model, input_ids: torch.Tensor, cache, max_new_tokens: int, compile
 
     _sync(dev)
     t0 = time.perf_counter()
-    prompt_mask = None if full_mask is None else full_mask[:, : past + p]
-    token = prefill(model, input_ids, cache, prompt_mask, pos)  # [B, 1]
+    c = p if prefill_chunk is None else int(prefill_chunk)
+    for i in range(0, p, c):  # pieces [i, j) of the prompt; the last one's greedy token starts the decode
+        j = min(p, i + c)
+        prompt_mask = None if full_mask is None else full_mask[:, : past + j]
+        token = prefill(model, input_ids[:, i:j], cache, prompt_mask, pos[:, i:j])  # [B, 1]
     _sync(dev)
     t1 = time.perf_counter()
     rest = decode_n_tokens(model, token, cache, position, n - 1, full_mask, step=step, cudagraphs=cudagraphs)

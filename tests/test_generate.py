@@ -170,3 +170,36 @@ def test_compiled_static_mustafar_matches_eager(model, backend):
     again = generate(model, ids, cache, n, attention_mask=mask, compile="default", backend=backend)
     assert torch.equal(again, eager)
     assert counters["stats"]["unique_graphs"] == graphs, "the compiled step was recompiled"
+
+
+@pytest.mark.parametrize("kind", ["dense", "static"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_prefill_dense_equals_one_piece(model, kind, padded):
+    """A prompt run in pieces of 7 tokens (the last one shorter) gives a dense cache the same greedy tokens."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    ids = _ids(seed)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :11] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    one = generate(model, ids, _cache(kind, model, P + 16), 16, attention_mask=mask)
+    pieces = generate(model, ids, _cache(kind, model, P + 16), 16, attention_mask=mask, prefill_chunk=7)
+    assert torch.equal(pieces, one), f"seed {seed}"
+
+
+def test_chunked_prefill_static_mustafar_matches_growing(model):
+    """Pieces of 9 tokens into MustafarCache(max_cache_len) and into the growing MustafarCache: the same tokens
+    (both compress what leaves the window after each piece; pieces 4 and 5 cross the 32-token window)."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    ids = _ids(seed)
+    static_cache = _cache("compressed-static", model, P + 48)
+    static = generate(model, ids, static_cache, 48, prefill_chunk=9)
+    grow = generate(model, ids, _cache("compressed", model, 0), 48, prefill_chunk=9)
+    assert torch.equal(static, grow), f"seed {seed}: first differing column {(static != grow).any(0).nonzero()[:1]}"
+    assert static_cache.get_seq_length() == P + 47
+
+
+def test_bad_prefill_chunk(model):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"prefill_chunk={bad!r} must be a positive int"):
+            generate(model, _ids(2), _cache("dense", model, 0), 4, prefill_chunk=bad)

@@ -2,7 +2,7 @@
 
 ``python -m mustafar.bench wallclock [--models smollm2-135m] [--dtypes float32] [--device cpu]
 [--shapes 256:64] [--batches 1] [--sparsities 0.7] [--variants ...] [--reps 3] [--warmup 1]
-[--decode-kernel auto] [--kv-budget-gib 40] [--resume] [--out PATH]``
+[--decode-kernel auto] [--kv-budget-gib 40] [--budget-batches] [--resume] [--out PATH]``
 
 What a user observes: greedy generation of exactly ``N`` new tokens after a ``P``-token prompt, timed
 with ``time.perf_counter`` around the whole call (``torch.cuda.synchronize`` before and after on a GPU),
@@ -30,8 +30,13 @@ Variants (``--variants``; every one runs greedy, fixed length, no EOS):
 * ``mustafar-fp8-compiled``: ``mustafar-compiled`` with e4m3 stored values (+ a float16 scale per token
   vector) on both sides.
 
-Protocol per cell (model, dtype, P:N, batch): every variant is called ``--warmup`` times (the first call
-is recorded as ``first_call_s``: it includes compilation / CUDA-graph capture), then ``--reps`` rounds in
+Prefill: a prompt of ``B x P > --prefill-tokens`` tokens (default 32768) is run in pieces of
+``--prefill-tokens // B`` prompt tokens (``prefill_chunk`` of :func:`mustafar.generate.generate`, recorded per cell),
+which bounds the prefill's activation memory at the large batches of ``--budget-batches``; decode is unaffected.
+
+Protocol per cell (model, dtype, P:N, batch): every variant is called ``--warmup`` times, generating
+``--warmup-tokens`` new tokens (default N; the first call is recorded as ``first_call_s``: it includes
+compilation / CUDA-graph capture), then ``--reps`` rounds in
 which every variant runs once, interleaved (so drift on a shared machine hits all alike). Reported:
 medians of total, prefill and decode seconds; ``decode_tok_per_s = B * (N - 1) / decode_s`` (the first new
 token comes out of the prefill) and ``total_tok_per_s = B * N / total_s``; ratios of medians against the
@@ -43,6 +48,14 @@ near-tied greedy choices; fp32 compiled vs eager StaticCache is tested for equal
 warm-up calls (0 for a step that replays as a graph). ``graphs_compiled_during_timing`` counts dynamo graphs compiled during
 the timed rounds (0 means no recompilation was timed). GPU runs exclude the cuDNN SDPA backend
 (:func:`mustafar.bench.common.sdpa_backends`), as ``mustafar.bench e2e`` does.
+
+``--budget-batches`` adds, per model, dtype and shape, the cells that answer "what is the fastest generation under a
+KV budget": each cache kind at the largest batch whose cache sized for ``P + N`` tokens fits ``--kv-budget-gib``
+(:func:`mustafar.bench.common.budget_batch`: a StaticCache's bytes for the dense variants; exactly
+``MustafarCache.nbytes()`` for each MustafarCache variant and sparsity, the FP8-valued one separately). Each such
+cell runs only the variants of its cache kind (``budget_group``). ``best_under_budget`` then compares, over every
+cell of that model / dtype / shape, the best compiled-static decode tokens/s with the best of each MustafarCache
+variant (ratios of medians from different cells of the same run; the batch of each is recorded).
 
 Results are rewritten after every cell (:func:`mustafar.bench.common.write_results`); ``--resume`` skips
 cells already in ``--out``, so a long grid can be run as several commands of bounded length.
@@ -59,7 +72,7 @@ from pathlib import Path
 
 import torch
 
-from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, cache_nbytes, command_line, default_out, free, gpu_slug,
+from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, budget_batch, cache_nbytes, command_line, default_out, free, gpu_slug,
                                    is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance, sdpa_backends,
                                    set_threads, sync, write_results)
 
@@ -92,8 +105,16 @@ class _FirstTokenClock:
         pass
 
 
-def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
-    """``{label: (variant, sparsity, fn)}``; ``fn()`` -> ``(tokens [B, N], prefill_s, decode_s, total_s, cache)``;
+def prefill_chunk_for(batch: int, prompt: int, prefill_tokens: int | None) -> int | None:
+    """Prompt tokens per prefill piece so that a piece holds at most ``prefill_tokens`` tokens over the batch
+    (``None``: the whole prompt in one forward, also when it fits)."""
+    if prefill_tokens is None or batch * prompt <= prefill_tokens:
+        return None
+    return max(1, prefill_tokens // batch)
+
+
+def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device, prefill_chunk=None):
+    """``{label: (variant, sparsity, fn)}``; ``fn(new=n)`` -> ``(tokens [B, new], prefill_s, decode_s, total_s, cache)``;
     labels whose variant cannot run map to an error string instead of a tuple."""
     from mustafar.generate import check_compileable, generate
 
@@ -102,7 +123,7 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
     out = {}
 
     def ours(kind, s, compile=None, cache_box=None):
-        def fn():
+        def fn(new=n):
             if cache_box is not None:  # one preallocated cache per cell, reset: the compiled graph keeps its addresses
                 if "cache" in cache_box:
                     if kind.startswith("compressed"):
@@ -119,7 +140,7 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
             st = {}
             sync(device)
             t0 = time.perf_counter()
-            seq = generate(model, ids, cache, n, compile=compile, stats=st)
+            seq = generate(model, ids, cache, new, compile=compile, stats=st, prefill_chunk=prefill_chunk)
             sync(device)
             return seq[:, p:], st["prefill_s"], st["decode_s"], time.perf_counter() - t0, cache
         return fn
@@ -131,13 +152,13 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device):
         if torch.device(device).type == "cpu":
             cc._compile_all_devices = True  # transformers compiles only on accelerators unless this is set
 
-        def fn():
+        def fn(new=n):
             _use_sdpa(model)
             clock = _FirstTokenClock(device)
             sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                                      do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True,
                                      cache_implementation="static", compile_config=cc, streamer=clock)
             sync(device)
@@ -188,14 +209,15 @@ def _graphs() -> int:
 
 
 def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIANTS, reps=3, warmup=1,
-             compile_mode=None, kernel="auto", seed=0, log=print) -> dict:
+             compile_mode=None, kernel="auto", seed=0, log=print, prefill_tokens=32768, warmup_tokens=None) -> dict:
     """One (model, P:N, batch) cell of the benchmark (see the module doc); returns its result dict."""
     dev = next(model.parameters()).device
     if compile_mode is None:
         compile_mode = "reduce-overhead" if dev.type == "cuda" else "default"
     g = torch.Generator(device=dev).manual_seed(seed)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=dev, generator=g)
-    runners = _runners(model, ids, new, sparsities, variants, compile_mode, kernel, dev)
+    chunk = prefill_chunk_for(batch, prompt, prefill_tokens)
+    runners = _runners(model, ids, new, sparsities, variants, compile_mode, kernel, dev, chunk)
     rows, tokens, samples = {}, {}, {}
     for label, r in runners.items():
         if isinstance(r, str):
@@ -208,11 +230,10 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
             skips0 = _cudagraph_skips()
             for i in range(max(1, warmup)):
                 t0 = time.perf_counter()
-                tok, *_ = fn()
+                fn(min(new, warmup_tokens or new))
                 if i == 0:
                     rows[label]["first_call_s"] = time.perf_counter() - t0
             rows[label]["cudagraph_skips"] = _cudagraph_skips() - skips0
-            tokens[label] = tok
             samples[label] = []
             log(f"  {label}: first call {rows[label]['first_call_s']:.2f} s")
         except Exception as exc:  # noqa: BLE001  (an OOM or a variant that cannot run: recorded, the rest go on)
@@ -226,7 +247,8 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
             mem_reset(dev)
             base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
             try:
-                _, pre, dec, tot, cache = runners[label][2]()
+                tok, pre, dec, tot, cache = runners[label][2]()
+                tokens.setdefault(label, tok)
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
@@ -269,17 +291,79 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
     return {"model": name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
             "batch": batch, "prompt": prompt, "new_tokens": new, "compile_mode": compile_mode,
             "decode_kernel": kernel, "reps": reps, "warmup": warmup, "best_static_compiled": best,
+            "prefill_chunk": chunk, "warmup_tokens": min(new, warmup_tokens or new),
             "graphs_compiled_during_timing": timing_graphs, "variants": rows}
 
 
 def _key(cell) -> tuple:
-    return (cell["model"], cell["dtype"], cell["prompt"], cell["new_tokens"], cell["batch"])
+    return (cell["model"], cell["dtype"], cell["prompt"], cell["new_tokens"], cell["batch"], cell.get("budget_group"))
+
+
+DENSE_VARIANTS = ("dynamic", "static", "static-compiled", "hf-static-compiled")
+
+
+def budget_groups(model, variants, sparsities, max_len: int, budget_bytes: float, kernel: str = "auto") -> list:
+    """``[(group, variants, sparsities, batch)]``: per cache kind among ``variants``, the largest batch whose cache
+    sized for ``max_len`` tokens fits ``budget_bytes`` (:func:`mustafar.bench.common.budget_batch`); groups where
+    not even batch 1 fits are left out. ``group`` is ``"dense"``, ``"mustafar@s"`` or ``"mustafar-fp8@s"``."""
+    dtype = next(model.parameters()).dtype
+    out = []
+    dense = [v for v in variants if v in DENSE_VARIANTS]
+    if dense:
+        out.append(("dense", dense, (), budget_batch("static", model, dtype, 0.0, max_len, budget_bytes)))
+    for s in sparsities:
+        for group, kind, names in [("mustafar", "compressed", ("mustafar", "mustafar-compiled")),
+                                   ("mustafar-fp8", "compressed-fp8", ("mustafar-fp8-compiled",))]:
+            vs = [v for v in variants if v in names]
+            if vs:
+                out.append((f"{group}@{s:g}", vs, (s,), budget_batch(kind, model, dtype, s, max_len, budget_bytes,
+                                                                      kernel)))
+    return [g for g in out if g[3] >= 1]
+
+
+def best_under_budget(cells: list, budget_gib: float) -> list:
+    """Per (model, dtype, prompt, new tokens): the best compiled-static decode tokens/s over the cells whose dense
+    KV fits ``budget_gib`` (either compiled static variant), and for each MustafarCache variant its best over the
+    cells whose own cache fits (its ``cache_gib``), with the ratio to the static best."""
+    shapes = {}
+    for c in cells:
+        shapes.setdefault((c["model"], c["dtype"], c["prompt"], c["new_tokens"]), []).append(c)
+    out = []
+    for (m, dt, p, n), cs in shapes.items():
+        best = {}
+        for c in cs:
+            for label, row in c["variants"].items():
+                tps = row.get("decode_tok_per_s")
+                if tps is None:
+                    continue
+                if row["variant"] in COMPILED_BASELINES:
+                    if c.get("dense_kv_gib", float("inf")) > budget_gib:
+                        continue
+                    key = "static-compiled (best of both)"
+                elif row["variant"].startswith("mustafar"):
+                    if row.get("cache_gib", float("inf")) > budget_gib:
+                        continue
+                    key = label
+                else:
+                    continue
+                if key not in best or tps > best[key]["decode_tok_per_s"]:
+                    best[key] = {"label": label, "batch": c["batch"], "decode_tok_per_s": tps}
+        ref = best.pop("static-compiled (best of both)", None)
+        entry = {"model": m, "dtype": dt, "prompt": p, "new_tokens": n, "kv_budget_gib": budget_gib,
+                 "best_static_compiled": ref, "mustafar": best}
+        if ref is not None:
+            for row in best.values():
+                row["vs_best_static_compiled"] = row["decode_tok_per_s"] / ref["decode_tok_per_s"]
+        out.append(entry)
+    return out
 
 
 def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((256, 64),), batches=(1,),
         sparsities=(0.7,), variants=VARIANTS, reps=3, warmup=1, compile_mode=None, kernel="auto",
-        kv_budget_gib=40.0, out=None, command=None, resume=False, log=print) -> dict:
-    """Every cell of models x dtypes x shapes x batches (see the module doc); writes ``out`` after each."""
+        kv_budget_gib=40.0, out=None, command=None, resume=False, budget_batches=False, prefill_tokens=32768,
+        warmup_tokens=None, log=print) -> dict:
+    """Every cell of models x dtypes x shapes x batches, plus with ``budget_batches`` the largest batch of each
+    cache kind under the budget (see the module doc); writes ``out`` after each cell."""
     import mustafar
 
     res = {"cells": [], "skipped": [], "sdpa_backends": SDPA_BACKENDS_NOTE if device.startswith("cuda") else None,
@@ -292,29 +376,45 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
     prov = provenance(command)
     for name in models:
         for dt in dtypes:
-            todo = [(p, n, b) for p, n in shapes for b in batches]
-            model = None
-            for p, n, b in todo:
-                if (name, dt, p, n, b) in done:
-                    log(f"{name} {dt} P={p} N={n} B={b}: in {out} already (--resume)")
+            model, _ = mustafar.load_model(name, dtype=getattr(torch, dt), device=device)
+            n_layers, h_kv, d = kv_shape(model)
+            todo = [(p, n, b, None, variants, sparsities) for p, n in shapes for b in batches]
+            if budget_batches:
+                todo += [(p, n, b, g, vs, ss) for p, n in shapes
+                         for g, vs, ss, b in budget_groups(model, variants, sparsities, p + n, kv_budget_gib * GIB,
+                                                           kernel)]
+            for p, n, b, group, vs, ss in todo:
+                what = f"{name} {dt} P={p} N={n} B={b}" + (f" (largest batch under the budget: {group})" if group
+                                                            else "")
+                if (name, dt, p, n, b, group) in done:
+                    log(f"{what}: in {out} already (--resume)")
                     continue
-                if model is None:
-                    model, _ = mustafar.load_model(name, dtype=getattr(torch, dt), device=device)
-                n_layers, h_kv, d = kv_shape(model)
                 kv = 2 * n_layers * b * h_kv * (p + n) * d * model.dtype.itemsize
-                if kv > kv_budget_gib * GIB:
+                if group is None and kv > kv_budget_gib * GIB:
                     res["skipped"].append({"model": name, "dtype": dt, "prompt": p, "new_tokens": n, "batch": b,
                                            "why": f"dense KV {kv / GIB:.1f} GiB > --kv-budget-gib {kv_budget_gib}"})
                     continue
-                log(f"{name} {dt} P={p} N={n} B={b} on {device}:")
-                cell = run_cell(model, name, b, p, n, sparsities, variants, reps, warmup, compile_mode, kernel,
-                                log=log)
+                log(f"{what} on {device}:")
+                cell = run_cell(model, name, b, p, n, ss, vs, reps, warmup, compile_mode, kernel, log=log,
+                                prefill_tokens=prefill_tokens, warmup_tokens=warmup_tokens)
                 cell["dense_kv_gib"] = kv / GIB
+                if group is not None:
+                    cell["budget_group"] = group
                 res["cells"].append(cell)
+                if budget_batches:
+                    res["best_under_budget"] = best_under_budget(res["cells"], kv_budget_gib)
                 if out is not None:
                     write_results(out, res, prov=prov)
             del model
             free(device)
+    if budget_batches:
+        for e in res.get("best_under_budget", []):
+            ref = e["best_static_compiled"]
+            log(f"best under {kv_budget_gib:g} GiB, {e['model']} {e['dtype']} {e['prompt']}:{e['new_tokens']}: "
+                + (f"static compiled {ref['decode_tok_per_s']:.1f} tok/s at B={ref['batch']}" if ref else "no static")
+                + "".join(f"; {k} {r['decode_tok_per_s']:.1f} at B={r['batch']}"
+                          + (f" (x{r['vs_best_static_compiled']:.2f})" if "vs_best_static_compiled" in r else "")
+                          for k, r in e["mustafar"].items()))
     return res
 
 
@@ -344,11 +444,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant first (>= 1)")
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="new tokens of each warm-up call (default: N; fewer suffice to compile and capture the step "
+                         "and the window compression; graphs_compiled_during_timing shows if they did not)")
     ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead"],
                     help="torch.compile mode of the compiled variants (default: reduce-overhead on CUDA, default on CPU)")
     ap.add_argument("--decode-kernel", default="auto", choices=DECODE_KERNELS,
                     help="MustafarConfig.decode_kernel of the MustafarCaches (CUDA names; CPU uses auto)")
-    ap.add_argument("--kv-budget-gib", type=float, default=40.0, help="skip cells whose dense KV exceeds this")
+    ap.add_argument("--kv-budget-gib", type=float, default=40.0, help="skip --batches cells whose dense KV exceeds this")
+    ap.add_argument("--budget-batches", action="store_true",
+                    help="also run each cache kind at its largest batch under --kv-budget-gib (best_under_budget)")
+    ap.add_argument("--prefill-tokens", type=int, default=32768,
+                    help="at most this many tokens (batch x piece) per prefill forward: longer prompts are prefilled in "
+                         "pieces (mustafar.generate's prefill_chunk; not hf-static-compiled, which is model.generate)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out and skip them")
     ap.add_argument("--out", default=None, help="output JSON (default results/generate_compile_cpu.json on CPU, "
@@ -356,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 1 or args.warmup < 1:
         ap.error("--reps and --warmup must be >= 1")
+    if args.warmup_tokens is not None and args.warmup_tokens < 2:
+        ap.error(f"--warmup-tokens must be >= 2, got {args.warmup_tokens}")
+    if args.prefill_tokens < 1:
+        ap.error(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
+    if not args.kv_budget_gib > 0:
+        ap.error(f"--kv-budget-gib must be > 0, got {args.kv_budget_gib}")
     set_threads(args.threads)
     cuda = torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -365,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(models=args.models, dtypes=args.dtypes, device=args.device, shapes=args.shapes, batches=args.batches,
               sparsities=args.sparsities, variants=args.variants, reps=args.reps, warmup=args.warmup,
               compile_mode=args.compile_mode, kernel=args.decode_kernel, kv_budget_gib=args.kv_budget_gib, out=out,
-              command=command_line("wallclock", argv), resume=args.resume)
+              command=command_line("wallclock", argv), resume=args.resume, budget_batches=args.budget_batches,
+              prefill_tokens=args.prefill_tokens, warmup_tokens=args.warmup_tokens)
     if cuda:
         with sdpa_backends():
             run(**kw)

@@ -1,0 +1,100 @@
+"""``mustafar.bench wallclock``: the largest batch per cache kind under a KV budget and the best-under-budget summary
+(CPU, tiny random model; the GPU numbers come from the device runs in ``results/``)."""
+
+import pytest
+import torch
+
+from mustafar.bench.common import GIB, budget_batch, cache_nbytes, make_cache
+from mustafar.bench.wallclock import best_under_budget, budget_groups, run
+
+
+@pytest.mark.parametrize("kind, s", [("compressed", 0.7), ("compressed", 0.5), ("compressed-fp8", 0.7)])
+def test_budget_batch_is_the_largest_that_fits(tiny_llama, kind, s):
+    """The batch budget_batch returns holds at most the budget in a real cache of that batch, one more exceeds it."""
+    model, _ = tiny_llama
+    max_len = 300
+    one = cache_nbytes(_filled(model, kind, s, max_len, 1))
+    budget = 3.5 * one  # fixed bytes (a counter) make 3 fit, not 4 (cache bytes are affine in the batch)
+    b = budget_batch(kind, model, torch.float32, s, max_len, budget)
+    assert b == 3
+    assert cache_nbytes(_filled(model, kind, s, max_len, b)) <= budget < cache_nbytes(_filled(model, kind, s, max_len,
+                                                                                               b + 1))
+
+
+def _filled(model, kind, s, max_len, batch):
+    cache = make_cache(kind, model, s, max_len)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(1, model.config.vocab_size, (batch, 8), generator=g)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_budget_batch_dense_and_bad_budget(tiny_llama):
+    model, _ = tiny_llama
+    per_seq = 2 * 2 * 2 * 100 * 64 * 4  # layers x K/V x kv_heads x tokens x head_dim x fp32
+    assert budget_batch("static", model, torch.float32, 0.0, 100, 5 * per_seq + 1) == 5
+    assert budget_batch("static", model, torch.float32, 0.0, 100, per_seq - 1) == 0
+    with pytest.raises(ValueError, match="budget_bytes must be > 0, got -1"):
+        budget_batch("static", model, torch.float32, 0.0, 100, -1)
+    with pytest.raises(ValueError, match="'nope' is not a MustafarCache kind"):
+        budget_batch("nope", model, torch.float32, 0.7, 100, 1e9)
+
+
+def test_budget_groups_split_variants_by_cache_kind(tiny_llama):
+    model, _ = tiny_llama
+    budget = 64 * 2 * 2 * 2 * 1000 * 64 * 4  # 64 dense sequences of 1000 tokens
+    groups = {g: (vs, ss, b) for g, vs, ss, b in budget_groups(
+        model, ["static-compiled", "mustafar-compiled", "mustafar-fp8-compiled", "dynamic"], [0.5, 0.7], 1000, budget)}
+    assert set(groups) == {"dense", "mustafar@0.5", "mustafar@0.7", "mustafar-fp8@0.5", "mustafar-fp8@0.7"}
+    assert groups["dense"] == (["static-compiled", "dynamic"], (), 64)
+    assert groups["mustafar@0.7"][:2] == (["mustafar-compiled"], (0.7,))
+    # a sparser cache and FP8 values fit more sequences than dense
+    assert 64 < groups["mustafar@0.5"][2] < groups["mustafar@0.7"][2] < groups["mustafar-fp8@0.7"][2]
+
+
+def test_best_under_budget_picks_fitting_cells():
+    def cell(batch, dense_kv, rows):
+        return {"model": "m", "dtype": "float16", "prompt": 8, "new_tokens": 4, "batch": batch,
+                "dense_kv_gib": dense_kv, "variants": rows}
+
+    cells = [
+        cell(8, 10.0, {"static-compiled": {"variant": "static-compiled", "decode_tok_per_s": 100.0},
+                       "mustafar-compiled@0.7": {"variant": "mustafar-compiled", "decode_tok_per_s": 130.0,
+                                                 "cache_gib": 4.0}}),
+        cell(16, 20.0, {"static-compiled": {"variant": "static-compiled", "decode_tok_per_s": 150.0}}),
+        cell(64, 80.0, {"static-compiled": {"variant": "static-compiled", "decode_tok_per_s": 999.0}}),  # over budget
+        cell(40, 50.0, {"mustafar-compiled@0.7": {"variant": "mustafar-compiled", "decode_tok_per_s": 330.0,
+                                                  "cache_gib": 19.0}}),
+        cell(60, 75.0, {"mustafar-compiled@0.7": {"variant": "mustafar-compiled", "decode_tok_per_s": 900.0,
+                                                  "cache_gib": 27.0}}),  # its own cache over budget
+    ]
+    (e,) = best_under_budget(cells, 20.0)
+    assert e["best_static_compiled"] == {"label": "static-compiled", "batch": 16, "decode_tok_per_s": 150.0}
+    assert e["mustafar"]["mustafar-compiled@0.7"]["batch"] == 40
+    assert e["mustafar"]["mustafar-compiled@0.7"]["vs_best_static_compiled"] == pytest.approx(330.0 / 150.0)
+
+
+def test_run_budget_batches_cpu(tiny_llama, tmp_path):
+    """The budget cells run each cache kind at its own largest batch, only its own variants; the summary is written."""
+    model, _ = tiny_llama
+    budget_gib = 3 * 2 * 2 * 2 * 1004 * 64 * 4 / GIB  # three dense sequences of 1000 + 4 tokens
+    out = tmp_path / "w.json"
+    res = run(models=["tiny-llama"], shapes=[(1000, 4)], batches=[1], sparsities=[0.7], variants=["dynamic", "mustafar"],
+              reps=1, kv_budget_gib=budget_gib, out=out, budget_batches=True, log=lambda *a: None)
+    groups = {c.get("budget_group"): c for c in res["cells"]}
+    assert set(groups) == {None, "dense", "mustafar@0.7"}
+    assert groups["dense"]["batch"] == 3 and set(groups["dense"]["variants"]) == {"dynamic"}
+    assert set(groups["mustafar@0.7"]["variants"]) == {"mustafar@0.7"}
+    assert groups["mustafar@0.7"]["batch"] > 3  # 70 % sparse: more sequences under the same budget
+    assert groups["mustafar@0.7"]["variants"]["mustafar@0.7"]["cache_gib"] <= budget_gib
+    assert out.is_file() and "best_under_budget" in res
+
+
+def test_prefill_chunk_for():
+    from mustafar.bench.wallclock import prefill_chunk_for
+
+    assert prefill_chunk_for(8, 4096, 32768) is None  # fits: one forward
+    assert prefill_chunk_for(38, 4096, 32768) == 862
+    assert prefill_chunk_for(40000, 16, 32768) == 1
+    assert prefill_chunk_for(64, 4096, None) is None
