@@ -48,7 +48,8 @@ import torch
 
 from mustafar.cache import cache_kwargs
 
-__all__ = ["prefill", "decode_one_token", "decode_n_tokens", "generate", "check_compileable", "COMPILE_MODES"]
+__all__ = ["prefill", "decode_one_token", "decode_n_tokens", "generate", "check_compileable", "release_compiled",
+           "COMPILE_MODES"]
 
 #: values of ``generate(compile=...)``
 COMPILE_MODES = (None, "default", "reduce-overhead")
@@ -119,6 +120,14 @@ def decode_n_tokens(model, token: torch.Tensor, cache, position: torch.Tensor, n
         position = position + 1
         new.append(token)
     return torch.cat(new, dim=1) if new else token.new_empty((token.shape[0], 0))
+
+
+def release_compiled() -> None:
+    """Drop the compiled decode steps (and with them the memory pools of their CUDA graphs) and reset dynamo: the
+    next compiled :func:`generate` compiles afresh. A benchmark calls it between batches (each batch is a new
+    graph anyway under ``dynamic=False``) so that one batch's graph pools do not crowd the next one's memory."""
+    _COMPILED.clear()
+    torch._dynamo.reset()
 
 
 def check_compileable(cache) -> None:

@@ -365,6 +365,7 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
     """Every cell of models x dtypes x shapes x batches, plus with ``budget_batches`` the largest batch of each
     cache kind under the budget (see the module doc); writes ``out`` after each cell."""
     import mustafar
+    from mustafar.generate import release_compiled
 
     res = {"cells": [], "skipped": [], "sdpa_backends": SDPA_BACKENDS_NOTE if device.startswith("cuda") else None,
            "timer": "wall clock: time.perf_counter, device synchronised around each phase"}
@@ -401,6 +402,8 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
                 if group is not None:
                     cell["budget_group"] = group
                 res["cells"].append(cell)
+                release_compiled()  # the next batch compiles its own graphs: free this one's CUDA graph pools
+                free(device)
                 if budget_batches:
                     res["best_under_budget"] = best_under_budget(res["cells"], kv_budget_gib)
                 if out is not None:
