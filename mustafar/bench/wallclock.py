@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 64)], metavar="P:N",
                     help="prompt:new-token pairs")
-    ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    ap.add_argument("--batches", nargs="*", type=int, default=[1],
+                    help="batch sizes (none with --budget-batches: only the largest batch of each cache kind)")
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.7], help="MustafarCache K=V sparsities")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
@@ -467,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 1 or args.warmup < 1:
         ap.error("--reps and --warmup must be >= 1")
+    if any(x < 1 for x in args.batches):
+        ap.error(f"--batches must be >= 1, got {args.batches}")
+    if not args.batches and not args.budget_batches:
+        ap.error("--batches needs at least one batch size unless --budget-batches is given")
     if args.warmup_tokens is not None and args.warmup_tokens < 2:
         ap.error(f"--warmup-tokens must be >= 2, got {args.warmup_tokens}")
     if args.prefill_tokens < 1:
