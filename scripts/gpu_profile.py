@@ -5,7 +5,7 @@
 
 Runs ``torch.ops.mustafar.sparse_decode`` four times on random inputs compressed with
 ``prune_encode_topk`` (the same inputs as ``python -m mustafar.bench.kernel``), with the op's ``kernel``
-(``auto``, ``v4``, ``v5``, ``v6``, ``v6g``, ``v7``, ``v7g``, ``v7w``; ncu's ``-k`` regex:
+(``auto``, ``v4``, ``v5``, ``v6``, ``v6g``, ``v7``, ``v7g``; ncu's ``-k`` regex:
 ``sparse_decode_kernel`` = v4, ``sd_scatter_kernel`` = v5, ``sd_rows_kernel`` = v6, ``regex:^decode_kernel`` = v7) and ``pdl`` (``--no-pdl``: the merge after the decode kernel).
 """
 import argparse
@@ -23,7 +23,7 @@ ap.add_argument("--Hkv", type=int, default=32)
 ap.add_argument("--D", type=int, default=128)
 ap.add_argument("--s", type=float, default=0.7)
 ap.add_argument("--dtype", default="float16")
-ap.add_argument("--kernel", default="auto", choices=("auto", "v4", "v5", "v6", "v6g", "v7", "v7g", "v7w"))
+ap.add_argument("--kernel", default="auto", choices=("auto", "v4", "v5", "v6", "v6g", "v7", "v7g"))
 ap.add_argument("--no-pdl", action="store_true", help="launch the merge after the decode kernel")
 a = ap.parse_args()
 load_extension()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for issues #15 / #16: build, v7 checks, GPU tests, the kernel benchmark (python -m mustafar.bench
-# kernel), compiled wall clock, optionally Nsight Compute counters of v6 / v7 / v7w (T_PROFILE > 0: seconds per
+# kernel), compiled wall clock, optionally Nsight Compute counters of v6 / v7 (T_PROFILE > 0: seconds per
 # kernel) and the prototypes (T_PROTO > 0).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
 # in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
@@ -31,9 +31,9 @@ timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --model
 grep -v "cudagraph_utils.py" "$OUT/wallclock.log" | tail -30 | cut -c1-240
 grep -m3 "skipping cudagraphs" "$OUT/wallclock.log" | cut -c1-240
 if [ "${T_PROFILE:-0}" -gt 0 ] && command -v ncu > /dev/null; then
-  # L2 sector traffic and L1 hit rate of v6 / v7 / v7w at B=8, T=16K, 70 % (the session-9 diagnosis of v7)
+  # L2 sector traffic, L1 hit rate, issue activity of v6 / v7 at B=8, T=16K, 70 % (kernel_notes.md, session 10)
   stamp profile
-  for kern in v6 v7 v7w; do
+  for kern in v6 v7; do
     echo "== $kern" >> "$OUT/ncu_v7.txt"
     timeout ${T_PROFILE} ncu --clock-control none -k "regex:sd_rows_kernel|^decode_kernel" --launch-skip 2 --launch-count 1 \
       --metrics gpu__time_duration.sum,lts__t_sectors_srcunit_tex_op_read.sum,l1tex__t_sector_hit_rate.pct,dram__bytes_read.sum,sm__inst_executed.sum,smsp__warps_active.avg.per_cycle_active \

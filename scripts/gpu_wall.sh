@@ -3,6 +3,8 @@
 # the wall-clock generation cell of the targets. Shape, batches, sparsities and variants by environment:
 #   MODELS (llama2-7b) DTYPES (float16) SHAPES (4096:1024) BATCHES (8) SPARS (0.5 0.7) REPS (3)
 #   VARIANTS (static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled) T_WALL (560 s)
+#   KERNEL (auto: MustafarConfig.decode_kernel, e.g. v6 for the device-lengths candidate) EXTRA (more bench flags,
+#   e.g. "--budget-batches --warmup-tokens 160 --prefill-tokens 8192")
 # Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_wall.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -13,6 +15,6 @@ name=${NAME:-e2e_wallclock_2}
 timeout ${T_WALL:-560} python3 -m mustafar.bench wallclock --device cuda --models ${MODELS:-llama2-7b} \
   --dtypes ${DTYPES:-float16} --shapes ${SHAPES:-4096:1024} --batches ${BATCHES:-8} --sparsities ${SPARS:-0.5 0.7} \
   --variants ${VARIANTS:-static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled} \
-  --reps ${REPS:-3} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  --reps ${REPS:-3} --decode-kernel ${KERNEL:-auto} ${EXTRA:-} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
 echo "rc=$?"
 tail -40 "$OUT/$name.log" | cut -c1-240

@@ -130,7 +130,7 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
 # every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with one or
 # four query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
 # they refuse them, test_sparse_decode_v6_refuses / test_sparse_decode_fp16_kernels_refuse_float32).
-@pytest.fixture(params=["v7", "v7g", "v7w", "v6", "v5", "v4"])
+@pytest.fixture(params=["v7", "v7g", "v6", "v5", "v4"])
 def decode_kernel(request):
     return request.param
 
@@ -140,7 +140,7 @@ def _skip_unless_v6_covers(kernel, g, dtype, *values):
         pytest.skip("v6 covers fp16/bf16, G in {1, 4}, k <= 64")
     if kernel == "v5" and dtype == torch.float32:
         pytest.skip("v5 covers fp16/bf16")
-    if kernel in ("v7", "v7g", "v7w") and dtype == torch.float32:
+    if kernel in ("v7", "v7g") and dtype == torch.float32:
         pytest.skip("v7 covers fp16/bf16 (float32 runs v4)")
 
 
@@ -409,7 +409,8 @@ def test_encode_bitmap_too_many_raises():  # kept last: it runs a subprocess
 
 
 def test_sparse_decode_bad_head_dim_raises():
-    """A TORCH_CHECK failure in the CUDA op's host code raises (subprocess: a crash fails, not aborts)."""
+    """A TORCH_CHECK failure in the CUDA op's host code raises (subprocess: a crash fails, not aborts). head_dim 192
+    (three bitmap words) is not one of the op's 64 / 128 / 256 (256 was the bad value before v7 served it)."""
     import subprocess
     import sys
 
@@ -417,20 +418,20 @@ def test_sparse_decode_bad_head_dim_raises():
         "import torch\n"
         "from mustafar.ops.build import load_extension\n"
         "load_extension()\n"
-        "q = torch.randn(1, 2, 256, device='cuda', dtype=torch.float16)\n"
-        "bm = torch.zeros(1, 2, 3, 4, dtype=torch.int64, device='cuda')\n"
-        "v = torch.zeros(1, 2, 3, 8, device='cuda', dtype=torch.float16)\n"
-        "w = torch.zeros(1, 2, 0, 256, device='cuda', dtype=torch.float16)\n"
+        "q = torch.randn(1, 2, 192, device='cuda', dtype=torch.float16)\n"
+        "bm = torch.ones(1, 2, 3, 3, dtype=torch.int64, device='cuda')\n"
+        "v = torch.randn(1, 2, 3, 8, device='cuda', dtype=torch.float16)\n"
+        "w = torch.randn(1, 2, 0, 192, device='cuda', dtype=torch.float16)\n"
         "try:\n"
         "    torch.ops.mustafar.sparse_decode(q, bm, v, bm, v, w, w, None, 0.1)\n"
         "    print('NO ERROR')\n"
         "except (ValueError, RuntimeError) as e:\n"
-        "    print('RAISED', type(e).__name__)\n"
+        "    print('RAISED', type(e).__name__, e)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "RAISED" in res.stdout, res.stdout
+    assert "RAISED" in res.stdout and "head_dim D=192" in res.stdout, res.stdout
 
 
 # ------------------------------------------------------------------------------------------------ v7 (issue #15)
@@ -454,7 +455,7 @@ V7_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fp8", ["none", "k", "v", "kv"])
 @pytest.mark.parametrize("case", V7_CASES)
-@pytest.mark.parametrize("kernel", ["v7", "v7g", "v7w"])
+@pytest.mark.parametrize("kernel", ["v7", "v7g"])
 def test_v7_fp8_lengths_ring(dtype, fp8, case, kernel):
     b, h_kv, g, d, t_c, ring, s = case
     gen = torch.Generator(device=DEV).manual_seed(int(1000 * sum(case)) + len(fp8))  # case holds a float
@@ -486,6 +487,58 @@ def test_v7_fp8_lengths_ring(dtype, fp8, case, kernel):
         assert _rel(out, ref) < 1e-2, (lengths, fp8)
         if b > 1:
             assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+V6_LENGTH_CASES = [
+    # b, h_kv, g, d, capacity t_c, ring, sparsity  (v6: G in {1, 4}, D 64 / 128, k <= 64)
+    (3, 2, 1, 128, 4133, 33, 0.7), (2, 2, 4, 128, 1111, 289, 0.5), (1, 4, 1, 64, 2049, 17, 0.7),
+    (2, 1, 4, 64, 517, 64, 0.6), (4, 3, 1, 128, 96, 1, 0.8), (1, 8, 4, 128, 8192, 40, 0.7),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", V6_LENGTH_CASES)
+@pytest.mark.parametrize("kernel", ["v6", "v6g"])
+def test_v6_device_lengths_ring(dtype, case, kernel):
+    """v6 / v6g with device lengths (the compileable cache's call; launched for the capacities, the tiles shared
+    out from the lengths in the kernel): against the float64 reference for lengths from empty to full, the
+    window a ring, kv_start masking, one fully masked row."""
+    b, h_kv, g, d, t_c, ring, s = case
+    gen = torch.Generator(device=DEV).manual_seed(7 * t_c + ring + g)
+    k = d - int(math.floor(s * d + 0.5))
+    q = torch.randn(b, h_kv * g, d, device=DEV, generator=gen).to(dtype)
+    kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(b, h_kv, t_c, d, device=DEV, generator=gen).to(dtype), k)
+    vb, vv = torch.ops.mustafar.prune_encode_topk(torch.randn(b, h_kv, t_c, d, device=DEV, generator=gen).to(dtype), k)
+    kw = torch.randn(b, h_kv, ring, d, device=DEV, generator=gen).to(dtype)
+    vw = torch.randn(b, h_kv, ring, d, device=DEV, generator=gen).to(dtype)
+    for n_c, n_w in [(t_c, ring), (0, ring), (t_c // 3 + 5, 0), (t_c - 31, max(0, ring - 2)), (1, 1), (0, 0)]:
+        ln = torch.tensor([n_c, n_w], dtype=torch.int32, device=DEV)
+        kvs = torch.randint(0, max(1, (n_c + n_w) // 2), (b,), device=DEV, generator=gen).to(torch.int32)
+        if b > 1:
+            kvs[-1] = n_c + n_w + 1  # every position masked: zeros
+        out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), None, None, ln,
+                                               variant=kernel)
+        ref = reference.sparse_decode(q.double(), kb, kv.double(), vb, vv.double(), kw.double(), vw.double(), kvs,
+                                      1 / math.sqrt(d), lengths=ln)
+        assert torch.isfinite(out).all(), (n_c, n_w)
+        assert _rel(out, ref) < 1e-2, (n_c, n_w)
+        if b > 1:
+            assert torch.equal(out[-1], torch.zeros_like(out[-1])), (n_c, n_w)
+        auto = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), None, None, ln)
+        assert _rel(out, auto.double()) < 1e-2, (n_c, n_w)  # the same attention as v7 ("auto" with lengths)
+
+
+def test_v6_lengths_refused_where_v6_cannot_serve():
+    """Named v6 with lengths outside v6's class (G = 2) raises, naming G; v5 / v4 refuse lengths."""
+    q = torch.randn(1, 4, 128, device=DEV, dtype=torch.float16)
+    kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(1, 2, 64, 128, device=DEV, dtype=torch.float16), 38)
+    w = torch.randn(1, 2, 8, 128, device=DEV, dtype=torch.float16)
+    ln = torch.tensor([64, 8], dtype=torch.int32, device=DEV)
+    with pytest.raises((ValueError, RuntimeError), match="G=2"):
+        torch.ops.mustafar.sparse_decode(q, kb, kv, kb, kv, w, w, None, 0.1, None, None, ln, variant="v6")
+    for name in ("v5", "v4"):
+        with pytest.raises((ValueError, RuntimeError), match="device lengths"):
+            torch.ops.mustafar.sparse_decode(q, kb, kv, kb, kv, w, w, None, 0.1, None, None, ln, variant=name)
 
 
 @pytest.mark.parametrize("dtype,d,s,L,chunk,fp8", [

@@ -164,6 +164,7 @@ struct SDParams {
   const void* kwin;
   const void* vwin;
   const int* kv_start;  // [B] or null
+  const int* lengths;   // v6: device (n_c, n_w) with a ring window, or null (Tc / Tw below); v4 / v5: null
   float* ws_o;          // [B, Hq, NP, D]
   float* ws_ml;         // [B, Hq, NP, 2]
   int B, Hkv, G, Tc, Tw, kk, kv;

@@ -344,10 +344,20 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   mf_pdl_launch_dependents();  // the merge kernel may launch now (it waits for this grid)
   const int ks = p.kv_start ? max(0, p.kv_start[b]) : 0;
-  const int ntc = (p.Tc + kRRows - 1) / kRRows;
-  const int nall = ntc + (p.Tw + kRRows - 1) / kRRows;
-  const int wt0 = split * p.tiles_per_split;
-  const int wt1 = min(nall, wt0 + p.tiles_per_split);
+  // Lengths: the host's (p.Tc compressed rows, p.Tw window rows in slots 0 .. Tw - 1), or read from device memory
+  // (p.lengths = (n_c, n_w), clamped to the capacities p.Tc / p.Tw; the window a ring: row i in slot
+  // (n_c + i) % p.Tw), so that one launch shape, planned for the capacities, serves every step of a CUDA graph;
+  // the tiles are then shared out among the splits here, from the lengths of this call.
+  int Tc = p.Tc, Tw = p.Tw;
+  if (p.lengths != nullptr) {
+    Tc = min(max(__ldg(p.lengths), 0), p.Tc);
+    Tw = min(max(__ldg(p.lengths + 1), 0), p.Tw);
+  }
+  const int ntc = (Tc + kRRows - 1) / kRRows;
+  const int nall = ntc + (Tw + kRRows - 1) / kRRows;
+  const int tps = p.lengths != nullptr ? (nall + p.nsplit - 1) / p.nsplit : p.tiles_per_split;
+  const int wt0 = split * tps;
+  const int wt1 = min(nall, wt0 + tps);
   const int ntc_here = min(wt1, ntc);
   const int kk = KC ? KC : p.kk, kv = KC ? KC : p.kv;
   const int ldk = LK >= 0 ? LK : p.r_ldk, ldv = LV >= 0 ? LV : p.r_ldv;
@@ -367,13 +377,13 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   const SDSlice<T> sl(p, b, hk);
   auto stage = [&](int wt, uint32_t sk, uint32_t sv) {
     const int t0 = wt * kRRows;
-    const int nc = min(kRRows, p.Tc - t0);
+    const int nc = min(kRRows, Tc - t0);
     r_stage_side<KC>(smem, sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, ldk, lgk, p.vec16, lane);
     r_stage_side<KC>(smem, sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, ldv, lgv, p.vec16, lane);
   };
   auto load_bm = [&](int wt, uint32_t (&kw)[NW32], uint32_t (&vw)[NW32]) {
     const int t = wt * kRRows + lane;
-    if (wt < ntc_here && t < p.Tc) {
+    if (wt < ntc_here && t < Tc) {
       // 8-byte loads: an int64 bitmap row is only 8-byte aligned in general (strided views)
 #pragma unroll
       for (int i = 0; i < W; ++i) {
@@ -439,7 +449,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
     if (wt < ntc) {
       // ================= a compressed tile: lane = row
       const int t = wt * kRRows + lane;
-      const bool valid = t < p.Tc;
+      const bool valid = t < Tc;
       uint32_t kw[NW32], vw[NW32];
 #pragma unroll
       for (int i = 0; i < NW32; ++i) {
@@ -458,7 +468,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
 #pragma unroll
       for (int g = 0; g < GQ; ++g) sa[g] = sb[g] = 0.f;
       if (fast) {
-        if (wt * kRRows + kRRows > p.Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
+        if (wt * kRRows + kRRows > Tc) {  // the last, partial tile: lanes without a row walk a synthetic row
 #pragma unroll
           for (int i = 0; i < NW32; ++i) {
             kw[i] = valid ? kw[i] : synk[i];
@@ -605,14 +615,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
       // ================= a dense window tile: lane = row, as for a compressed tile (its K dot with q, and
       // its V row into Vd); rows are read with 32-bit loads (the host makes window rows 4-byte aligned)
       const int w0 = (wt - ntc) * kRRows;
-      const int nwin = min(kRRows, p.Tw - w0);
+      const int nwin = min(kRRows, Tw - w0);
       const bool valid = lane < nwin;
       float sc[GQ];
 #pragma unroll
       for (int g = 0; g < GQ; ++g) sc[g] = 0.f;
       if (valid) {
-        const uint32_t* kr = reinterpret_cast<const uint32_t*>(sl.kwin + (int64_t)(w0 + lane) * p.kwin_st);
-        const uint32_t* vr = reinterpret_cast<const uint32_t*>(sl.vwin + (int64_t)(w0 + lane) * p.vwin_st);
+        const int64_t slot = p.lengths != nullptr ? (Tc + w0 + lane) % p.Tw : w0 + lane;  // window ring
+        const uint32_t* kr = reinterpret_cast<const uint32_t*>(sl.kwin + slot * p.kwin_st);
+        const uint32_t* vr = reinterpret_cast<const uint32_t*>(sl.vwin + slot * p.vwin_st);
         float s0[GQ], s1[GQ];
 #pragma unroll
         for (int g = 0; g < GQ; ++g) s0[g] = s1[g] = 0.f;
@@ -637,7 +648,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           *reinterpret_cast<uint16_t*>(smem + vd + (2 * c2 + 1) * kRLine + 2 * lane) = (uint16_t)(x >> 16);
         }
       }
-      const int t = p.Tc + w0 + lane;
+      const int t = Tc + w0 + lane;
 #pragma unroll
       for (int g = 0; g < GQ; ++g) s[g] = (valid && t >= ks) ? sc[g] : -INFINITY;
     }

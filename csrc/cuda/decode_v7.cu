@@ -33,11 +33,10 @@ Occ occupancy(KernelFn fn, int smem, int device) {
 }
 }  // namespace
 
-Launch plan(at::ScalarType dtype, int D, bool K8, bool V8, int KC, bool wide, int64_t B, int64_t Hkv,
-            int64_t tiles_max, int device) {
+Launch plan(at::ScalarType dtype, int D, bool K8, bool V8, int KC, int64_t B, int64_t Hkv, int64_t tiles_max,
+            int device) {
   Launch L{};
-  if (dtype == at::kHalf) L.fn = wide ? pick<__half, true>(D, K8, V8, KC) : pick<__half, false>(D, K8, V8, KC);
-  else L.fn = wide ? pick<__nv_bfloat16, true>(D, K8, V8, KC) : pick<__nv_bfloat16, false>(D, K8, V8, KC);
+  L.fn = dtype == at::kHalf ? pick<__half>(D, K8, V8, KC) : pick<__nv_bfloat16>(D, K8, V8, KC);
   TORCH_CHECK(L.fn != nullptr, "mustafar v7: no kernel for D=", D, " KC=", KC);
   L.smem = D == 64 ? smem_of<64>() : D == 128 ? smem_of<128>() : smem_of<256>();
   const Occ o = occupancy(L.fn, L.smem, device);

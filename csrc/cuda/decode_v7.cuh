@@ -23,10 +23,9 @@
 // to a per-lane generic walk (values re-read one by one); rows past the visible length or before kv_start
 // are masked (score -inf, probability 0); lanes past the tile's last row read that row again (finite data).
 //
-// Memory contract: value buffers are read with aligned 4-byte loads (WIDE = false: "v7", "v7g") or aligned 16-byte
-// loads (WIDE = true: "v7w", a candidate not yet timed), up to 15 bytes before a row (WIDE) and up to 20 bytes past
-// its end (sparse_decode.cu with_slack: the op copies a value tensor with less than 32 readable bytes after it or
-// a storage start that is not 16-byte aligned).
+// Memory contract: value buffers are read with aligned 16-byte loads, up to 15 bytes before a row and up to 15 bytes
+// past its end (sparse_decode.cu with_slack: the op copies a value tensor with less than 32 readable bytes after it
+// or a storage start that is not 16-byte aligned).
 #include "common.cuh"
 
 namespace mustafar_cuda {
@@ -157,34 +156,26 @@ __device__ __forceinline__ void load_words(const uint32_t* g, uint32_t (&wd)[NW]
 
 // Stored values are read in groups of up to GV values per row: every word of a group is loaded before the first
 // of them is used (one memory round trip per group; a row of k <= GV values is one group, and K and V groups are
-// in flight together). GV: 64 values at D = 128 (k up to 64 in one trip: the paper's 50 % / 70 % and anything
-// sparser), 32 at D = 64 (50 % and sparser in one trip) and at D = 256 (registers: two or three trips).
-// With 16-byte loads (WIDE) a group holds up to 3 words of lead-in, so D = 128 groups are 48 values (registers).
-template <int D, bool WIDE = false>
+// in flight together). GV: 48 values at D = 128 (the paper's 70 % in one trip, 50 % in two; a group holds up to
+// 3 words of lead-in before its first value: registers), 32 at D = 64 (50 % and sparser in one trip) and at
+// D = 256 (two or three trips).
+template <int D>
 struct Group {
-  static constexpr int GV = D == 128 ? (WIDE ? 48 : 64) : 32;
+  static constexpr int GV = D == 128 ? 48 : 32;
 };
-template <int D, int ES, bool WIDE = false>
+template <int D, int ES>
 struct GroupWords {
-  static constexpr int N = Group<D, WIDE>::GV * ES / 4 + 1;  // + 1: the row may start mid-word
+  static constexpr int N = Group<D>::GV * ES / 4 + 1;  // + 1: the row may start mid-word
 };
 
-// Load the words holding `n` values (n <= GV; n <= 0: none) that start `sh` bytes into the aligned word g.
-// Reads end at most 3 bytes past the group's last value (within the 16 bytes of slack of the contract).
-template <int NWD, int ES>
-__device__ __forceinline__ void load_group(const uint32_t* g, uint32_t sh, int n, uint32_t (&r)[NWD]) {
-  const int nw = n > 0 ? (int)((sh + (uint32_t)n * ES + 3u) >> 2) : 0;
-#pragma unroll
-  for (int i = 0; i < NWD; ++i) r[i] = i < nw ? __ldg(g + i) : 0u;
-}
-
-// The same words (r[i] = the 32-bit word at (row & ~3) + 4 i, for n values of ES bytes at byte address `row`) read
-// with 16-byte aligned loads, then realigned to the row's first word with two selects per word. Why: lane = row,
-// so a warp-wide 4-byte load touches 32 rows = 32 sectors for 128 useful bytes; a 16-byte load touches one
-// sector per lane for 512 (kernel_notes.md, session 9). Reads start up to 15 bytes before the row (inside the
+// The words holding n values (n <= GV; n <= 0: none) of ES bytes at byte address `row` (r[i] = the 32-bit word at
+// (row & ~3) + 4 i), read with 16-byte aligned loads and realigned to the row's first word with two selects per
+// word. 16-byte loads, not 4-byte ones: timed on an H100 (results/kernel_h100.json, the 48-shape quick profile),
+// they were as fast or faster on every shape (1.0-1.6x at 50 %: fewer load instructions and L1 wavefronts; the
+// L2 traffic was the same: kernel_notes.md, session 10). Reads start up to 15 bytes before the row (inside the
 // tensor's 16-byte aligned storage) and end at most 15 bytes after its last value (the slack contract).
 template <int NWD, int ES>
-__device__ __forceinline__ void load_group16(const uint8_t* row, int n, uint32_t (&r)[NWD]) {
+__device__ __forceinline__ void load_row(const uint8_t* row, int n, uint32_t (&r)[NWD]) {
   constexpr int NC = (NWD + 6) / 4;  // 16-byte chunks: NWD words + up to 3 words of offset
   const uintptr_t a = reinterpret_cast<uintptr_t>(row);
   const uint4* g = reinterpret_cast<const uint4*>(a & ~(uintptr_t)15);
@@ -202,18 +193,6 @@ __device__ __forceinline__ void load_group16(const uint8_t* row, int n, uint32_t
   for (int j = 0; j < NWD + 2; ++j) x1[j] = (q & 1u) ? w[j + 1] : w[j];
 #pragma unroll
   for (int i = 0; i < NWD; ++i) r[i] = (q & 2u) ? x1[i + 2] : x1[i];
-}
-
-// The words of n values of a row at byte address `row` (r[i] = the word at (row & ~3) + 4 i): 16-byte loads when
-// WIDE ("v7w"), 4-byte loads otherwise.
-template <bool WIDE, int NWD, int ES>
-__device__ __forceinline__ void load_row(const uint8_t* row, int n, uint32_t (&r)[NWD]) {
-  if constexpr (WIDE) {
-    load_group16<NWD, ES>(row, n, r);
-  } else {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(row);
-    load_group<NWD, ES>(reinterpret_cast<const uint32_t*>(a & ~(uintptr_t)3), (uint32_t)(a & 3u), n, r);
-  }
 }
 
 // Scatter n (<= GV) loaded values through the walk: four values (two 16-bit pairs) per step of the outer loop;
@@ -292,7 +271,7 @@ __device__ __forceinline__ void zero_row(uint32_t trow) {
   for (int c = 0; c < D * 2 / 16; ++c) v7_sts128(trow + 16 * c, 0u, 0u, 0u, 0u);
 }
 
-template <int D, typename TM, bool K8, bool V8, int KC, bool WIDE>
+template <int D, typename TM, bool K8, bool V8, int KC>
 __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
   using L = Layout<D>;
   using TK = typename std::conditional<K8, __half, TM>::type;  // dense tile types
@@ -379,13 +358,13 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
       if constexpr (K8) ks = __half2float(p.ksc[(int64_t)b * p.ksc_sb + (int64_t)hk * p.ksc_sh + r]);
       if constexpr (V8) vs = __half2float(p.vsc[(int64_t)b * p.vsc_sb + (int64_t)hk * p.vsc_sh + r]);
       // issue every load of the row's first group (both sides) before any of it is used
-      constexpr int GV = Group<D, WIDE>::GV, NWK = GroupWords<D, KES, WIDE>::N, NWV = GroupWords<D, VES, WIDE>::N;
+      constexpr int GV = Group<D>::GV, NWK = GroupWords<D, KES>::N, NWV = GroupWords<D, VES>::N;
       const int kk = KC > 0 ? KC : p.kk, kv = KC > 0 ? KC : p.kv;
       // byte offset of a row in its word: the same for every group (GV * ES % 4 == 0)
       const uint32_t shk = (uint32_t)(reinterpret_cast<uintptr_t>(kg) & 3u), shv = (uint32_t)(reinterpret_cast<uintptr_t>(vg) & 3u);
       uint32_t rk[NWK], rv[NWV];
-      load_row<WIDE, NWK, KES>(kg, min(GV, kk), rk);
-      load_row<WIDE, NWV, VES>(vg, min(GV, kv), rv);
+      load_row<NWK, KES>(kg, min(GV, kk), rk);
+      load_row<NWV, VES>(vg, min(GV, kv), rv);
       zero_row<D>(krow);
       zero_row<D>(vrow);
       const bool ok = walk_ok<NW>(kw, kk) && walk_ok<NW>(vw, kv);
@@ -397,8 +376,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(const Params p) {
 #pragma unroll(KC > 0 ? 4 : 1)
         for (int g0 = 0; g0 < kmax; g0 += GV) {
           if (g0 > 0) {  // later groups (k > GV)
-            load_row<WIDE, NWK, KES>(kg + g0 * KES, min(GV, kk - g0), rk);
-            load_row<WIDE, NWV, VES>(vg + g0 * VES, min(GV, kv - g0), rv);
+            load_row<NWK, KES>(kg + g0 * KES, min(GV, kk - g0), rk);
+            load_row<NWV, VES>(vg + g0 * VES, min(GV, kv - g0), rv);
           }
           scatter_group<NW, KES, NWK, GV>(wkk, rk, shk, min(GV, kk - g0));
           scatter_group<NW, VES, NWV, GV>(wkv, rv, shv, min(GV, kv - g0));

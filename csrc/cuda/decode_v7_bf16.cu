@@ -1,3 +1,3 @@
-// v7 instantiations for bf16 models (decode_v7.cuh), 4-byte row loads.
+// v7 instantiations for bf16 models (decode_v7.cuh).
 #include "decode_v7_inst.cuh"
-MF_V7_INSTANTIATE(__nv_bfloat16, false)
+MF_V7_INSTANTIATE(__nv_bfloat16)

@@ -5,39 +5,39 @@
 namespace mustafar_cuda {
 namespace v7 {
 
-template <typename TM, int D, bool K8, bool V8, bool W>
+template <typename TM, int D, bool K8, bool V8>
 KernelFn pick_kc(int KC) {
   if constexpr (!K8 && !V8) {
     if constexpr (D == 128) {
-      if (KC == 38) return decode_kernel<D, TM, false, false, 38, W>;
-      if (KC == 64) return decode_kernel<D, TM, false, false, 64, W>;
+      if (KC == 38) return decode_kernel<D, TM, false, false, 38>;
+      if (KC == 64) return decode_kernel<D, TM, false, false, 64>;
     } else if constexpr (D == 64) {
-      if (KC == 19) return decode_kernel<D, TM, false, false, 19, W>;
-      if (KC == 32) return decode_kernel<D, TM, false, false, 32, W>;
+      if (KC == 19) return decode_kernel<D, TM, false, false, 19>;
+      if (KC == 32) return decode_kernel<D, TM, false, false, 32>;
     }
   }
-  return KC == 0 ? decode_kernel<D, TM, K8, V8, 0, W> : nullptr;
+  return KC == 0 ? decode_kernel<D, TM, K8, V8, 0> : nullptr;
 }
 
-template <typename TM, int D, bool W>
+template <typename TM, int D>
 KernelFn pick_d(bool K8, bool V8, int KC) {
-  if (K8) return V8 ? pick_kc<TM, D, true, true, W>(KC) : pick_kc<TM, D, true, false, W>(KC);
-  return V8 ? pick_kc<TM, D, false, true, W>(KC) : pick_kc<TM, D, false, false, W>(KC);
+  if (K8) return V8 ? pick_kc<TM, D, true, true>(KC) : pick_kc<TM, D, true, false>(KC);
+  return V8 ? pick_kc<TM, D, false, true>(KC) : pick_kc<TM, D, false, false>(KC);
 }
 
 }  // namespace v7
 }  // namespace mustafar_cuda
 
-// one translation unit per (model type, load width), so that ninja builds them in parallel
-#define MF_V7_INSTANTIATE(TM, W)                                                 \
-  namespace mustafar_cuda {                                                      \
-  namespace v7 {                                                                 \
-  template <>                                                                    \
-  KernelFn pick<TM, W>(int D, bool K8, bool V8, int KC) {                        \
-    if (D == 64) return pick_d<TM, 64, W>(K8, V8, KC);                           \
-    if (D == 128) return pick_d<TM, 128, W>(K8, V8, KC);                         \
-    if (D == 256) return pick_d<TM, 256, W>(K8, V8, KC);                         \
-    return nullptr;                                                              \
-  }                                                                              \
-  }                                                                              \
+// one translation unit per model type, so that ninja builds them in parallel
+#define MF_V7_INSTANTIATE(TM)                             \
+  namespace mustafar_cuda {                               \
+  namespace v7 {                                          \
+  template <>                                             \
+  KernelFn pick<TM>(int D, bool K8, bool V8, int KC) {    \
+    if (D == 64) return pick_d<TM, 64>(K8, V8, KC);       \
+    if (D == 128) return pick_d<TM, 128>(K8, V8, KC);     \
+    if (D == 256) return pick_d<TM, 256>(K8, V8, KC);     \
+    return nullptr;                                       \
+  }                                                       \
+  }                                                       \
   }

@@ -7,10 +7,9 @@ namespace v7 {
 
 using KernelFn = void (*)(const Params);
 
-// the kernel for (D, K8, V8, KC) with model type TM and row loads of 16 bytes (WIDE, "v7w") or 4 bytes ("v7",
-// "v7g"); nullptr if not instantiated (KC > 0 only for the pairs of compiled_k()). Defined in
-// decode_v7_{half,bf16}.cu and decode_v7w_{half,bf16}.cu.
-template <typename TM, bool WIDE>
+// the kernel for (D, K8, V8, KC) with model type TM; nullptr if not instantiated (KC > 0 only for the pairs of
+// compiled_k()). Defined in decode_v7_{half,bf16}.cu.
+template <typename TM>
 KernelFn pick(int D, bool K8, bool V8, int KC);
 
 // k compiled in (template KC = k) for these (D, k) with k_k == k_v and 16-bit values on both sides: the
@@ -28,7 +27,7 @@ struct Launch {
 
 // Pick the kernel and the split. tiles_max: the most 32-row tiles a call of this shape can have (from the
 // capacities, so a CUDA graph captured once serves every length).
-Launch plan(at::ScalarType dtype, int D, bool K8, bool V8, int KC, bool wide, int64_t B, int64_t Hkv,
+Launch plan(at::ScalarType dtype, int D, bool K8, bool V8, int KC, int64_t B, int64_t Hkv,
             int64_t tiles_max, int device);
 
 // launch the decode kernel and the merge (a programmatic dependent when pdl) into out [B * Hq, D]

@@ -179,6 +179,7 @@ DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, co
   const bool v6_ok = half_type && (pr.G == 1 || pr.G == 4) && pr.kk <= kRKMax && pr.kv <= kRKMax;
   switch (req) {
     case DecodeKernel::kAuto:
+      if (half_type && pr.D == 64 && pr.G == 1 && std::max(pr.kk, pr.kv) <= kV5MaxKD64) return DecodeKernel::kV5;
       if (v6_ok) return DecodeKernel::kV6;
       return (half_type && pr.G >= 2) ? DecodeKernel::kV5 : DecodeKernel::kV4;
     case DecodeKernel::kV4:

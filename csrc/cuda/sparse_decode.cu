@@ -22,9 +22,9 @@ static at::Tensor rows_ok(const at::Tensor& t) {
 }
 
 
-// A value tensor v7 reads with 4-byte loads up to 20 bytes past a row's end, v7w with 16-byte aligned loads up to
-// 15 bytes before a row and 15 after: give it >= 32 readable bytes after its last element and a 16-byte aligned
-// storage start (a copy otherwise; the cache allocates the slack itself).
+// A value tensor v7 reads with 16-byte aligned loads up to 15 bytes before a row and 15 after: give it >= 32 readable
+// bytes after its last element and a 16-byte aligned storage start (a copy otherwise; the cache allocates the
+// slack itself).
 static at::Tensor with_slack(const at::Tensor& t) {
   if (t.numel() == 0) return t;
   const int64_t isz = t.element_size();
@@ -47,7 +47,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
                               const std::optional<at::Tensor>& k_scale_in, const std::optional<at::Tensor>& v_scale_in,
                               const std::optional<at::Tensor>& lengths_in, c10::string_view kernel, bool pdl) {
   const char* op = "mustafar.sparse_decode (CUDA): ";
-  const bool named_v7 = kernel == "v7" || kernel == "v7g" || kernel == "v7w";
+  const bool named_v7 = kernel == "v7" || kernel == "v7g";
   const DecodeKernel requested = named_v7 ? DecodeKernel::kAuto : parse_decode_kernel(kernel, op);
   check_cuda_tensor(q_in, "q");
   check_cuda_tensor(k_bitmap_in, "k_bitmap");
@@ -91,12 +91,20 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK_VALUE(Tc + Tw < (1LL << 30), op, "sequence too long: ", Tc + Tw);
   MF_CHECK_VALUE(K8 == (k_scale_in.has_value() && k_scale_in->defined()), op, "k_scale must be given iff k_values is float8_e4m3fn");
   MF_CHECK_VALUE(V8 == (v_scale_in.has_value() && v_scale_in->defined()), op, "v_scale must be given iff v_values is float8_e4m3fn");
-  // "auto": v7 wherever only it serves (fp8 values, device lengths, D = 256) and kAutoV7 (plan.h) says so;
-  // otherwise the rule of plan.cu (v6 / v5 / v4)
-  const bool want_v7 = named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || has_len || D == 256 || kAutoV7));
+  // "auto": v7 wherever only it serves (fp8 values, device lengths, D = 256), for an odd number of query heads per
+  // KV head (G = 3, 5, 7: v5 walks such a row once per head; v7's tensor-core products take any G <= 8 at one cost:
+  // 1.7-3x v5 at G = 7 on every shape of results/kernel_h100.json) and where kAutoV7 (plan.h) says so; otherwise
+  // the rule of plan.cu (v6 / v5 / v4)
+  // Device lengths also run on v6 when it is named ("v6" / "v6g": a candidate for the compileable cache, not yet
+  // the default; v6 serves G in {1, 4}, k <= 64, 16-bit values, D 64 / 128).
+  const bool odd_g = G > 1 && G % 2 == 1;
+  const bool named_v6 = requested == DecodeKernel::kV6 || requested == DecodeKernel::kV6g;
+  const bool want_v7 =
+      named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || has_len || D == 256 || odd_g || kAutoV7));
   const bool use_v7 = want_v7 && dt != at::kFloat;
-  MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && !has_len), op, "kernel=", kernel, " with dtype ", dt,
-                 ": fp8 values and device lengths need kernel 'auto', 'v7', 'v7g' or 'v7w' and a float16 / bfloat16 model");
+  MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && (!has_len || named_v6)), op, "kernel=", kernel, " with dtype ", dt,
+                 ": fp8 values need kernel 'auto', 'v7' or 'v7g', device lengths 'auto', 'v7', 'v7g', 'v6' or 'v6g', "
+                 "and both a float16 / bfloat16 model");
   c10::cuda::CUDAGuard guard(q_in.device());
 
   at::Tensor ks;
@@ -157,7 +165,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
       out.zero_();
       return out;
     }
-    const v7::Launch L = v7::plan(dt, (int)D, K8, V8, KC, kernel == "v7w", B, Hkv, tiles_max, q.device().index());
+    const v7::Launch L = v7::plan(dt, (int)D, K8, V8, KC, B, Hkv, tiles_max, q.device().index());
     at::Tensor ws_o = poison ? at::full({B, Hq, L.NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
                              : at::empty({B, Hq, L.NP, D}, q.options().dtype(at::kFloat));
     at::Tensor ws_ml = at::empty({B, Hq, L.NP, 2}, q.options().dtype(at::kFloat));
@@ -217,6 +225,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.kwin = kw.data_ptr();
   p.vwin = vw.data_ptr();
   p.kv_start = ks.defined() ? ks.data_ptr<int>() : nullptr;
+  p.lengths = has_len ? len.data_ptr<int>() : nullptr;  // v6 only (named): the capacities Tc / Tw below bound them
   p.ws_o = ws_o.data_ptr<float>();
   p.ws_ml = ws_ml.data_ptr<float>();
   p.B = (int)B;

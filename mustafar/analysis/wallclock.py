@@ -1,7 +1,7 @@
 """Notebook 05, wall-clock part: the files of ``python -m mustafar.bench wallclock`` read into tables.
 
-``results/e2e_wallclock_h200.json`` (GPU, when recorded) and ``results/generate_compile_cpu.json`` (CPU)
-hold one cell per (model, dtype, device, batch, prompt:new); each cell holds one entry per variant
+``results/e2e_wallclock_<gpu>.json`` (GPU, when recorded; ``e2e_wallclock_budget_<gpu>.json``: the largest batch of
+each cache kind under a KV budget, ``--budget-batches``) and ``results/generate_compile_cpu.json`` (CPU) hold one cell per (model, dtype, device, batch, prompt:new); each cell holds one entry per variant
 (``dynamic``, ``static-compiled``, ``hf-static-compiled``, ``mustafar@0.7``, ``mustafar-compiled@0.7``, ...)
 with medians of wall-clock seconds and the ratios against the compiled StaticCache variants measured in
 the same cell (:mod:`mustafar.bench.wallclock` says how). These functions only reshape; they compute no
@@ -11,7 +11,7 @@ faster whole call).
 
 from __future__ import annotations
 
-__all__ = ["wallclock_table", "wallclock_headline"]
+__all__ = ["wallclock_table", "wallclock_headline", "budget_headline"]
 
 _COLUMNS = ["model", "dtype", "device", "batch", "P:N", "best_static", "variant", "label", "sparsity", "decode_tok_per_s",
             "total_s", "prefill_s", "first_call_s", "decode_vs_best_static", "total_vs_best_static",
@@ -62,4 +62,21 @@ def wallclock_headline(df):
                             baseline_tok_per_s=base["decode_tok_per_s"].iloc[0], cache=r["label"],
                             tok_per_s=r["decode_tok_per_s"], decode_ratio=r["decode_vs_best_static"],
                             total_ratio=r["total_vs_best_static"]))
+    return pd.DataFrame(out)
+
+
+def budget_headline(raw: dict):
+    """The file's ``best_under_budget`` entries (``--budget-batches``) as a table: per model, dtype, P:N and
+    MustafarCache variant, the best compiled StaticCache under the budget (its batch and decode tokens/s), the
+    variant's best (batch, tokens/s) and their ratio as recorded. Empty when the file has none."""
+    import pandas as pd
+
+    out = []
+    for e in raw.get("best_under_budget", []):
+        ref = e.get("best_static_compiled") or {}
+        for label, r in e.get("mustafar", {}).items():
+            out.append({"model": e["model"], "dtype": e["dtype"], "P:N": f"{e['prompt']}:{e['new_tokens']}",
+                        "budget_gib": e["kv_budget_gib"], "static_batch": ref.get("batch"),
+                        "static_tok_per_s": ref.get("decode_tok_per_s"), "cache": label, "batch": r["batch"],
+                        "tok_per_s": r["decode_tok_per_s"], "decode_ratio": r.get("vs_best_static_compiled")})
     return pd.DataFrame(out)

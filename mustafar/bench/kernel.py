@@ -56,7 +56,7 @@ __all__ = ["KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "cop
            "grid", "run", "summary", "main"]
 
 #: the CUDA decode kernels ``mustafar.ops.sparse_decode(kernel=...)`` can be asked for, timed side by side
-KERNELS = ("v7", "v7g", "v7w", "v6", "v6g", "v5", "v4")
+KERNELS = ("v7", "v7g", "v6", "v6g", "v5", "v4")
 
 
 @dataclass(frozen=True)

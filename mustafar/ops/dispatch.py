@@ -15,10 +15,13 @@ the first op call, from the environment variable ``MUSTAFAR_BACKEND``; :func:`se
 overrides it in-process (tests use it).
 
 Kernel choice: on CUDA, ``sparse_decode`` has several fused decode kernels, chosen by its ``kernel``
-argument (nothing is read from the environment per call): ``"auto"`` (default: v6 for fp16/bf16 with
-one or four query heads per KV head and at most 64 stored values per row, v5 for other grouped-query
-attention in fp16/bf16, v4 otherwise), ``"v4"``, ``"v5"``, ``"v6"`` or ``"v6g"`` (v6 with k read at run
-time instead of its instantiations for k = 38 and 64 at head_dim 128; see ``docs/kernel_notes.md``). A
+argument (nothing is read from the environment per call): ``"auto"`` (default; for fp16/bf16: v7 for FP8
+values, device-side ``lengths``, head_dim 256 and an odd number of query heads per KV head (3, 5, 7); else v5
+for MHA at head_dim 64 with at most 25 stored values per row, v6 for one or four query heads per KV head and at
+most 64 stored values per row, v5 for G = 2, 6, 8; v4 for float32 and k > 64: the rule ``csrc/cuda/plan.h``
+states with the H100 timings behind it), ``"v7"`` (k compiled in where instantiated), ``"v7g"`` (v7 with k read
+at run time), ``"v4"``, ``"v5"``, ``"v6"`` or ``"v6g"`` (v6 with k read at run time instead of its
+instantiations for k = 38 and 64 at head_dim 128; see ``docs/kernel_notes.md``). A
 kernel that cannot serve the call's dtype or shape raises ``ValueError`` naming it. ``pdl`` launches the
 merge kernel as a programmatic dependent of the decode kernel (Hopper; ``pdl=False`` launches it after
 the decode kernel). CPU tensors take ``kernel="auto"`` only; the reference ignores both.
@@ -53,7 +56,7 @@ _FP8 = reference.FP8
 _OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode")
 _MODES = ("auto", "reference", "compiled")
 #: the values of ``sparse_decode``'s ``kernel`` argument
-DECODE_KERNELS = ("auto", "v7", "v7g", "v7w", "v4", "v5", "v6", "v6g")
+DECODE_KERNELS = ("auto", "v7", "v7g", "v4", "v5", "v6", "v6g")
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "warned": False, "cuda": False}
 _mode_value: str | None = None  # None: read MUSTAFAR_BACKEND at the next use
@@ -358,10 +361,10 @@ def sparse_decode(
         ``n_c = T_c``, ``n_w = T_w``, window row ``i`` in slot ``i``. Positions: compressed row ``r`` is
         ``r``, window row ``i`` is ``n_c + i`` (what ``kv_start`` masks).
     kernel : the CUDA decode kernel: ``"auto"`` (default rule, see the module docstring), ``"v4"``,
-        ``"v5"``, ``"v6"``, ``"v6g"``, ``"v7"`` (every G, fp8 values, ``lengths``; k compiled in where
-        instantiated), ``"v7g"`` (v7, k at run time) or ``"v7w"`` (v7 reading rows with 16-byte loads: a
-        candidate with GPU tests written but not yet run on a GPU; docs/kernel_notes.md session 9); one
-        that cannot serve the dtype / shape raises ``ValueError``.
+        ``"v5"``, ``"v6"``, ``"v6g"`` (these two also take ``lengths``: a candidate for the compileable cache,
+        written in session 10 of ``docs/kernel_notes.md`` and not yet run on a GPU; ``"auto"`` sends
+        ``lengths`` to v7), ``"v7"`` (every G, fp8 values, ``lengths``; k compiled in where instantiated) or
+        ``"v7g"`` (v7, k at run time); one that cannot serve the dtype / shape raises ``ValueError``.
         CPU tensors take ``"auto"`` only; the reference backend ignores it.
     pdl : launch the CUDA merge kernel as a programmatic dependent of the decode kernel (default), or
         after it. Ignored off CUDA.

@@ -98,3 +98,17 @@ def test_prefill_chunk_for():
     assert prefill_chunk_for(38, 4096, 32768) == 862
     assert prefill_chunk_for(40000, 16, 32768) == 1
     assert prefill_chunk_for(64, 4096, None) is None
+
+
+def test_budget_headline_reads_the_summary():
+    from mustafar.analysis.wallclock import budget_headline
+
+    cells = [{"model": "m", "dtype": "float16", "prompt": 8, "new_tokens": 4, "batch": b, "dense_kv_gib": kv,
+              "variants": rows} for b, kv, rows in [
+        (16, 20.0, {"static-compiled": {"variant": "static-compiled", "decode_tok_per_s": 600.0}}),
+        (38, 47.5, {"mustafar-compiled@0.7": {"variant": "mustafar-compiled", "decode_tok_per_s": 1300.0,
+                                              "cache_gib": 19.9}})]]
+    df = budget_headline({"best_under_budget": best_under_budget(cells, 20.0)})
+    assert df[["static_batch", "batch"]].values.tolist() == [[16, 38]]
+    assert df["decode_ratio"].iloc[0] == pytest.approx(1300.0 / 600.0)
+    assert budget_headline({}).empty

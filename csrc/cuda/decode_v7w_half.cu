@@ -1,3 +1,0 @@
-// v7w: v7 with 16-byte row loads (decode_v7.cuh load_group16), fp16 models; kernel="v7w", not yet the default.
-#include "decode_v7_inst.cuh"
-MF_V7_INSTANTIATE(__half, true)
