@@ -45,15 +45,22 @@ def _ids(seed, b=2, p=P):
     return torch.randint(1, 1000, (b, p), generator=g)
 
 
-@pytest.mark.parametrize("kind", ["dense", "static", "compressed", "compressed-static"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_eager_matches_model_generate(model, kind, padded):
-    seed = torch.randint(0, 2**31 - 1, ()).item()  # fresh inputs each run; printed on failure
+def _prompt(padded, row=0, pad=7):
+    """(seed, ids [2, P], mask): a fresh random prompt (the seed is printed on failure); with ``padded``, row ``row``
+    left-padded by ``pad`` tokens (id 0, mask 0)."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
     ids = _ids(seed)
     mask = torch.ones_like(ids)
     if padded:
-        mask[0, :7] = 0  # left padding of row 0
+        mask[row, :pad] = 0
         ids = ids.masked_fill(mask == 0, 0)
+    return seed, ids, mask
+
+
+@pytest.mark.parametrize("kind", ["dense", "static", "compressed", "compressed-static"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_matches_model_generate(model, kind, padded):
+    seed, ids, mask = _prompt(padded)  # fresh inputs each run; row 0 left-padded when padded
     ours = generate(model, ids, _cache(kind, model, P + N), N, attention_mask=mask)
     ref = _hf_generate(model, ids, N, _cache(kind, model, P + N), mask)
     assert ours.shape == (2, P + N)
@@ -137,12 +144,7 @@ def test_bad_arguments(model):
 def test_static_mustafar_matches_growing_mustafar(model, padded):
     """MustafarCache(max_cache_len=L) (preallocated, device lengths, one token encoded per step) gives the same
     greedy tokens as the growing MustafarCache (chunked compression on the host): the same schedule."""
-    seed = torch.randint(0, 2**31 - 1, ()).item()
-    ids = _ids(seed)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, :9] = 0
-        ids = ids.masked_fill(mask == 0, 0)
+    seed, ids, mask = _prompt(padded, row=1, pad=9)
     grow = generate(model, ids, _cache("compressed", model, 0), 96, attention_mask=mask)
     static = generate(model, ids, _cache("compressed-static", model, P + 96), 96, attention_mask=mask)
     assert torch.equal(static, grow), f"seed {seed}: first differing column {(static != grow).any(0).nonzero()[:1]}"
@@ -176,12 +178,7 @@ def test_compiled_static_mustafar_matches_eager(model, backend):
 @pytest.mark.parametrize("padded", [False, True])
 def test_chunked_prefill_dense_equals_one_piece(model, kind, padded):
     """A prompt run in pieces of 7 tokens (the last one shorter) gives a dense cache the same greedy tokens."""
-    seed = torch.randint(0, 2**31 - 1, ()).item()
-    ids = _ids(seed)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[0, :11] = 0
-        ids = ids.masked_fill(mask == 0, 0)
+    seed, ids, mask = _prompt(padded, pad=11)
     one = generate(model, ids, _cache(kind, model, P + 16), 16, attention_mask=mask)
     pieces = generate(model, ids, _cache(kind, model, P + 16), 16, attention_mask=mask, prefill_chunk=7)
     assert torch.equal(pieces, one), f"seed {seed}"
