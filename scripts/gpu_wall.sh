@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Second device call for issue #16 (on the warm machine after scripts/gpu_session.sh, so the build is reused):
 # the wall-clock generation cell of the issue's targets. Shape, batches, sparsities and variants by environment:
-#   MODELS (llama2-7b) DTYPES (float16) SHAPES (4096:1024) BATCHES (8) SPARS (0.5 0.7) REPS (3)
+#   MODELS (llama2-7b) DTYPES (float16) SHAPES (4096:1024) BATCHES (8; set empty with EXTRA=--budget-batches for the
+#   budget cells only) SPARS (0.5 0.7) REPS (3)
 #   VARIANTS (static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled) T_WALL (560 s)
 #   KERNEL (auto: MustafarConfig.decode_kernel, e.g. v6 for the device-lengths candidate) EXTRA (more bench flags,
 #   e.g. "--budget-batches --warmup-tokens 160 --prefill-tokens 8192")
@@ -13,7 +14,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
 python3 -m mustafar.ops.build > "$OUT/build2.log" 2>&1 || { echo BUILD FAILED; tail -20 "$OUT/build2.log"; exit 1; }
 name=${NAME:-e2e_wallclock_2}
 timeout ${T_WALL:-560} python3 -m mustafar.bench wallclock --device cuda --models ${MODELS:-llama2-7b} \
-  --dtypes ${DTYPES:-float16} --shapes ${SHAPES:-4096:1024} --batches ${BATCHES:-8} --sparsities ${SPARS:-0.5 0.7} \
+  --dtypes ${DTYPES:-float16} --shapes ${SHAPES:-4096:1024} --batches ${BATCHES-8} --sparsities ${SPARS:-0.5 0.7} \
   --variants ${VARIANTS:-static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled} \
   --reps ${REPS:-3} --decode-kernel ${KERNEL:-auto} ${EXTRA:-} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
 echo "rc=$?"

@@ -2,7 +2,7 @@
 
 ``python -m mustafar.bench wallclock [--models smollm2-135m] [--dtypes float32] [--device cpu]
 [--shapes 256:64] [--batches 1] [--sparsities 0.7] [--variants ...] [--reps 3] [--warmup 1]
-[--decode-kernel auto] [--kv-budget-gib 40] [--budget-batches] [--resume] [--out PATH]``
+[--decode-kernel auto [v6 ...]] [--kv-budget-gib 40] [--budget-batches] [--resume] [--out PATH]``
 
 What a user observes: greedy generation of exactly ``N`` new tokens after a ``P``-token prompt, timed
 with ``time.perf_counter`` around the whole call (``torch.cuda.synchronize`` before and after on a GPU),
@@ -21,7 +21,8 @@ Variants (``--variants``; every one runs greedy, fixed length, no EOS):
   private ``CompileConfig._compile_all_devices`` is set, which this benchmark sets there). Prefill
   time is taken at the first generated token (a streamer that synchronises once).
 * ``mustafar``: eager :func:`mustafar.generate.generate` on a compressed :class:`mustafar.MustafarCache`
-  (``max_cache_len = P + N``) at each ``--sparsities`` (``MustafarConfig(decode_kernel=--decode-kernel)``).
+  (``max_cache_len = P + N``) at each ``--sparsities`` (``MustafarConfig(decode_kernel=...)``: each of
+  ``--decode-kernel``, default ``auto``; another kernel is labelled as a suffix, e.g. ``mustafar-compiled@0.7[v6]``).
 * ``mustafar-compiled``: the same with the decode step compiled (the compileable layer of
   :mod:`mustafar.cache.static`: ``MustafarCache(..., max_cache_len=P + N)`` with per-token magnitude
   pruning); one cache per cell, ``reset()`` between calls, as ``static-compiled``. A configuration that
@@ -113,8 +114,8 @@ def prefill_chunk_for(batch: int, prompt: int, prefill_tokens: int | None) -> in
     return max(1, prefill_tokens // batch)
 
 
-def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device, prefill_chunk=None):
-    """``{label: (variant, sparsity, fn)}``; ``fn(new=n)`` -> ``(tokens [B, new], prefill_s, decode_s, total_s, cache)``;
+def _runners(model, ids, n, sparsities, variants, compile_mode, kernels, device, prefill_chunk=None):
+    """``{label: (variant, sparsity, fn, decode kernel)}``; ``fn(new=n)`` -> ``(tokens [B, new], prefill_s, decode_s, total_s, cache)``;
     labels whose variant cannot run map to an error string instead of a tuple."""
     from mustafar.generate import check_compileable, generate
 
@@ -122,7 +123,7 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device, 
     max_len = p + n
     out = {}
 
-    def ours(kind, s, compile=None, cache_box=None):
+    def ours(kind, s, compile=None, cache_box=None, kernel="auto"):
         def fn(new=n):
             if cache_box is not None:  # one preallocated cache per cell, reset: the compiled graph keeps its addresses
                 if "cache" in cache_box:
@@ -169,26 +170,27 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernel, device, 
 
     for v in variants:
         if v == "dynamic":
-            out["dynamic"] = (v, None, ours("dense", 0.0))
+            out["dynamic"] = (v, None, ours("dense", 0.0), None)
         elif v == "static":
-            out["static"] = (v, None, ours("static", 0.0, cache_box={}))
+            out["static"] = (v, None, ours("static", 0.0, cache_box={}), None)
         elif v == "static-compiled":
-            out["static-compiled"] = (v, None, ours("static", 0.0, compile_mode, cache_box={}))
+            out["static-compiled"] = (v, None, ours("static", 0.0, compile_mode, cache_box={}), None)
         elif v == "hf-static-compiled":
-            out["hf-static-compiled"] = (v, None, hf_static())
+            out["hf-static-compiled"] = (v, None, hf_static(), None)
         elif v in ("mustafar", "mustafar-compiled", "mustafar-fp8-compiled"):
             kind = "compressed-fp8" if "fp8" in v else "compressed"
             compiled = v.endswith("-compiled")
             for s in sparsities:
-                label = f"{v}@{s:g}"
-                if compiled:
-                    try:
-                        check_compileable(make_cache(kind, model, s, max_len, kernel))
-                    except ValueError as exc:
-                        out[label] = str(exc)
-                        continue
-                out[label] = (v, s, ours(kind, s, compile_mode if compiled else None,
-                                         cache_box={} if compiled else None))
+                for kernel in kernels:  # "auto" unlabelled; another decode kernel as a suffix: mustafar@0.7[v6]
+                    label = f"{v}@{s:g}" + ("" if kernel == "auto" else f"[{kernel}]")
+                    if compiled:
+                        try:
+                            check_compileable(make_cache(kind, model, s, max_len, kernel))
+                        except ValueError as exc:
+                            out[label] = str(exc)
+                            continue
+                    out[label] = (v, s, ours(kind, s, compile_mode if compiled else None,
+                                             cache_box={} if compiled else None, kernel=kernel), kernel)
         else:
             raise ValueError(f"unknown variant {v!r}; known: {VARIANTS}")
     return out
@@ -217,15 +219,18 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
     g = torch.Generator(device=dev).manual_seed(seed)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=dev, generator=g)
     chunk = prefill_chunk_for(batch, prompt, prefill_tokens)
-    runners = _runners(model, ids, new, sparsities, variants, compile_mode, kernel, dev, chunk)
+    kernels = (kernel,) if isinstance(kernel, str) else tuple(kernel)
+    runners = _runners(model, ids, new, sparsities, variants, compile_mode, kernels, dev, chunk)
     rows, tokens, samples = {}, {}, {}
     for label, r in runners.items():
         if isinstance(r, str):
             rows[label] = {"variant": label.split("@")[0], "error": r}
             log(f"  {label}: not run: {r}")
             continue
-        variant, s, fn = r
+        variant, s, fn, kern = r
         rows[label] = {"variant": variant, "sparsity": s}
+        if kern is not None:
+            rows[label]["decode_kernel"] = kern
         try:
             skips0 = _cudagraph_skips()
             for i in range(max(1, warmup)):
@@ -290,7 +295,7 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
                if "vs_best_static_compiled" in row else ""))
     return {"model": name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
             "batch": batch, "prompt": prompt, "new_tokens": new, "compile_mode": compile_mode,
-            "decode_kernel": kernel, "reps": reps, "warmup": warmup, "best_static_compiled": best,
+            "decode_kernels": list(kernels), "reps": reps, "warmup": warmup, "best_static_compiled": best,
             "prefill_chunk": chunk, "warmup_tokens": min(new, warmup_tokens or new),
             "graphs_compiled_during_timing": timing_graphs, "variants": rows}
 
@@ -302,7 +307,7 @@ def _key(cell) -> tuple:
 DENSE_VARIANTS = ("dynamic", "static", "static-compiled", "hf-static-compiled")
 
 
-def budget_groups(model, variants, sparsities, max_len: int, budget_bytes: float, kernel: str = "auto") -> list:
+def budget_groups(model, variants, sparsities, max_len: int, budget_bytes: float) -> list:
     """``[(group, variants, sparsities, batch)]``: per cache kind among ``variants``, the largest batch whose cache
     sized for ``max_len`` tokens fits ``budget_bytes`` (:func:`mustafar.bench.common.budget_batch`); groups where
     not even batch 1 fits are left out. ``group`` is ``"dense"``, ``"mustafar@s"`` or ``"mustafar-fp8@s"``."""
@@ -316,8 +321,7 @@ def budget_groups(model, variants, sparsities, max_len: int, budget_bytes: float
                                    ("mustafar-fp8", "compressed-fp8", ("mustafar-fp8-compiled",))]:
             vs = [v for v in variants if v in names]
             if vs:
-                out.append((f"{group}@{s:g}", vs, (s,), budget_batch(kind, model, dtype, s, max_len, budget_bytes,
-                                                                      kernel)))
+                out.append((f"{group}@{s:g}", vs, (s,), budget_batch(kind, model, dtype, s, max_len, budget_bytes)))
     return [g for g in out if g[3] >= 1]
 
 
@@ -382,8 +386,7 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
             todo = [(p, n, b, None, variants, sparsities) for p, n in shapes for b in batches]
             if budget_batches:
                 todo += [(p, n, b, g, vs, ss) for p, n in shapes
-                         for g, vs, ss, b in budget_groups(model, variants, sparsities, p + n, kv_budget_gib * GIB,
-                                                           kernel)]
+                         for g, vs, ss, b in budget_groups(model, variants, sparsities, p + n, kv_budget_gib * GIB)]
             for p, n, b, group, vs, ss in todo:
                 what = f"{name} {dt} P={p} N={n} B={b}" + (f" (largest batch under the budget: {group})" if group
                                                             else "")
@@ -453,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                          "and the window compression; graphs_compiled_during_timing shows if they did not)")
     ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead"],
                     help="torch.compile mode of the compiled variants (default: reduce-overhead on CUDA, default on CPU)")
-    ap.add_argument("--decode-kernel", default="auto", choices=DECODE_KERNELS,
-                    help="MustafarConfig.decode_kernel of the MustafarCaches (CUDA names; CPU uses auto)")
+    ap.add_argument("--decode-kernel", nargs="+", default=["auto"], choices=DECODE_KERNELS,
+                    help="MustafarConfig.decode_kernel of the MustafarCaches (CUDA names; CPU uses auto); several: each "
+                         "MustafarCache variant once per kernel, side by side (labels mustafar-compiled@0.7[v6], ...)")
     ap.add_argument("--kv-budget-gib", type=float, default=40.0, help="skip --batches cells whose dense KV exceeds this")
     ap.add_argument("--budget-batches", action="store_true",
                     help="also run each cache kind at its largest batch under --kv-budget-gib (best_under_budget)")

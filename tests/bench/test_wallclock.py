@@ -112,3 +112,16 @@ def test_budget_headline_reads_the_summary():
     assert df[["static_batch", "batch"]].values.tolist() == [[16, 38]]
     assert df["decode_ratio"].iloc[0] == pytest.approx(1300.0 / 600.0)
     assert budget_headline({}).empty
+
+
+def test_run_cell_several_decode_kernels_side_by_side(tiny_llama):
+    """--decode-kernel auto v6: each MustafarCache variant once per kernel in the same cell, labelled by suffix (on the
+    CPU every kernel name runs the one C++ kernel, so the tokens agree)."""
+    from mustafar.bench.wallclock import run_cell
+
+    model, _ = tiny_llama
+    cell = run_cell(model, "tiny-llama", 1, 40, 6, [0.7], ["mustafar"], reps=1, kernel=["auto", "v6"],
+                    log=lambda *a: None)
+    assert set(cell["variants"]) == {"mustafar@0.7", "mustafar@0.7[v6]"}
+    assert cell["variants"]["mustafar@0.7[v6]"]["decode_kernel"] == "v6"
+    assert cell["decode_kernels"] == ["auto", "v6"]
