@@ -355,7 +355,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
   const int ntc = (Tc + kRRows - 1) / kRRows;
   const int nall = ntc + (Tw + kRRows - 1) / kRRows;
-  const int tps = p.lengths != nullptr ? (nall + p.nsplit - 1) / p.nsplit : p.tiles_per_split;
+  // tiles per split in whole rounds of the CTA's warps, as the host plans them (the same split at full lengths)
+  const int tps = p.lengths != nullptr ? ((nall + p.nsplit - 1) / p.nsplit + nwarps - 1) / nwarps * nwarps
+                                       : p.tiles_per_split;
   const int wt0 = split * tps;
   const int wt1 = min(nall, wt0 + tps);
   const int ntc_here = min(wt1, ntc);
