@@ -73,9 +73,9 @@ from pathlib import Path
 
 import torch
 
-from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, budget_batch, cache_nbytes, command_line, default_out, free, gpu_slug,
-                                   is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance, sdpa_backends,
-                                   set_threads, sync, write_results)
+from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, budget_batch, cache_nbytes, command_line, default_out,
+                                   free, gpu_slug, is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance,
+                                   sdpa_backends, set_threads, sync, write_results)
 
 __all__ = ["VARIANTS", "main", "run", "run_cell"]
 
@@ -115,7 +115,8 @@ def prefill_chunk_for(batch: int, prompt: int, prefill_tokens: int | None) -> in
 
 
 def _runners(model, ids, n, sparsities, variants, compile_mode, kernels, device, prefill_chunk=None):
-    """``{label: (variant, sparsity, fn, decode kernel)}``; ``fn(new=n)`` -> ``(tokens [B, new], prefill_s, decode_s, total_s, cache)``;
+    """``{label: (variant, sparsity, fn, decode kernel)}``; ``fn(new=n)`` -> ``(tokens [B, new], prefill_s, decode_s,
+    total_s, cache)``;
     labels whose variant cannot run map to an error string instead of a tuple."""
     from mustafar.generate import check_compileable, generate
 
