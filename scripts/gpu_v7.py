@@ -4,7 +4,8 @@
 One device call: ``python3 scripts/gpu_v7.py --out $OUT`` (after ``python3 -m mustafar.ops.build``).
 Checks (fresh random inputs, outputs poisoned with NaN by MUSTAFAR_CUDA_POISON=1): every (dtype, D, G,
 sparsity, value format, lengths/ring, kv_start) case against a float64 reference built from the dense
-dequantized K/V, rel. error < 1e-2.
+dequantized K/V, rel. error < 1e-2; "auto", v7g, and v6 where it serves (G 1 / 4, D 64 / 128, k <= 64, 16-bit
+values), with and without device lengths.
 """
 from __future__ import annotations
 
@@ -119,7 +120,10 @@ def check(log):
             if kvs is not None and B > 1:
                 kvs[-1] = T + 5  # a fully masked row -> zeros
             ref = ref_attn(q, Kfull, Vfull, sc, kvs)
-            for kern in ("auto", "v7g"):
+            # v6 also takes device lengths when named (the compiled cache's candidate): G 1 / 4, D 64 / 128, k <= 64,
+            # 16-bit values
+            v6_ok = G in (1, 4) and D in (64, 128) and k <= 64 and not k8 and not v8
+            for kern in ("auto", "v7g") + (("v6",) if v6_ok else ()):
                 out = call(q, kb, kvl, vb, vvl, kw, vw, kvs, sc, ksc, vsc, lengths, kern)
                 torch.cuda.synchronize()
                 e = rel(out, ref) if ref.abs().sum() > 0 else out.double().abs().max().item()
