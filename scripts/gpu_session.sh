@@ -40,6 +40,16 @@ if [ "${T_PROFILE:-0}" -gt 0 ] && command -v ncu > /dev/null; then
       python3 scripts/gpu_profile.py --kernel $kern >> "$OUT/ncu_v7.txt" 2>&1
   done
   grep -E "^==|duration|sectors|hit_rate|dram__bytes|inst_executed|warps_active" "$OUT/ncu_v7.txt" | cut -c1-160
+  # why the warps wait (session 10: both kernels latency-bound at ~2.7 active warps per scheduler): the
+  # WarpStateStats section's raw stall counters (per issued instruction) of v6 and v7
+  for kern in v6 v7; do
+    echo "== $kern" >> "$OUT/ncu_stalls.txt"
+    timeout ${T_PROFILE} ncu --clock-control none -k "regex:sd_rows_kernel|^decode_kernel" --launch-skip 2 --launch-count 1 \
+      --section WarpStateStats --section SchedulerStats --page raw \
+      python3 scripts/gpu_profile.py --kernel $kern 2>&1 | grep -E "^==|stalled|issue_active|warps_eligible" >> "$OUT/ncu_stalls.txt"
+  done
+  grep -E "^==|long_scoreboard|short_scoreboard|mio_throttle|barrier|wait|math_pipe|lg_throttle|no_instruction|issue_active" \
+    "$OUT/ncu_stalls.txt" | grep -v "_pred_on\|not_issued" | cut -c1-160 | head -60
 fi
 if [ "${T_PROTO:-0}" -gt 0 ]; then
   stamp proto
