@@ -579,20 +579,31 @@ def test_append_decode_cuda_equals_reference(dtype, d, s, L, chunk, fp8):
         assert torch.equal(a, r), n
 
 
-@pytest.mark.parametrize("vdt", ["model", "fp8_e4m3"])
-def test_compiled_cuda_graph_generation_matches_eager(vdt, monkeypatch):
+@pytest.mark.parametrize("vdt,kernel", [("model", "auto"), ("fp8_e4m3", "auto"), ("model", "v6")])
+def test_compiled_cuda_graph_generation_matches_eager(vdt, kernel, monkeypatch):
     """MustafarCache(max_cache_len) on the GPU, fp16 tiny-llama (the CUDA static layer is 16-bit), 96 tokens, left
     padding: the decode step compiled with mode="reduce-overhead" replays a CUDA graph (inductor skipped none) and,
     fed the eager run's tokens (teacher forcing, so one flipped near-tie does not change every later input), picks
     the eager next token at >= 95 % of the steps and the same first token. Exact equality is the CPU test's
-    (float32, tests/test_generate.py); in fp16 inductor's fused kernels round differently from eager."""
+    (float32, tests/test_generate.py); in fp16 inductor's fused kernels round differently from eager.
+    kernel="v6": the device-lengths candidate on an MHA variant of tiny-llama (v6 serves G in {1, 4})."""
     import mustafar
     import mustafar.generate as mg
     from torch._dynamo.utils import counters
 
-    model = mustafar.load_model("tiny-llama", dtype=torch.float16)[0].to(DEV).eval()
+    if kernel == "v6":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from mustafar.models import PRESETS
+
+        torch.manual_seed(0)
+        tiny = PRESETS["tiny-llama"]["config"]
+        conf = dict(tiny, num_key_value_heads=tiny["num_attention_heads"])  # MHA: G = 1
+        model = LlamaForCausalLM(LlamaConfig(**conf)).to(device=DEV, dtype=torch.float16).eval()
+    else:
+        model = mustafar.load_model("tiny-llama", dtype=torch.float16)[0].to(DEV).eval()
     cfg = mustafar.MustafarConfig(k_sparsity=0.7, v_sparsity=0.7, local_window=8, compress_chunk=16,
-                                  k_value_dtype=vdt, v_value_dtype=vdt)
+                                  k_value_dtype=vdt, v_value_dtype=vdt, decode_kernel=kernel)
     ids = torch.randint(3, 1000, (3, 40), device=DEV)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
