@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issues #15 / #16: build, v7 checks, GPU tests, the kernel benchmark (python -m mustafar.bench
 # kernel), compiled wall clock, optionally Nsight Compute counters of v6 / v7 (T_PROFILE > 0: seconds per
-# kernel) and the prototypes (T_PROTO > 0).
+# kernel).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
 # in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
 set -uo pipefail
@@ -50,9 +50,5 @@ if [ "${T_PROFILE:-0}" -gt 0 ] && command -v ncu > /dev/null; then
   done
   grep -E "^==|long_scoreboard|short_scoreboard|mio_throttle|barrier|wait|math_pipe|lg_throttle|no_instruction|issue_active" \
     "$OUT/ncu_stalls.txt" | grep -v "_pred_on\|not_issued" | cut -c1-160 | head -60
-fi
-if [ "${T_PROTO:-0}" -gt 0 ]; then
-  stamp proto
-  timeout ${T_PROTO} python3 scripts/kernel_proto.py --out "$OUT" --quick 2>&1 | tail -30
 fi
 stamp done
