@@ -212,8 +212,8 @@ def generate(model, input_ids: torch.Tensor, cache, max_new_tokens: int, compile
         raise ValueError(f"compile={compile!r} must be one of {COMPILE_MODES}")
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be [B, P] with P >= 1, got shape {tuple(input_ids.shape)}")
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) != prefill_chunk
                                       or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a positive int or None")

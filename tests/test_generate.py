@@ -196,6 +196,11 @@ def test_chunked_prefill_static_mustafar_matches_growing(model):
     assert static_cache.get_seq_length() == P + 47
 
 
+def test_empty_prompt_raises(model):
+    with pytest.raises(ValueError, match=r"P >= 1, got shape \(2, 0\)"):
+        generate(model, _ids(3)[:, :0], _cache("dense", model, 0), 4, prefill_chunk=8)
+
+
 def test_bad_prefill_chunk(model):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=f"prefill_chunk={bad!r} must be a positive int"):
