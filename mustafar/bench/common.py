@@ -312,7 +312,8 @@ def budget_batch(kind: str, model_or_config, dtype: torch.dtype, sparsity: float
     Dense kinds: ``2 * layers * kv_heads * max_len * head_dim * itemsize`` per sequence (what a ``StaticCache``
     of ``max_len`` holds). MustafarCache kinds: ``layers`` times
     :func:`mustafar.cache.preallocated_layer_nbytes` (exactly ``MustafarCache(max_cache_len=max_len).nbytes()``,
-    checked by the cache's tests), which is affine in the batch."""
+    checked by the cache's tests), which is affine in the batch. Every decoder layer counts as a full-attention
+    layer (the Llama-style presets the wall-clock benchmark uses; a hybrid model's sliding layers hold less)."""
     from mustafar.cache import preallocated_layer_nbytes
 
     if not (budget_bytes > 0):
