@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "CACHE_KINDS", "DENSE_KINDS", "FILLS", "GIB", "MUSTAFAR_KINDS", "affine_fit", "budget_batch", "cache_nbytes",
+    "CACHE_KINDS", "DENSE_KINDS", "FILLS", "GIB", "MUSTAFAR_KINDS", "affine_fit", "cache_nbytes",
     "command_line", "default_out", "fill_cache", "free", "gpu_bench_ms", "is_oom", "kv_shape", "loadavg", "make_cache",
     "mem_peak", "mem_reset", "mustafar_config", "prefill", "provenance", "random_fill", "require_cuda", "sdpa_backends",
     "set_threads", "sync", "text_config", "time_all_ms", "time_ms", "timed_call", "upper_median",
@@ -302,32 +302,6 @@ def mustafar_config(kind: str, sparsity: float, kernel: str = "auto"):
         chosen.update(k_value_dtype="fp8_e4m3", v_value_dtype="fp8_e4m3")
         kind = "compressed"
     return mustafar.MustafarConfig(k_sparsity=sparsity, v_sparsity=sparsity, mode=kind, **chosen)
-
-
-def budget_batch(kind: str, model_or_config, dtype: torch.dtype, sparsity: float, max_len: int,
-                 budget_bytes: float, kernel: str = "auto") -> int:
-    """Largest batch whose cache of ``kind`` sized for ``max_len`` tokens holds at most ``budget_bytes``
-    (0 if not even batch 1 fits).
-
-    Dense kinds: ``2 * layers * kv_heads * max_len * head_dim * itemsize`` per sequence (what a ``StaticCache``
-    of ``max_len`` holds). MustafarCache kinds: ``layers`` times
-    :func:`mustafar.cache.preallocated_layer_nbytes` (exactly ``MustafarCache(max_cache_len=max_len).nbytes()``,
-    checked by the cache's tests), which is affine in the batch. Every decoder layer counts as a full-attention
-    layer (the Llama-style presets the wall-clock benchmark uses; a hybrid model's sliding layers hold less)."""
-    from mustafar.cache import preallocated_layer_nbytes
-
-    if not (budget_bytes > 0):
-        raise ValueError(f"budget_bytes must be > 0, got {budget_bytes!r}")
-    layers, h_kv, d = kv_shape(model_or_config)
-    if kind in DENSE_KINDS:
-        return int(budget_bytes // (2 * layers * h_kv * int(max_len) * d * dtype.itemsize))
-    cfg = mustafar_config(kind, sparsity, kernel)
-
-    def nbytes(b):
-        return layers * preallocated_layer_nbytes(cfg, b, h_kv, d, dtype, int(max_len))
-
-    fixed, per = nbytes(0), nbytes(1) - nbytes(0)
-    return max(0, int((budget_bytes - fixed) // per))
 
 
 def cache_nbytes(cache) -> int:

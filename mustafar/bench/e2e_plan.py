@@ -41,7 +41,8 @@ def kv_bytes(kind: str, s: float, geo: dict, batch: int, ctx: int) -> int:
     """Bytes the cache holds for ``batch`` sequences of ``ctx`` tokens.
 
     ``dense`` / ``static``: ``2 * layers * batch * kv_heads * ctx * head_dim * itemsize``.
-    ``compressed``: exactly what ``MustafarCache(max_cache_len=ctx).nbytes()`` holds (tests check it),
+    ``compressed`` (``compressed-fp8``: e4m3 stored values + a float16 scale per token vector on both sides):
+    exactly what ``MustafarCache(max_cache_len=ctx).nbytes()`` holds (tests check it),
     i.e. ``layers`` times the cache's own per-layer account
     (:func:`mustafar.cache.preallocated_layer_nbytes`: bitmaps and kept values of the compressed rows,
     the dense K/V window at its capacity, the counter) at sparsity ``s`` for K and V and the window
@@ -53,16 +54,19 @@ def kv_bytes(kind: str, s: float, geo: dict, batch: int, ctx: int) -> int:
     L, H, D, it = geo["layers"], geo["kv_heads"], geo["head_dim"], geo["itemsize"]
     if kind in ("dense", "static"):
         return 2 * L * batch * H * ctx * D * it
-    if kind != "compressed":
+    if kind not in ("compressed", "compressed-fp8"):
         raise ValueError(f"unknown cache kind {kind!r}")
+    fp8 = dict(k_value_dtype="fp8_e4m3", v_value_dtype="fp8_e4m3") if kind == "compressed-fp8" else {}
     cfg = MustafarConfig(k_sparsity=s, v_sparsity=s, local_window=geo["local_window"],
-                         compress_chunk=geo["compress_chunk"])
+                         compress_chunk=geo["compress_chunk"], **fp8)
     dtype = {2: torch.float16, 4: torch.float32}[it]  # only the element size enters the account
     return L * preallocated_layer_nbytes(cfg, int(batch), H, D, dtype, int(ctx))
 
 
 def max_batch(kind: str, s: float, geo: dict, ctx: int, budget_bytes: float) -> int:
-    """Largest batch whose :func:`kv_bytes` at ``ctx`` tokens fits ``budget_bytes`` (0 if none)."""
+    """Largest batch whose :func:`kv_bytes` at ``ctx`` tokens fits ``budget_bytes`` (0 if none; ``ValueError`` for a
+    budget that is not a positive number). Every layer of ``geo`` counts as a full-attention layer."""
+    budget_bytes = check_budget(budget_bytes)
     fixed = kv_bytes(kind, s, geo, 0, ctx)
     per = kv_bytes(kind, s, geo, 1, ctx) - fixed
     return max(0, int((budget_bytes - fixed) // per))

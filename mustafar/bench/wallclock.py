@@ -52,7 +52,7 @@ the timed rounds (0 means no recompilation was timed). GPU runs exclude the cuDN
 
 ``--budget-batches`` adds, per model, dtype and shape, the cells that answer "what is the fastest generation under a
 KV budget": each cache kind at the largest batch whose cache sized for ``P + N`` tokens fits ``--kv-budget-gib``
-(:func:`mustafar.bench.common.budget_batch`: a StaticCache's bytes for the dense variants; exactly
+(:func:`mustafar.bench.e2e_plan.max_batch`: a StaticCache's bytes for the dense variants; exactly
 ``MustafarCache.nbytes()`` for each MustafarCache variant and sparsity, the FP8-valued one separately). Each such
 cell runs only the variants of its cache kind (``budget_group``). ``best_under_budget`` then compares, over every
 cell of that model / dtype / shape, the best compiled-static decode tokens/s with the best of each MustafarCache
@@ -73,9 +73,10 @@ from pathlib import Path
 
 import torch
 
-from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, budget_batch, cache_nbytes, command_line, default_out,
-                                   free, gpu_slug, is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance,
-                                   sdpa_backends, set_threads, sync, write_results)
+from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, cache_nbytes, command_line, default_out, free, gpu_slug,
+                                   is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance, sdpa_backends,
+                                   set_threads, sync, write_results)
+from mustafar.bench.e2e_plan import kv_geometry, max_batch
 
 __all__ = ["VARIANTS", "main", "run", "run_cell"]
 
@@ -310,19 +311,19 @@ DENSE_VARIANTS = ("dynamic", "static", "static-compiled", "hf-static-compiled")
 
 def budget_groups(model, variants, sparsities, max_len: int, budget_bytes: float) -> list:
     """``[(group, variants, sparsities, batch)]``: per cache kind among ``variants``, the largest batch whose cache
-    sized for ``max_len`` tokens fits ``budget_bytes`` (:func:`mustafar.bench.common.budget_batch`); groups where
+    sized for ``max_len`` tokens fits ``budget_bytes`` (:func:`mustafar.bench.e2e_plan.max_batch`); groups where
     not even batch 1 fits are left out. ``group`` is ``"dense"``, ``"mustafar@s"`` or ``"mustafar-fp8@s"``."""
-    dtype = next(model.parameters()).dtype
+    geo = kv_geometry(model, next(model.parameters()).dtype)  # the default MustafarConfig window, as make_cache's
     out = []
     dense = [v for v in variants if v in DENSE_VARIANTS]
     if dense:
-        out.append(("dense", dense, (), budget_batch("static", model, dtype, 0.0, max_len, budget_bytes)))
+        out.append(("dense", dense, (), max_batch("static", 0.0, geo, max_len, budget_bytes)))
     for s in sparsities:
         for group, kind, names in [("mustafar", "compressed", ("mustafar", "mustafar-compiled")),
                                    ("mustafar-fp8", "compressed-fp8", ("mustafar-fp8-compiled",))]:
             vs = [v for v in variants if v in names]
             if vs:
-                out.append((f"{group}@{s:g}", vs, (s,), budget_batch(kind, model, dtype, s, max_len, budget_bytes)))
+                out.append((f"{group}@{s:g}", vs, (s,), max_batch(kind, s, geo, max_len, budget_bytes)))
     return [g for g in out if g[3] >= 1]
 
 

@@ -123,8 +123,8 @@ class MustafarStaticLayer(UnsupportedOps, CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, dev = key_states.shape[0], key_states.device
         if dev.type == "cuda" and self.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"MustafarCache(max_cache_len=...) on CUDA needs a float16 / bfloat16 model (its decode "
-                             f"kernel v7 and append_decode are 16-bit kernels), got {self.dtype}; a float32 model on "
+            raise ValueError(f"MustafarCache(max_cache_len=...) on CUDA needs a float16 / bfloat16 model (its CUDA "
+                             f"decode kernels and append_decode are 16-bit kernels), got {self.dtype}; a float32 model on "
                              f"CUDA can use the growing MustafarCache (no max_cache_len)")
         d, h, w = self.head_dim, self.num_kv_heads, self.head_dim // 64
         self.device, self.batch_size = dev, b

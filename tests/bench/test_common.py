@@ -207,8 +207,6 @@ def e2e_pending(cache=None):
     return {} if cache is None else dict(cache.handoff._slots)
 
 
-
-
 def test_gpu_result_names_carry_the_card():
     from mustafar.bench.common import slug_of_device_name
 

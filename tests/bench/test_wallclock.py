@@ -4,18 +4,20 @@
 import pytest
 import torch
 
-from mustafar.bench.common import GIB, budget_batch, cache_nbytes, make_cache
+from mustafar.bench.common import GIB, cache_nbytes, make_cache
+from mustafar.bench.e2e_plan import kv_geometry, max_batch
 from mustafar.bench.wallclock import best_under_budget, budget_groups, run
 
 
 @pytest.mark.parametrize("kind, s", [("compressed", 0.7), ("compressed", 0.5), ("compressed-fp8", 0.7)])
-def test_budget_batch_is_the_largest_that_fits(tiny_llama, kind, s):
-    """The batch budget_batch returns holds at most the budget in a real cache of that batch, one more exceeds it."""
+def test_max_batch_is_the_largest_that_fits(tiny_llama, kind, s):
+    """The batch max_batch returns holds at most the budget in a real cache of that batch, one more exceeds it
+    (FP8 values included)."""
     model, _ = tiny_llama
     max_len = 300
     one = cache_nbytes(_filled(model, kind, s, max_len, 1))
     budget = 3.5 * one  # fixed bytes (a counter) make 3 fit, not 4 (cache bytes are affine in the batch)
-    b = budget_batch(kind, model, torch.float32, s, max_len, budget)
+    b = max_batch(kind, s, kv_geometry(model, torch.float32), max_len, budget)
     assert b == 3
     assert cache_nbytes(_filled(model, kind, s, max_len, b)) <= budget < cache_nbytes(_filled(model, kind, s, max_len,
                                                                                                b + 1))
@@ -30,15 +32,16 @@ def _filled(model, kind, s, max_len, batch):
     return cache
 
 
-def test_budget_batch_dense_and_bad_budget(tiny_llama):
+def test_max_batch_dense_and_bad_budget(tiny_llama):
     model, _ = tiny_llama
+    geo = kv_geometry(model, torch.float32)
     per_seq = 2 * 2 * 2 * 100 * 64 * 4  # layers x K/V x kv_heads x tokens x head_dim x fp32
-    assert budget_batch("static", model, torch.float32, 0.0, 100, 5 * per_seq + 1) == 5
-    assert budget_batch("static", model, torch.float32, 0.0, 100, per_seq - 1) == 0
-    with pytest.raises(ValueError, match="budget_bytes must be > 0, got -1"):
-        budget_batch("static", model, torch.float32, 0.0, 100, -1)
-    with pytest.raises(ValueError, match="'nope' is not a MustafarCache kind"):
-        budget_batch("nope", model, torch.float32, 0.7, 100, 1e9)
+    assert max_batch("static", 0.0, geo, 100, 5 * per_seq + 1) == 5
+    assert max_batch("static", 0.0, geo, 100, per_seq - 1) == 0
+    with pytest.raises(ValueError, match="positive number of bytes, got -1"):
+        max_batch("static", 0.0, geo, 100, -1)
+    with pytest.raises(ValueError, match="unknown cache kind 'nope'"):
+        max_batch("nope", 0.7, geo, 100, 1e9)
 
 
 def test_budget_groups_split_variants_by_cache_kind(tiny_llama):
