@@ -22,17 +22,18 @@ __device__ __forceinline__ uint32_t mag16(__nv_bfloat16 x) {
 }
 
 // The k-th largest of the warp's keys (NE per lane, keys below 2^BITS, 1 <= k <= 32 NE): the largest thr with
-// count(key >= thr) >= k, found bit by bit from the top (one ballot per key register and bit).
+// count(key >= thr) >= k, found bit by bit from the top: per bit each lane counts its own keys, one warp
+// reduction (redux.sync, sm_80+) sums them (NE compares and one reduction per bit, not NE ballots + popcounts).
 template <int BITS, typename K, int NE>
 __device__ __forceinline__ K kth_largest(const K (&key)[NE], int k) {
   K thr = 0;
 #pragma unroll 1
   for (int bit = BITS - 1; bit >= 0; --bit) {
     const K cand = thr | ((K)1 << bit);
-    int cnt = 0;
+    unsigned own = 0;
 #pragma unroll
-    for (int e = 0; e < NE; ++e) cnt += __popc(__ballot_sync(0xffffffffu, key[e] >= cand));
-    if (cnt >= k) thr = cand;
+    for (int e = 0; e < NE; ++e) own += key[e] >= cand ? 1u : 0u;
+    if ((int)__reduce_add_sync(0xffffffffu, own) >= k) thr = cand;
   }
   return thr;
 }

@@ -35,6 +35,12 @@ constexpr int kV5MaxKD64 = 25;
 // it has been timed against v6 / v5 on the GPU (docs/kernel_notes.md).
 constexpr bool kAutoV7 = false;
 
+// Whether "auto" runs v6 for calls with device-side lengths (the compileable cache) where v6 serves them (fp16 /
+// bf16 values, G in {1, 4}, at most 64 stored values per row, D 64 / 128); v7 takes the rest. v6 was 2.6x faster
+// than v7 at MHA 70 % and 2.1x at G = 4 without lengths (results/kernel_h100.json); reading the lengths adds a
+// few instructions per CTA outside the tiles' walk.
+constexpr bool kAutoLengthsV6 = true;
+
 // "auto", "v4", "v5", "v6", "v6g"; anything else raises ValueError naming it
 DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
 const char* decode_kernel_name(DecodeKernel k);

@@ -91,18 +91,22 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK_VALUE(Tc + Tw < (1LL << 30), op, "sequence too long: ", Tc + Tw);
   MF_CHECK_VALUE(K8 == (k_scale_in.has_value() && k_scale_in->defined()), op, "k_scale must be given iff k_values is float8_e4m3fn");
   MF_CHECK_VALUE(V8 == (v_scale_in.has_value() && v_scale_in->defined()), op, "v_scale must be given iff v_values is float8_e4m3fn");
-  // "auto": v7 wherever only it serves (fp8 values, device lengths, D = 256), for an odd number of query heads per
+  // "auto": v7 wherever only it serves (fp8 values, device lengths outside v6's class, D = 256), for an odd number of query heads per
   // KV head (G = 3, 5, 7: v5 walks such a row once per head; v7's tensor-core products take any G <= 8 at one cost:
   // 1.7-3x v5 at G = 7 on every shape of results/kernel_h100.json) and where kAutoV7 (plan.h) says so; otherwise
   // the rule of plan.cu (v6 / v5 / v4)
-  // Device lengths also run on v6 when it is named ("v6" / "v6g": a candidate for the compileable cache, not yet
-  // the default; v6 serves G in {1, 4}, k <= 64, 16-bit values, D 64 / 128).
+  // Device lengths (the compileable cache) run on v6 where it serves them (kAutoLengthsV6, plan.h: 16-bit values,
+  // G in {1, 4}, k <= 64, D 64 / 128) or when it is named ("v6" / "v6g"), on v7 otherwise.
   const bool odd_g = G > 1 && G % 2 == 1;
+  const bool v6_serves_len = kAutoLengthsV6 && dt != at::kFloat && (G == 1 || G == 4) && kk <= kRKMax &&
+                             kv <= kRKMax && D != 256;
   const bool named_v6 = requested == DecodeKernel::kV6 || requested == DecodeKernel::kV6g;
+  const bool len_v7 = has_len && !v6_serves_len;
   const bool want_v7 =
-      named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || has_len || D == 256 || odd_g || kAutoV7));
+      named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || len_v7 || D == 256 || odd_g || kAutoV7));
   const bool use_v7 = want_v7 && dt != at::kFloat;
-  MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && (!has_len || named_v6)), op, "kernel=", kernel, " with dtype ", dt,
+  MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && (!has_len || named_v6 || (requested == DecodeKernel::kAuto && v6_serves_len))), op,
+                 "kernel=", kernel, " with dtype ", dt,
                  ": fp8 values need kernel 'auto', 'v7' or 'v7g', device lengths 'auto', 'v7', 'v7g', 'v6' or 'v6g', "
                  "and both a float16 / bfloat16 model");
   c10::cuda::CUDAGuard guard(q_in.device());
@@ -205,12 +209,14 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   };
   const bool vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals));
   const DecodeProblem pr{dt, B, Hkv, G, D, Tc, Tw, kk, kv, vec16};
-  resolve_decode_kernel(pr, requested, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
+  // device lengths reach here only for v6 (v6_serves_len or named); "auto" must not resolve them to v5 / v4
+  const DecodeKernel req = (has_len && requested == DecodeKernel::kAuto) ? DecodeKernel::kV6 : requested;
+  resolve_decode_kernel(pr, req, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
   if (T == 0) {
     out.zero_();
     return out;
   }
-  const DecodePlan plan = plan_decode(pr, requested, q.device().index(), op);
+  const DecodePlan plan = plan_decode(pr, req, q.device().index(), op);
   const int NP = plan.NP;
   at::Tensor ws_o = poison ? at::full({B, Hq, NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
                            : at::empty({B, Hq, NP, D}, q.options().dtype(at::kFloat));
@@ -225,7 +231,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.kwin = kw.data_ptr();
   p.vwin = vw.data_ptr();
   p.kv_start = ks.defined() ? ks.data_ptr<int>() : nullptr;
-  p.lengths = has_len ? len.data_ptr<int>() : nullptr;  // v6 only (named): the capacities Tc / Tw below bound them
+  p.lengths = has_len ? len.data_ptr<int>() : nullptr;  // v6 only: the capacities Tc / Tw below bound them
   p.ws_o = ws_o.data_ptr<float>();
   p.ws_ml = ws_ml.data_ptr<float>();
   p.B = (int)B;
