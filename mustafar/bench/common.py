@@ -32,7 +32,7 @@ __all__ = [
     "command_line", "default_out", "fill_cache", "free", "gpu_bench_ms", "is_oom", "kv_shape", "loadavg", "make_cache",
     "mem_peak", "mem_reset", "mustafar_config", "prefill", "provenance", "random_fill", "require_cuda", "sdpa_backends",
     "set_threads", "sync", "text_config", "time_all_ms", "time_ms", "timed_call", "upper_median",
-    "write_results",
+    "use_dense_attention", "write_results",
 ]
 
 GIB = 1 << 30
@@ -267,13 +267,13 @@ def make_cache(kind: str, model, sparsity: float = 0.0, max_len: int | None = No
     A MustafarCache switches the model to the ``"mustafar"`` attention, whose mask function returns
     no mask for a plain decode step; a dense cache built afterwards would run under it (a
     StaticCache: sdpa over the whole preallocated buffer without the padding mask). The dense
-    kinds therefore switch the model back to ``"sdpa"`` first.
+    kinds therefore switch the model back first (:func:`use_dense_attention`: ``"sdpa"``, and for ``"static"``
+    sdpa with the query heads of a GQA model packed per KV head).
     """
     if kind not in CACHE_KINDS:
         raise ValueError(f"unknown cache kind {kind!r}; known: {CACHE_KINDS}")
     if kind in DENSE_KINDS:
-        if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
-            model.set_attn_implementation("sdpa")
+        use_dense_attention(model, kind)
         if kind == "dense":
             from transformers import DynamicCache
 
@@ -286,6 +286,21 @@ def make_cache(kind: str, model, sparsity: float = 0.0, max_len: int | None = No
     import mustafar
 
     return mustafar.MustafarCache(model, mustafar_config(kind, sparsity, kernel), max_cache_len=max_len)
+
+
+def use_dense_attention(model, kind: str) -> str:
+    """Switch ``model`` to the attention of a dense cache ``kind`` (a MustafarCache built before switched it to
+    ``"mustafar"``) and return its name: ``"sdpa"`` for ``"dense"`` (``DynamicCache``, what transformers gives a
+    user); for ``"static"`` (the compiled baseline) ``"sdpa_packed_gqa"`` (:mod:`mustafar.bench.gqa_sdpa`: a decode
+    step reads each K / V row once instead of once per query head), which for MHA is ``"sdpa"``'s computation."""
+    if kind not in DENSE_KINDS:
+        raise ValueError(f"{kind!r} is not a dense cache kind; known: {DENSE_KINDS}")
+    from mustafar.bench import gqa_sdpa
+
+    name = gqa_sdpa.ATTN_NAME if kind == "static" else "sdpa"
+    if getattr(model.config, "_attn_implementation", "sdpa") != name:
+        model.set_attn_implementation(name)
+    return name
 
 
 def mustafar_config(kind: str, sparsity: float, kernel: str = "auto"):

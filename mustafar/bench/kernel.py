@@ -18,7 +18,12 @@ and per sparsity:
 
 * ``fused_ms``: ``mustafar.ops.sparse_decode(kernel="auto")`` on the compressed cache (all T tokens
   compressed, values in the model dtype), and ``fused_<kernel>_ms`` for every CUDA kernel of :data:`KERNELS`
-  that serves the configuration (a kernel that cannot raises ``ValueError`` and is recorded as ``None``);
+  that serves the configuration (a kernel that cannot raises ``ValueError`` and is recorded as ``None``). The
+  compressed tensors are laid out as ``MustafarCache`` stores them (:func:`cache_layout`: ``round_up(T, 8)`` rows
+  per ``(b, h)``, the first T used), so every ``(b, h)`` slice starts 16-byte aligned;
+* ``fused_packed_ms`` (only where T is not a multiple of 8): the same ``"auto"`` call on the encoder's packed
+  output (rows of consecutive heads back to back, so slices are not 16-byte aligned for an odd row width): what
+  a caller of the op who hands it such tensors gets (v4-v6 stage them with element copies);
 * ``fused_fp8_ms``: the same op with e4m3 stored values (+ a float16 scale per row) on both sides;
 * ``unfused_ms``: ``decode_bitmap`` of K and V, then the same SDPA;
 * ``compress_256_ms``: ``prune_encode_topk`` of 256 new K and V tokens (the cache's chunk compression),
@@ -52,7 +57,8 @@ import torch
 
 from mustafar.bench.common import command_line, default_out, gpu_bench_ms, gpu_slug, require_cuda, time_ms, write_results
 
-__all__ = ["KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "copy_bandwidth", "format_read_bytes",
+__all__ = ["KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "cache_layout", "copy_bandwidth",
+           "format_read_bytes",
            "grid", "run", "summary", "main"]
 
 #: the CUDA decode kernels ``mustafar.ops.sparse_decode(kernel=...)`` can be asked for, timed side by side
@@ -113,6 +119,21 @@ def format_read_bytes(b: int, h_q: int, h_kv: int, t: int, d: int, sparsity: flo
 
     row = format_bytes(d, sparsity, dtype, torch.float8_e4m3fn if fp8 else None)
     return 2 * b * h_kv * t * row + 2 * b * h_q * d * torch.tensor([], dtype=dtype).element_size()
+
+
+def cache_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, T, ...]`` as MustafarCache lays out its compressed store: a buffer of ``round_up(T, 8)`` rows per
+    ``(b, h)`` (``mustafar.cache.layers.round_up``), its first ``T`` rows filled (a view); ``x`` itself when ``T`` is a
+    multiple of 8. Every ``(b, h)`` slice then starts 16-byte aligned for any row width, which the v4-v6 kernels
+    stage with 16-byte copies (element copies otherwise)."""
+    from mustafar.cache.layers import round_up
+
+    t = x.shape[2]
+    if t % 8 == 0:
+        return x
+    buf = x.new_zeros(*x.shape[:2], round_up(t), *x.shape[3:])
+    buf[:, :, :t] = x
+    return buf[:, :, :t]
 
 
 def copy_bandwidth(device: str = "cuda") -> float:
@@ -190,10 +211,12 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
         empty = q.new_empty(b, h.h_kv, 0, d)
         for s in sps:
             k = kept_count(d, s)
-            kb, kv = ops.prune_encode_topk(kd, k)
-            vb, vv = ops.prune_encode_topk(vd, k)
-            k8, ks = R.quantize_fp8(kv)
-            v8, vs = R.quantize_fp8(vv)
+            kb_p, kv_p = ops.prune_encode_topk(kd, k)  # packed: row T of (b, h) follows row T-1 of (b, h-1)
+            vb_p, vv_p = ops.prune_encode_topk(vd, k)
+            # the layout MustafarCache stores (and the timed calls read): capacity rounded up to 8 rows, the first T
+            kb, kv, vb, vv = (cache_layout(x) for x in (kb_p, kv_p, vb_p, vv_p))
+            k8, ks = (cache_layout(x) for x in R.quantize_fp8(kv_p))
+            v8, vs = (cache_layout(x) for x in R.quantize_fp8(vv_p))
 
             def fused(kernel="auto", fp8=False, kb=kb, kv=kv, vb=vb, vv=vv, k8=k8, ks=ks, v8=v8, vs=vs):
                 if fp8:
@@ -223,6 +246,10 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
                     row[f"fused_{kern}_ms"] = row[f"rel_err_{kern}"] = None
                     continue
                 row[f"fused_{kern}_ms"] = timer(lambda kern=kern: fused(kernel=kern))
+            if kv_p.data_ptr() != kv.data_ptr():  # T % 8 != 0: the op on packed rows too (slices not 16-byte aligned)
+                packed = dict(kb=kb_p, kv=kv_p, vb=vb_p, vv=vv_p)
+                row["rel_err_fused_packed"] = _rel(fused(**packed), ref16)
+                row["fused_packed_ms"] = timer(lambda: fused(**packed))
             row["rel_err_unfused"] = _rel(unfused(), ref16)
             row["unfused_ms"] = timer(unfused)
             kn, vn = kd[:, :, :256].contiguous(), vd[:, :, :256].contiguous()
@@ -236,7 +263,8 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["fused_floor_ms"] = row["fused_bytes"] / bw * 1e3
             row["fp8_store_ratio"] = format_bytes(d, s, torch.float16, torch.float8_e4m3fn) / (2 * d)  # vs fp16 dense
             row["speedup_fp8_proxy"] = t_dense / t_proxy
-            for name in ["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in KERNELS]:
+            for name in ["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in KERNELS] + (
+                    ["fused_packed"] if "fused_packed_ms" in row else []):
                 ms = row.get(f"{name}_ms")
                 row[f"speedup_{name}"] = t_dense / ms if ms else None
                 row[f"{name}_over_fp8_proxy"] = t_proxy / ms if ms else None

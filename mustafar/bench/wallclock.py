@@ -14,7 +14,9 @@ Variants (``--variants``; every one runs greedy, fixed length, no EOS):
 * ``static``: the same on a ``StaticCache`` (eager; shows what compiling buys).
 * ``static-compiled``: :func:`mustafar.generate.generate` on a ``StaticCache`` with the decode step
   compiled (``--compile-mode``, default ``reduce-overhead`` = CUDA graphs on CUDA, ``default`` on the
-  CPU); one cache per cell, ``reset()`` between calls (static addresses kept, as gpt-fast does).
+  CPU); one cache per cell, ``reset()`` between calls (static addresses kept, as gpt-fast does). For a GQA
+  model its attention packs the query heads of each KV head into one sdpa call (:mod:`mustafar.bench.gqa_sdpa`;
+  transformers' compiled ``"sdpa"`` repeats K and V to every query head); ``static`` (eager) does the same.
 * ``hf-static-compiled``: transformers' own fast path, what a user who knows transformers types:
   ``model.generate(..., cache_implementation="static", compile_config=CompileConfig(mode=...))``
   (transformers compiles ``forward`` for the decode steps; on the CPU it only compiles when the
@@ -75,7 +77,7 @@ import torch
 
 from mustafar.bench.common import (GIB, SDPA_BACKENDS_NOTE, cache_nbytes, command_line, default_out, free, gpu_slug,
                                    is_oom, kv_shape, make_cache, mem_peak, mem_reset, provenance, sdpa_backends,
-                                   set_threads, sync, write_results)
+                                   set_threads, sync, use_dense_attention, write_results)
 from mustafar.bench.e2e_plan import kv_geometry, max_batch
 
 __all__ = ["VARIANTS", "main", "run", "run_cell"]
@@ -83,12 +85,6 @@ __all__ = ["VARIANTS", "main", "run", "run_cell"]
 VARIANTS = ("dynamic", "static", "static-compiled", "hf-static-compiled", "mustafar", "mustafar-compiled",
             "mustafar-fp8-compiled")
 COMPILED_BASELINES = ("static-compiled", "hf-static-compiled")
-
-
-def _use_sdpa(model) -> None:
-    """A MustafarCache switched the model to the ``"mustafar"`` attention; dense variants run plain sdpa."""
-    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
-        model.set_attn_implementation("sdpa")
 
 
 class _FirstTokenClock:
@@ -133,7 +129,7 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernels, device,
                         from mustafar.cache.attention import prepare_model
                         prepare_model(model)  # a dense variant in between switched the model back to sdpa
                     else:
-                        _use_sdpa(model)
+                        use_dense_attention(model, kind)
                     cache_box["cache"].reset()
                 else:
                     cache_box["cache"] = make_cache(kind, model, s, max_len, kernel)
@@ -156,7 +152,7 @@ def _runners(model, ids, n, sparsities, variants, compile_mode, kernels, device,
             cc._compile_all_devices = True  # transformers compiles only on accelerators unless this is set
 
         def fn(new=n):
-            _use_sdpa(model)
+            use_dense_attention(model, "dense")  # transformers' own "sdpa" (model.generate builds its StaticCache)
             clock = _FirstTokenClock(device)
             sync(device)
             t0 = time.perf_counter()

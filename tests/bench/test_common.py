@@ -115,7 +115,7 @@ def test_make_cache_each_kind(tiny_llama):
     assert isinstance(dyn, DynamicCache) and model.config._attn_implementation == "sdpa"
     make_cache("compressed", model, 0.5)
     st = make_cache("static", model, max_len=48)
-    assert isinstance(st, StaticCache) and model.config._attn_implementation == "sdpa"
+    assert isinstance(st, StaticCache) and model.config._attn_implementation == "sdpa_packed_gqa"  # GQA baseline
     assert set(common.CACHE_KINDS) == {"dense", "static", "compressed", "compressed-fp8", "simulate"}
     with pytest.raises(ValueError, match="kind"):
         make_cache("sparse", model)
@@ -171,7 +171,7 @@ def test_fill_cache_dense_and_static(tiny_llama):
     assert dyn.get_seq_length() == n
     assert cache_nbytes(dyn) == kv_bytes("dense", 0.0, GEO, b, n) == b * n * DENSE_PER_TOKEN
     st = make_cache("static", model, 0.0, n + 8)
-    assert isinstance(st, StaticCache) and model.config._attn_implementation == "sdpa"
+    assert isinstance(st, StaticCache) and model.config._attn_implementation == "sdpa_packed_gqa"  # GQA baseline
     fill_cache(model, st, b, n, chunk=64)  # 64 + 64 + 22 tokens per layer
     assert int(st.get_seq_length()) == n
     keys = st.layers[1].keys

@@ -75,6 +75,20 @@ def test_cpu_smoke_run_matches_the_reference():
         assert r["fused_bytes"] == kernel.format_read_bytes(2, r["H_q"], r["H_kv"], 300, r["D"], r["sparsity"], getattr(torch, r["dtype"]))
         assert r["fused_fp8_bytes"] < r["fused_bytes"] < r["dense_bytes"]
         assert all(r[f"fused_{x}_ms"] is None for x in kernel.KERNELS if f"fused_{x}_ms" in r)
+        # T = 300 is not a multiple of 8: the packed (unaligned) layout is timed and checked too
+        assert r["rel_err_fused_packed"] < 1e-2 and r["speedup_fused_packed"] == pytest.approx(
+            r["dense_ms"] / r["fused_packed_ms"])
+
+
+def test_cache_layout_pads_rows_to_eight():
+    """The benchmark's store layout is the cache's: round_up(T, 8) rows per (b, h), the first T the encoder's rows,
+    every (b, h) slice 16-byte aligned; T a multiple of 8 is passed through."""
+    x = torch.randn(2, 3, 13, 19).to(torch.float16)
+    y = kernel.cache_layout(x)
+    assert torch.equal(y, x) and y.stride(1) == 16 * 19 and y.stride(0) == 3 * 16 * 19
+    assert all((y[b, h].data_ptr() - y.data_ptr()) % 16 == 0 for b in range(2) for h in range(3))
+    z = torch.randn(1, 2, 16, 5)
+    assert kernel.cache_layout(z) is z
 
 
 def test_kernel_bench_has_no_env_switch():
