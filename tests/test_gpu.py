@@ -127,8 +127,8 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
     return q, kb, kv, vb, vv, kw, vw
 
 
-# every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with one or
-# four query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
+# every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with at most
+# eight query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
 # they refuse them, test_sparse_decode_v6_refuses / test_sparse_decode_fp16_kernels_refuse_float32).
 @pytest.fixture(params=["v7", "v7g", "v6", "v5", "v4"])
 def decode_kernel(request):
@@ -136,8 +136,8 @@ def decode_kernel(request):
 
 
 def _skip_unless_v6_covers(kernel, g, dtype, *values):
-    if kernel == "v6" and (g not in (1, 4) or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
-        pytest.skip("v6 covers fp16/bf16, G in {1, 4}, k <= 64")
+    if kernel == "v6" and (g > 8 or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
+        pytest.skip("v6 covers fp16/bf16, G <= 8, k <= 64")
     if kernel == "v5" and dtype == torch.float32:
         pytest.skip("v5 covers fp16/bf16")
     if kernel in ("v7", "v7g") and dtype == torch.float32:
@@ -161,6 +161,11 @@ CASES = [
     (2, 8, 4, 128, 4096 + 17, 32),
     (1, 4, 2, 128, 259, 7),
     (2, 2, 3, 64, 70, 9),
+    # v6's eight query-head slots (G = 5-8) and G = 2 / 3 in four slots
+    (2, 1, 8, 128, 300, 5),
+    (1, 2, 7, 128, 517, 17),
+    (2, 2, 6, 64, 99, 3),
+    (1, 1, 5, 128, 1000, 0),
 ]
 
 
@@ -281,7 +286,7 @@ def _v6_case(d, k_k, k_v, irregular, dtype, seed, g=1):
 
 # "v6" runs the instantiations with k compiled in where they exist (k_k = k_v = 38 or 64 at D = 128),
 # "v6g" the run-time-k one everywhere: both are checked on those rows
-@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("kernel", ["v6", "v6g"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", V6_MODES)
@@ -305,10 +310,11 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g):
 
 @pytest.mark.parametrize("t_c,t_w,b", [(1, 0, 1), (31, 0, 2), (32, 0, 1), (33, 1, 2), (0, 40, 2),
                                        (4096 + 17, 33, 2), (64 * 1024 + 5, 0, 1), (37, 3, 64)])
-@pytest.mark.parametrize("kernel,s,g", [("v6", 0.7, 1), ("v6", 0.5, 1), ("v6g", 0.7, 1), ("v6", 0.7, 4)])
+@pytest.mark.parametrize("kernel,s,g", [("v6", 0.7, 1), ("v6", 0.5, 1), ("v6g", 0.7, 1), ("v6", 0.7, 4),
+                                        ("v6", 0.7, 8), ("v6g", 0.5, 6), ("v6", 0.6, 2)])
 def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g):
     """Tile edges (the whole-tile staging of the k-compiled-in kernels vs partial tiles), window only, long
-    sequences (many splits at batch 1), batch 64; MHA and four query heads per KV head."""
+    sequences (many splits at batch 1), batch 64; MHA and 2, 4, 6, 8 query heads per KV head."""
     args = _make_case(b, 2, g, 128, t_c, t_w, torch.float16, s_k=s, s_v=s, seed=t_c + t_w)
     scale = 1.0 / math.sqrt(128)
     out = torch.ops.mustafar.sparse_decode(*args, None, scale, variant=kernel)
@@ -320,7 +326,7 @@ def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g):
 def test_sparse_decode_v6_refuses(kernel):
     from mustafar import ops
 
-    args = _make_case(1, 2, 2, 128, 70, 3, torch.float16)  # G = 2
+    args = _make_case(1, 1, 9, 128, 70, 3, torch.float16)  # G = 9 > 8
     with pytest.raises(ValueError, match=f"kernel={kernel} needs"):
         torch.ops.mustafar.sparse_decode(*args, None, 0.1, variant=kernel)
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float16, s_k=0.3)  # k_k = 90 > 64
@@ -490,9 +496,10 @@ def test_v7_fp8_lengths_ring(dtype, fp8, case, kernel):
 
 
 V6_LENGTH_CASES = [
-    # b, h_kv, g, d, capacity t_c, ring, sparsity  (v6: G in {1, 4}, D 64 / 128, k <= 64)
+    # b, h_kv, g, d, capacity t_c, ring, sparsity  (v6: G <= 8, D 64 / 128, k <= 64)
     (3, 2, 1, 128, 4133, 33, 0.7), (2, 2, 4, 128, 1111, 289, 0.5), (1, 4, 1, 64, 2049, 17, 0.7),
     (2, 1, 4, 64, 517, 64, 0.6), (4, 3, 1, 128, 96, 1, 0.8), (1, 8, 4, 128, 8192, 40, 0.7),
+    (2, 2, 8, 128, 700, 20, 0.7), (1, 3, 3, 64, 333, 9, 0.6), (2, 1, 7, 128, 1500, 48, 0.5),
 ]
 
 
@@ -527,22 +534,27 @@ def test_v6_device_lengths_ring(dtype, case, kernel):
         v7 = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), None, None, ln,
                                               variant="v7")
         assert _rel(out, v7.double()) < 1e-2, (n_c, n_w)  # the same attention as v7
-        if kernel == "v6":  # "auto" with lengths runs v6 here (plan.h kAutoLengthsV6): the same bits
+        if kernel == "v6" and g in (1, 4):  # "auto" with lengths runs v6 there (plan.h kAutoLengthsV6): the same bits
             auto = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), None, None, ln)
             assert torch.equal(auto, out), (n_c, n_w)
 
 
 def test_v6_lengths_refused_where_v6_cannot_serve():
-    """Named v6 with lengths outside v6's class (G = 2) raises, naming G; v5 / v4 refuse lengths."""
-    q = torch.randn(1, 4, 128, device=DEV, dtype=torch.float16)
-    kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(1, 2, 64, 128, device=DEV, dtype=torch.float16), 38)
-    w = torch.randn(1, 2, 8, 128, device=DEV, dtype=torch.float16)
+    """Named v6 with lengths outside v6's class (G = 9; k = 90 > 64) raises, naming the value; v5 / v4 refuse
+    lengths."""
+    q = torch.randn(1, 9, 128, device=DEV, dtype=torch.float16)
+    kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(1, 1, 64, 128, device=DEV, dtype=torch.float16), 38)
+    w = torch.randn(1, 1, 8, 128, device=DEV, dtype=torch.float16)
     ln = torch.tensor([64, 8], dtype=torch.int32, device=DEV)
-    with pytest.raises((ValueError, RuntimeError), match="G=2"):
+    with pytest.raises((ValueError, RuntimeError), match="G=9"):
         torch.ops.mustafar.sparse_decode(q, kb, kv, kb, kv, w, w, None, 0.1, None, None, ln, variant="v6")
+    kb90, kv90 = torch.ops.mustafar.prune_encode_topk(torch.randn(1, 1, 64, 128, device=DEV, dtype=torch.float16), 90)
+    with pytest.raises((ValueError, RuntimeError), match="k_k=90"):
+        torch.ops.mustafar.sparse_decode(q[:, :1], kb90, kv90, kb90, kv90, w, w, None, 0.1, None, None, ln,
+                                         variant="v6")
     for name in ("v5", "v4"):
         with pytest.raises((ValueError, RuntimeError), match="device lengths"):
-            torch.ops.mustafar.sparse_decode(q, kb, kv, kb, kv, w, w, None, 0.1, None, None, ln, variant=name)
+            torch.ops.mustafar.sparse_decode(q[:, :1], kb, kv, kb, kv, w, w, None, 0.1, None, None, ln, variant=name)
 
 
 @pytest.mark.parametrize("dtype,d,s,L,chunk,fp8", [
@@ -590,7 +602,7 @@ def test_compiled_cuda_graph_generation_matches_eager(vdt, kernel, monkeypatch):
     fed the eager run's tokens (teacher forcing, so one flipped near-tie does not change every later input), picks
     the eager next token at >= 95 % of the steps and the same first token. Exact equality is the CPU test's
     (float32, tests/test_generate.py); in fp16 inductor's fused kernels round differently from eager.
-    kernel="v6": the device-lengths candidate on an MHA variant of tiny-llama (v6 serves G in {1, 4})."""
+    kernel="v6": v6 with device lengths on an MHA variant of tiny-llama (what "auto" runs for MHA)."""
     import mustafar
     import mustafar.generate as mg
     from torch._dynamo.utils import counters

@@ -1,5 +1,5 @@
 #pragma once
-// v6 fused sparse decode for fp16 / bf16 with one (MHA) or four (GQA) query heads per KV head: the "row" kernel.
+// v6 fused sparse decode for fp16 / bf16 with 1-8 query heads per KV head (1, 4 or 8 slots): the "row" kernel.
 // Design, predictions and measurements: docs/kernel_notes.md (section v6).
 //
 // v5 (decode_v5.cuh) already works per *stored* value, but spends ~75 warp instructions per K+V row
@@ -143,10 +143,13 @@ __device__ __forceinline__ float r_lds_f32(uint32_t a) {
   asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
   return v;
 }
-// the GQ query heads' q at one channel (GQ = 1, 2 or 4 consecutive fp32)
+// the GQ query heads' q at one channel (GQ = 1, 2, 4 or 8 consecutive fp32)
 template <int GQ>
 __device__ __forceinline__ void r_lds_q(uint32_t a, float (&q)[GQ]) {
-  if constexpr (GQ == 4) {
+  if constexpr (GQ == 8) {
+    asm("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(q[0]), "=f"(q[1]), "=f"(q[2]), "=f"(q[3]) : "r"(a));
+    asm("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(q[4]), "=f"(q[5]), "=f"(q[6]), "=f"(q[7]) : "r"(a + 16u));
+  } else if constexpr (GQ == 4) {
     asm("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(q[0]), "=f"(q[1]), "=f"(q[2]), "=f"(q[3]) : "r"(a));
   } else if constexpr (GQ == 2) {
     asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(q[0]), "=f"(q[1]) : "r"(a));
@@ -324,17 +327,19 @@ constexpr int r_ld_of(int k) {
 // KC > 0: k_k = k_v = KC known at compile time (the fast path's loops, the split of the middle values
 // between the walks, staging and value addresses become constants; the host launches it only for
 // p.kk == p.kv == KC), 0: read from p.
-// GQ: query heads per KV head (1 = MHA, or 4). q sits in shared memory channel-major with the GQ heads'
-// fp32 values side by side, so a K walk step gathers all of them with one load; the heads are the mma's
-// columns (B = P^T, GQ of its 8 columns), the probabilities handed over through a small per-warp table.
+// GQ: query-head slots per KV head (1 = MHA, 4 or 8), p.G <= GQ of them real: G = 2, 3 run in 4 slots, G = 5-7
+// in 8 (the spare slots get q = 0 and are not written out). q sits in shared memory channel-major with the GQ
+// slots' fp32 values side by side, so a K walk step gathers all of them with one load (two for GQ = 8); the slots
+// are the mma's columns (B = P^T, GQ of its 8 columns), the probabilities handed over through a small per-warp
+// table.
 template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Params p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
-  static_assert(GQ == 1 || GQ == 2 || GQ == 4, "GQ: 1, 2 or 4 query heads per KV head");
+  static_assert(GQ == 1 || GQ == 2 || GQ == 4 || GQ == 8, "GQ: 1, 2, 4 or 8 query-head slots per KV head");
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
-  constexpr int QS = 4 * GQ;    // bytes between channels of q (GQ fp32 heads per channel)
+  constexpr int QS = 4 * GQ;    // bytes between channels of q (GQ fp32 slots per channel)
   constexpr int kPOff = ((D + 1) * kRLine + 15) / 16 * 16;  // GQ > 1: the warp's P table [8 heads][32 tokens] (fp16/bf16)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ __align__(16) char smem[];
@@ -436,11 +441,12 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   // (dummy). The gather q[channel] of a walk step costs ~1.24 shared-memory wavefronts on random top-k rows
   // (the lanes' j-th stored channels lie close together), measured against 1.0 for a private copy per lane
   // that took 16 KB.
-  // With GQ heads: float (c * GQ + g) holds head g's channel c (query head hk * GQ + g).
-  const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * GQ * D;
+  // With GQ slots: float (c * GQ + g) holds head g's channel c (query head hk * G + g; 0 in the spare slots g >= G).
+  const int G = GQ == 1 ? 1 : p.G;  // real query heads per KV head (<= GQ)
+  const T* qp = reinterpret_cast<const T*>(p.q) + ((int64_t)b * p.Hkv + hk) * G * D;
   for (int i = tid; i < (D + 4) * GQ; i += (int)blockDim.x) {
     const int c = i / GQ, g = i - c * GQ;
-    *reinterpret_cast<float*>(smem + 4 * i) = c < D ? to_f(qp[g * D + c]) * p.qscale : 0.f;
+    *reinterpret_cast<float*>(smem + 4 * i) = (c < D && g < G) ? to_f(qp[g * D + c]) * p.qscale : 0.f;
   }
   __syncthreads();  // q is shared by the CTA's warps
 
@@ -745,7 +751,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
   cp_async_wait<0>();
 
-  // ---- this warp's partials, one per query head: O^T column j (head hk * GQ + j) = lanes 4 i + j / 2,
+  // ---- this warp's partials, one per real query head: O^T column j (head hk * G + j) = lanes 4 i + j / 2,
   // c0 / c1 (j even / odd): channels 16 n + i, c2 / c3: channels 16 n + i + 8
   float lt[GQ];
 #pragma unroll
@@ -755,10 +761,10 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
     for (int off = 16; off >= 1; off >>= 1) lt[g] += __shfl_xor_sync(0xffffffffu, lt[g], off);
   }
   const int NP = p.nsplit * nwarps;
-  const int64_t hq0 = ((int64_t)b * p.Hkv + hk) * GQ;  // b * H_q + the group's first query head
+  const int64_t hq0 = ((int64_t)b * p.Hkv + hk) * G;  // b * H_q + the group's first query head
   const int slot = split * nwarps + warp;
   const int j0 = 2 * (lane & 3);
-  if (j0 < GQ) {
+  if (j0 < G) {
     float* op = p.ws_o + ((hq0 + j0) * NP + slot) * D + (lane >> 2);
 #pragma unroll
     for (int n = 0; n < NMT; ++n) {
@@ -766,7 +772,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
       op[16 * n + 8] = o[n][2];
     }
   }
-  if (GQ > 1 && j0 + 1 < GQ) {
+  if (GQ > 1 && j0 + 1 < G) {
     float* op = p.ws_o + ((hq0 + j0 + 1) * NP + slot) * D + (lane >> 2);
 #pragma unroll
     for (int n = 0; n < NMT; ++n) {
@@ -777,15 +783,17 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   if (lane == 0) {
 #pragma unroll
     for (int g = 0; g < GQ; ++g) {
-      p.ws_ml[((hq0 + g) * NP + slot) * 2] = m[g];
-      p.ws_ml[((hq0 + g) * NP + slot) * 2 + 1] = lt[g];
+      if (g < G) {
+        p.ws_ml[((hq0 + g) * NP + slot) * 2] = m[g];
+        p.ws_ml[((hq0 + g) * NP + slot) * 2 + 1] = lt[g];
+      }
     }
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int GQ>
 int sdr_occ_one(int nwarps, int smem_bytes) {
-  auto kern = sd_rows_kernel<T, D, -1, -1>;  // the same resources as the specialised instantiations
+  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ>;  // about the resources of the specialised instantiations
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int n = 0;
@@ -793,7 +801,10 @@ int sdr_occ_one(int nwarps, int smem_bytes) {
   return n;
 }
 
-// the instantiation for p: GQ query heads per KV head (1 or 4), k compiled in (fixed_k and k_k = k_v = 38 or
+// query-head slots of v6 for G query heads per KV head (1, 4 or 8; G <= 8)
+constexpr int v6_slots(int G) { return G == 1 ? 1 : G <= 4 ? 4 : 8; }
+
+// the instantiation for p: GQ query-head slots per KV head (1, 4 or 8), k compiled in (fixed_k and k_k = k_v = 38 or
 // 64 at D = 128: the paper's 70 % and 50 %), else the row layouts compiled in where common (MHA only:
 // 70 %: k/2 odd; 50 %: k % 8 == 0), else everything read at run time
 template <typename T, int GQ>
@@ -822,19 +833,26 @@ void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,
 }
 
 template <typename T>
-int v6_blocks_per_sm(int D, int nwarps, int smem_bytes);
+int v6_blocks_per_sm(int D, int G, int nwarps, int smem_bytes);
 template <typename T>
 void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
 #define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int v6_blocks_per_sm<TYPE>(int D, int nwarps, int smem_bytes) {                                          \
-    return D == 64 ? sdr_occ_one<TYPE, 64>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128>(nwarps, smem_bytes);   \
+  int v6_blocks_per_sm<TYPE>(int D, int G, int nwarps, int smem_bytes) {                                   \
+    const int s = v6_slots(G);                                                                                 \
+    if (D == 64)                                                                                               \
+      return s == 1 ? sdr_occ_one<TYPE, 64, 1>(nwarps, smem_bytes)                                             \
+             : s == 4 ? sdr_occ_one<TYPE, 64, 4>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 64, 8>(nwarps, smem_bytes); \
+    return s == 1 ? sdr_occ_one<TYPE, 128, 1>(nwarps, smem_bytes)                                              \
+           : s == 4 ? sdr_occ_one<TYPE, 128, 4>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128, 8>(nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
                             bool fixed_k) {                                                                    \
-    if (p.G == 4) sdr_launch<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                        \
+    const int s = v6_slots(p.G);                                                                               \
+    if (s == 8) sdr_launch<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                          \
+    else if (s == 4) sdr_launch<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                     \
     else sdr_launch<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                                 \
   }
 

@@ -107,7 +107,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
     V6Layout& p = c.v6;
     p.r_ldk = v6_ld_mode(kk, p.r_lgk);
     p.r_ldv = v6_ld_mode(kv, p.r_lgv);
-    p.off_vd = r16((D + 4) * 4 * G);  // q (fp32, G heads per channel, zeros at D), then one region per warp
+    p.off_vd = r16((D + 4) * 4 * v6_slots((int)G));  // q (fp32, 1 / 4 / 8 slots per channel, zeros at D), then the warps
     p.r_off_stk = r16((D + 1) * kRLine) + (G > 1 ? 8 * kRRows * 2 : 0);  // dense V tile (+ the P table for G > 1)
     p.r_off_stv = p.r_off_stk + r16(kRRows * kk * 2);
     p.r_bufstep = p.r_off_stv + r16(kRRows * kv * 2) - p.r_off_stk;  // K + V stage buffers of one tile
@@ -120,7 +120,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       int n = 0;
       dispatch_half_float(pr.dtype, [&](auto tag) {
         using scalar = decltype(tag);
-        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, nw, sb);
+        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, nw, sb);
       });
       if (n * nw > best) {
         best = n * nw;
@@ -176,11 +176,11 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
 
 DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, const char* op) {
   const bool half_type = pr.dtype != at::kFloat;
-  const bool v6_ok = half_type && (pr.G == 1 || pr.G == 4) && pr.kk <= kRKMax && pr.kv <= kRKMax;
+  const bool v6_ok = half_type && pr.G <= 8 && pr.kk <= kRKMax && pr.kv <= kRKMax;
   switch (req) {
     case DecodeKernel::kAuto:
       if (half_type && pr.D == 64 && pr.G == 1 && std::max(pr.kk, pr.kv) <= kV5MaxKD64) return DecodeKernel::kV5;
-      if (v6_ok) return DecodeKernel::kV6;
+      if (v6_ok && (pr.G == 1 || pr.G == 4)) return DecodeKernel::kV6;  // other G: timed by name first (plan.h)
       return (half_type && pr.G >= 2) ? DecodeKernel::kV5 : DecodeKernel::kV4;
     case DecodeKernel::kV4:
       return req;
@@ -188,7 +188,7 @@ DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, co
       MF_CHECK_VALUE(half_type, op, "kernel=", decode_kernel_name(req), " cannot serve q.dtype=", pr.dtype,
                      " (v5, v6 and v6g are float16 / bfloat16 kernels; v4 and auto serve float32)");
       if (req != DecodeKernel::kV5) {
-        MF_CHECK_VALUE(v6_ok, op, "kernel=", decode_kernel_name(req), " needs 1 or 4 query heads per KV head (G=",
+        MF_CHECK_VALUE(v6_ok, op, "kernel=", decode_kernel_name(req), " needs at most 8 query heads per KV head (G=",
                        pr.G, ") and at most ", kRKMax, " stored values per row (k_k=", pr.kk, ", k_v=", pr.kv, ")");
       }
       return req;

@@ -21,7 +21,8 @@ namespace mustafar_cuda {
 // The decode kernels. kAuto (for the calls sparse_decode.cu does not send to v7: host lengths, 16-bit values,
 // D 64 / 128, an even G or G = 1): v5 for MHA at D = 64 with at most kV5MaxKD64 stored values per row, v6 for
 // fp16/bf16 with one or four query heads per KV head (MHA, or GQA with G = 4 as in Llama-3-8B) and at most 64
-// stored values per row, v5 for other fp16/bf16 GQA (G = 2, 6, 8), v4 otherwise (fp32, or k > 64);
+// stored values per row, v5 for other fp16/bf16 GQA (G = 2, 6, 8), v4 otherwise (fp32, or k > 64). By name, v6
+// serves any G <= 8 (G = 2, 3 in four query-head slots, 5-7 in eight; not yet timed, so not yet in "auto");
 // results/kernel_h100.json times them side by side. kV6g: v6 with k read at run time everywhere (v6 has
 // instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128).
 enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7 };
