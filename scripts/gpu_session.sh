@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issues #15 / #16: build, v7 checks, GPU tests, the kernel benchmark (python -m mustafar.bench
-# kernel), compiled wall clock, optionally Nsight Compute counters of v6 / v7 (T_PROFILE > 0: seconds per
-# kernel).
+# kernel), compiled wall clock, optionally compute-sanitizer memcheck + racecheck (T_SANITIZE > 0: seconds per tool)
+# and Nsight Compute counters of v6 / v7 (T_PROFILE > 0: seconds per kernel).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
 # in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
 set -uo pipefail
@@ -20,6 +20,16 @@ stamp gpu-tests
 timeout ${T_TESTS:-150} python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
   > "$OUT/gpu_tests.log" 2>&1
 tail -6 "$OUT/gpu_tests.log"
+if [ "${T_SANITIZE:-0}" -gt 0 ] && command -v compute-sanitizer > /dev/null; then
+  # memcheck and racecheck of every CUDA op (scripts/gpu_sanitize.py), T_SANITIZE seconds each
+  stamp sanitize
+  for tool in memcheck racecheck; do
+    echo "##### compute-sanitizer --tool $tool" >> "$OUT/sanitize.log"
+    timeout ${T_SANITIZE} compute-sanitizer --tool $tool --print-limit 20 python3 scripts/gpu_sanitize.py \
+      >> "$OUT/sanitize.log" 2>&1
+    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tail -1
+  done
+fi
 stamp kernel-bench
 timeout ${T_BENCH:-180} python3 -m mustafar.bench kernel --profile ${KERNEL_PROFILE:-quick} --out "$OUT/kernel.json" \
   2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
