@@ -539,6 +539,59 @@ def test_v6_device_lengths_ring(dtype, case, kernel):
             assert torch.equal(auto, out), (n_c, n_w)
 
 
+V6_FP8_CASES = [
+    # b, h_kv, g, d, capacity t_c, ring, sparsity  (k = 38 and 64 at D = 128 compiled in; others at run time)
+    (3, 2, 1, 128, 1111, 33, 0.7), (2, 2, 4, 128, 517, 20, 0.5), (1, 4, 1, 64, 2049, 17, 0.7),
+    (2, 1, 8, 128, 700, 9, 0.7), (1, 3, 3, 64, 333, 5, 0.6), (2, 2, 1, 128, 96, 1, 0.8), (1, 2, 7, 128, 4133, 40, 0.6),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", V6_FP8_CASES)
+@pytest.mark.parametrize("kernel", ["v6", "v6g"])
+def test_v6_fp8_values(dtype, case, kernel):
+    """v6 / v6g with e4m3 values on both sides (+ fp16 row scales): against the float64 reference over the
+    dequantized values, with and without device lengths (ring window), kv_start masking, a fully masked row,
+    partial tiles; and against v7 on the same inputs."""
+    b, h_kv, g, d, t_c, ring, s = case
+    gen = torch.Generator(device=DEV).manual_seed(11 * t_c + ring + g + d)
+    k = d - int(math.floor(s * d + 0.5))
+    q = torch.randn(b, h_kv * g, d, device=DEV, generator=gen).to(dtype)
+    kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(b, h_kv, t_c, d, device=DEV, generator=gen).to(dtype), k)
+    vb, vv = torch.ops.mustafar.prune_encode_topk(torch.randn(b, h_kv, t_c, d, device=DEV, generator=gen).to(dtype), k)
+    kb, k8, ks = _fp8_side(kb, kv)
+    vb, v8, vs = _fp8_side(vb, vv)
+    kw = torch.randn(b, h_kv, ring, d, device=DEV, generator=gen).to(dtype)
+    vw = torch.randn(b, h_kv, ring, d, device=DEV, generator=gen).to(dtype)
+    for lengths in (None, (max(0, t_c - 37), max(0, ring - 1)), (t_c // 2 + 1, ring)):
+        ln = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEV)
+        n = t_c + ring if lengths is None else sum(lengths)
+        kvs = torch.randint(0, max(1, n // 2), (b,), device=DEV, generator=gen).to(torch.int32)
+        if b > 1:
+            kvs[-1] = n + 1  # every position masked: zeros
+        out = torch.ops.mustafar.sparse_decode(q, kb, k8, vb, v8, kw, vw, kvs, 1 / math.sqrt(d), ks, vs, ln,
+                                               variant=kernel)
+        ref = reference.sparse_decode(q.double(), kb, k8, vb, v8, kw.double(), vw.double(), kvs, 1 / math.sqrt(d),
+                                      k_scale=ks, v_scale=vs, lengths=ln)
+        assert torch.isfinite(out).all(), lengths
+        assert _rel(out, ref) < 1e-2, lengths
+        if b > 1:
+            assert torch.equal(out[-1], torch.zeros_like(out[-1])), lengths
+        v7 = torch.ops.mustafar.sparse_decode(q, kb, k8, vb, v8, kw, vw, kvs, 1 / math.sqrt(d), ks, vs, ln,
+                                              variant="v7")
+        assert _rel(out, v7.double()) < 1e-2, lengths
+
+
+def test_v6_fp8_needs_both_sides():
+    """v6 takes e4m3 values on both sides or neither: one side raises, naming it."""
+    q = torch.randn(1, 2, 128, device=DEV, dtype=torch.float16)
+    kb, kv = torch.ops.mustafar.prune_encode_topk(torch.randn(1, 2, 64, 128, device=DEV, dtype=torch.float16), 38)
+    kb8, k8, ks = _fp8_side(kb, kv)
+    w = torch.randn(1, 2, 8, 128, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match="e4m3 K values"):
+        torch.ops.mustafar.sparse_decode(q, kb8, k8, kb, kv, w, w, None, 0.1, ks, None, None, variant="v6")
+
+
 def test_v6_lengths_refused_where_v6_cannot_serve():
     """Named v6 with lengths outside v6's class (G = 9; k = 90 > 64) raises, naming the value; v5 / v4 refuse
     lengths."""

@@ -102,6 +102,13 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 
 __device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
+// two e4m3 bytes (low 16 bits of b) -> two fp16 (packed; exact: every e4m3 value is an fp16 value)
+__device__ __forceinline__ uint32_t e4m3x2_to_h2(uint32_t b) {
+  uint32_t r;
+  asm("{\n\t.reg .b16 t;\n\tcvt.u16.u32 t, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, t;\n\t}" : "=r"(r) : "r"(b));
+  return r;
+}
+
 // two floats -> a packed 16-bit pair (low = a)
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
@@ -165,18 +172,22 @@ struct SDParams {
   const void* vwin;
   const int* kv_start;  // [B] or null
   const int* lengths;   // v6: device (n_c, n_w) with a ring window, or null (Tc / Tw below); v4 / v5: null
+  const __half* kscale;  // v6 with e4m3 values (both sides): fp16 scale per stored row [B, H_kv, T_c]; else null
+  const __half* vscale;
   float* ws_o;          // [B, Hq, NP, D]
   float* ws_ml;         // [B, Hq, NP, 2]
   int B, Hkv, G, Tc, Tw, kk, kv;
   int64_t kbm_sb, kbm_sh, kval_sb, kval_sh, vbm_sb, vbm_sh, vval_sb, vval_sh;
   int64_t kwin_sb, kwin_sh, kwin_st, vwin_sb, vwin_sh, vwin_st;
+  int64_t ksc_sb, ksc_sh, vsc_sb, vsc_sh;  // scale strides (elements; rows contiguous)
   int nsplit, tiles_per_split, nchunk;
   int vec16;  // values bases are 16-byte aligned (cp.async 16 B), else element copies
   float qscale;
 };
 
-// The (b, h_kv) slice of every cache tensor of one fused-decode CTA (every kernel).
-template <typename T>
+// The (b, h_kv) slice of every cache tensor of one fused-decode CTA (every kernel); VSZ: bytes per stored value
+// (sizeof(T), or 1 for e4m3 values).
+template <typename T, int VSZ = (int)sizeof(T)>
 struct SDSlice {
   const char* kval;
   const char* vval;
@@ -185,8 +196,8 @@ struct SDSlice {
   const T* kwin;
   const T* vwin;
   __device__ __forceinline__ SDSlice(const SDParams& p, int b, int hk)
-      : kval(reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * sizeof(T)),
-        vval(reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * sizeof(T)),
+      : kval(reinterpret_cast<const char*>(p.kval) + (b * p.kval_sb + hk * p.kval_sh) * VSZ),
+        vval(reinterpret_cast<const char*>(p.vval) + (b * p.vval_sb + hk * p.vval_sh) * VSZ),
         kbm(p.kbm + b * p.kbm_sb + hk * p.kbm_sh),
         vbm(p.vbm + b * p.vbm_sb + hk * p.vbm_sh),
         kwin(reinterpret_cast<const T*>(p.kwin) + b * p.kwin_sb + hk * p.kwin_sh),

@@ -42,12 +42,14 @@ constexpr int kRMaxWarps = 12;  // warps per CTA at most (the host picks 4-12 by
 enum : int { kRLdAny = 0, kRLdPair = 1, kRLdOct = 2 };  // how a lane reads its row from the stage buffer
 
 // v6's shared memory: q (fp32, GQ heads per channel), then one region per warp at off_vd + warp * r_wbytes
-// (dense V tile + two K and V stage buffers at r_off_stk / r_off_stv, r_bufstep apart); how K / V rows are
+// (dense V tile + two K and V stage buffers at r_off_stk / r_off_stv, r_bufstep apart; with e4m3 values the stage
+// buffers hold the bytes and one fp16 buffer per side at r_off_xk / r_off_xv the expanded tile); how K / V rows are
 // read (kRLdAny / kRLdPair / kRLdOct) and log2 of the 16-byte chunks per row of a swizzled stage buffer
 // (-1: contiguous rows)
 struct V6Layout {
   int off_vd;
   int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
+  int r_off_xk, r_off_xv;  // e4m3 values: the expanded (fp16) K / V buffers of the current tile (one each)
 };
 struct V6Params : SDParams, V6Layout {};
 
@@ -218,17 +220,18 @@ __device__ __forceinline__ void r_cp_tile(uint32_t d_even, uint32_t d_odd, const
     r_cp_tile<N16, J + 1>(d_even, d_odd, s_lane, lane);
   }
 }
-template <int KS>  // KS > 0: k known at compile time (whole tiles take a loop of fixed trip count)
+// ESZ: bytes per value (2; 1 for e4m3 rows, always staged contiguously: mode kRLdAny).
+template <int KS, int ESZ = 2>  // KS > 0: k known at compile time (whole tiles take a loop of fixed trip count)
 __device__ __forceinline__ void r_stage_side(char* smem, uint32_t dst, const char* src, int nc, int k, int mode, int lg,
                                              int vec16, int lane) {
-  const int bytes = nc * k * 2;
+  const int bytes = nc * k * ESZ;
   int done = 0;
-  if constexpr (KS > 0 && (kRRows * KS * 2) % 16 == 0) {
+  if constexpr (KS > 0 && (kRRows * KS * ESZ) % 16 == 0) {
     // a whole tile: N16 chunks, (N16 + 31) / 32 per lane at most, no loop; chunk lane + 32 j lands at
     // base + 512 j in the contiguous layout, and in the swizzled one with 8 chunks per row (lg = 3: 4 rows
     // per j, the swizzle r & 7 alternating with j) at base[j & 1] + 512 j
     if (vec16 && nc == kRRows && (!(mode == kRLdOct && lg >= 0) || lg == 3)) {
-      constexpr int N16 = kRRows * KS * 2 / 16;
+      constexpr int N16 = kRRows * KS * ESZ / 16;
       const uint32_t dst_s = (uint32_t)__cvta_generic_to_shared(smem) + dst;
       uint32_t d0 = dst_s + 16u * (uint32_t)lane, d1 = d0;
       if (mode == kRLdOct && lg == 3) {
@@ -259,6 +262,10 @@ __device__ __forceinline__ void r_stage_side(char* smem, uint32_t dst, const cha
     }
   }
   if (done == bytes) return;
+  if constexpr (ESZ == 1) {  // e4m3: byte copies of the rest (contiguous layout)
+    for (int i = done + lane; i < bytes; i += 32) smem[dst + i] = src[i];
+    return;
+  }
   const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
   uint16_t* d16 = reinterpret_cast<uint16_t*>(smem + dst);
   if (mode == kRLdOct && lg >= 0) {  // unaligned source: element copies into the swizzled layout
@@ -309,6 +316,30 @@ __device__ __forceinline__ uint32_t r_row_base(uint32_t st, int k, int mode, int
   return st + (uint32_t)(lane * k * 2);
 }
 
+// e4m3 rows: expand the staged bytes of rows [0, nc) (contiguous, row r at r * k, at src) into fp16 values in
+// the 16-bit stage layout of (mode, lg) at dst, which the walks then read as for fp16 values. Contiguous layouts
+// (kRLdPair / kRLdAny / kRLdOct with lg < 0) put value v at byte 2 v: one 32-bit load, two conversions and one
+// 64-bit store per 4 values (the last word may convert up to 3 bytes past the rows: stale staged values, finite, into
+// the buffer's slack). Swizzled rows (kRLdOct, lg >= 0, k % 8 == 0): one 16-byte chunk (8 values) at a time.
+__device__ __forceinline__ void r_expand_e4m3(char* smem, uint32_t dst, uint32_t src, int nc, int k, int mode, int lg,
+                                              int lane) {
+  if (mode == kRLdOct && lg >= 0) {
+    const int n8 = nc << lg, cm = (1 << lg) - 1;
+    for (int i = lane; i < n8; i += 32) {
+      const int r = i >> lg;
+      const uint2 x = *reinterpret_cast<const uint2*>(smem + src + 8 * i);
+      *reinterpret_cast<uint4*>(smem + dst + ((((r << lg) + r_swz(r, i & cm, lg))) << 4)) =
+          make_uint4(e4m3x2_to_h2(x.x), e4m3x2_to_h2(x.x >> 16), e4m3x2_to_h2(x.y), e4m3x2_to_h2(x.y >> 16));
+    }
+  } else {
+    const int nw = (nc * k + 3) >> 2;
+    for (int i = lane; i < nw; i += 32) {
+      const uint32_t x = *reinterpret_cast<const uint32_t*>(smem + src + 4 * i);
+      *reinterpret_cast<uint2*>(smem + dst + 8 * i) = make_uint2(e4m3x2_to_h2(x), e4m3x2_to_h2(x >> 16));
+    }
+  }
+}
+
 // The host's choice of row layout for k values per row (plan.cu, v6_ld_mode): kRLdOct for k % 8 == 0
 // with an odd (lg = -1, contiguous rows) or power-of-two (lg = log2 of the 16-byte chunks, swizzled) chunk
 // count, kRLdPair for k % 4 == 2, kRLdAny otherwise.
@@ -332,7 +363,11 @@ constexpr int r_ld_of(int k) {
 // slots' fp32 values side by side, so a K walk step gathers all of them with one load (two for GQ = 8); the slots
 // are the mma's columns (B = P^T, GQ of its 8 columns), the probabilities handed over through a small per-warp
 // table.
-template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1>
+// F8: both sides' stored values are e4m3 bytes with an fp16 scale per row (p.kscale / p.vscale): staged as bytes,
+// expanded to fp16 in shared memory per tile (r_expand_e4m3), walked as fp16 values; the K scale multiplies the
+// row's score, the V scale its probability in the P.V product (not in the softmax sum), which then runs in fp16
+// also for bf16 models (dense window V rows converted to fp16 as they enter the dense tile).
+template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Params p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
   static_assert(GQ == 1 || GQ == 2 || GQ == 4 || GQ == 8, "GQ: 1, 2, 4 or 8 query-head slots per KV head");
@@ -341,7 +376,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   constexpr int NMT = D / 16;   // mma m-tiles (16 channels each) of O^T
   constexpr int QS = 4 * GQ;    // bytes between channels of q (GQ fp32 slots per channel)
   constexpr int kPOff = ((D + 1) * kRLine + 15) / 16 * 16;  // GQ > 1: the warp's P table [8 heads][32 tokens] (fp16/bf16)
-  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value && !F8;  // the P.V mma's type (fp16 for e4m3 V)
+  using VT = typename std::conditional<F8, __half, T>::type;            // the stored values as walked
   extern __shared__ __align__(16) char smem[];
 
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
@@ -381,15 +417,29 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
     *reinterpret_cast<uint4*>(smem + wreg + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
   __syncwarp();  // the zeros land before this warp's first cp.async into its stage buffers
 
-  const SDSlice<T> sl(p, b, hk);
+  const SDSlice<T, F8 ? 1 : 2> sl(p, b, hk);
   auto stage = [&](int wt, uint32_t sk, uint32_t sv) {
     const int t0 = wt * kRRows;
     const int nc = min(kRRows, Tc - t0);
-    r_stage_side<KC>(smem, sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, ldk, lgk, p.vec16, lane);
-    r_stage_side<KC>(smem, sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, ldv, lgv, p.vec16, lane);
+    if constexpr (F8) {  // the bytes, contiguous rows
+      r_stage_side<KC, 1>(smem, sk, sl.kval + (int64_t)t0 * kk, nc, kk, kRLdAny, -1, p.vec16, lane);
+      r_stage_side<KC, 1>(smem, sv, sl.vval + (int64_t)t0 * kv, nc, kv, kRLdAny, -1, p.vec16, lane);
+    } else {
+      r_stage_side<KC>(smem, sk, sl.kval + (int64_t)t0 * kk * 2, nc, kk, ldk, lgk, p.vec16, lane);
+      r_stage_side<KC>(smem, sv, sl.vval + (int64_t)t0 * kv * 2, nc, kv, ldv, lgv, p.vec16, lane);
+    }
   };
+  // e4m3 values: the row scales of the lane's row of the next tile (1 where there is no row: finite)
+  const __half* ksc = F8 ? p.kscale + b * p.ksc_sb + hk * p.ksc_sh : nullptr;
+  const __half* vsc = F8 ? p.vscale + b * p.vsc_sb + hk * p.vsc_sh : nullptr;
+  float kscn = 1.f, vscn = 1.f;
   auto load_bm = [&](int wt, uint32_t (&kw)[NW32], uint32_t (&vw)[NW32]) {
     const int t = wt * kRRows + lane;
+    if constexpr (F8) {
+      const bool has = wt < ntc_here && t < Tc;
+      kscn = has ? __half2float(ksc[t]) : 1.f;
+      vscn = has ? __half2float(vsc[t]) : 1.f;
+    }
     if (wt < ntc_here && t < Tc) {
       // 8-byte loads: an int64 bitmap row is only 8-byte aligned in general (strided views)
 #pragma unroll
@@ -454,6 +504,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   for (; wt < wt1; wt += nwarps) {
     const int nxt = wt + nwarps;
     float s[GQ];
+    float vrow = 1.f;  // e4m3 V: the lane's row scale, applied to its probability in the P.V product
     if (wt < ntc) {
       // ================= a compressed tile: lane = row
       const int t = wt * kRRows + lane;
@@ -464,6 +515,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
         kw[i] = kwn[i];
         vw[i] = vwn[i];
       }
+      const float krow = kscn;  // e4m3 K: the lane's row scale (1 without e4m3 values)
+      vrow = vscn;
       load_bm(nxt, kwn, vwn);  // prefetch
       const bool fast = kfast_ok && __all_sync(0xffffffffu, !valid || (reg_walk_ok<NW32>(kw, kk) && reg_walk_ok<NW32>(vw, kv)));
       // the next tile into the other buffers (free: every lane finished reading them last iteration), then
@@ -472,6 +525,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
       cp_async_commit();
       cp_async_wait<1>();
       __syncwarp();
+      uint32_t ek = stk, ev = stv;  // where this tile's values are walked from
+      if constexpr (F8) {  // the staged bytes -> fp16 in the 16-bit layout of (ldk, lgk) / (ldv, lgv)
+        const int ncur = min(kRRows, Tc - wt * kRRows);
+        ek = wreg + (uint32_t)p.r_off_xk;
+        ev = wreg + (uint32_t)p.r_off_xv;
+        r_expand_e4m3(smem, ek, stk, ncur, kk, ldk, lgk, lane);
+        r_expand_e4m3(smem, ev, stv, ncur, kv, ldv, lgv, lane);
+        __syncwarp();
+      }
       float sa[GQ], sb[GQ];  // K scores of the up / down walks, per query head
 #pragma unroll
       for (int g = 0; g < GQ; ++g) sa[g] = sb[g] = 0.f;
@@ -483,8 +545,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
             vw[i] = valid ? vw[i] : synv[i];
           }
         }
-        const uint32_t kb = r_row_base(stk, kk, ldk, lgk, lane);
-        const uint32_t vb = r_row_base(stv, kv, ldv, lgv, lane);
+        const uint32_t kb = r_row_base(ek, kk, ldk, lgk, lane);
+        const uint32_t vb = r_row_base(ev, kv, ldv, lgv, lane);
         const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
         auto walk_tile = [&](auto q_tag) {
           constexpr int Q = decltype(q_tag)::value;
@@ -496,7 +558,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
             float qv[GQ];
             r_lds_q<GQ>(wk.next(), qv);
-            const float xv = r_half<T>(x[u >> 1], u & 1);
+            const float xv = r_half<VT>(x[u >> 1], u & 1);
 #pragma unroll
             for (int g = 0; g < GQ; ++g) sc[g] = fmaf(qv[g], xv, sc[g]);
           };
@@ -593,8 +655,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
             while (w != 0u && j < kk) {
               const int c = 32 * i + __ffs(w) - 1;
               w &= w - 1u;
-              const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + stk + r_val_off(r, j, kk, ldk, lgk));
-              const float xv = r_half<T>(bits, 0);
+              const uint32_t bits = *reinterpret_cast<const uint16_t*>(smem + ek + r_val_off(r, j, kk, ldk, lgk));
+              const float xv = r_half<VT>(bits, 0);
 #pragma unroll
               for (int g = 0; g < GQ; ++g) sa[g] = fmaf(*reinterpret_cast<const float*>(smem + QS * c + 4 * g), xv, sa[g]);
               ++j;
@@ -607,7 +669,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
             while (w != 0u && j < kv) {
               const int c = 32 * i + __ffs(w) - 1;
               w &= w - 1u;
-              const uint16_t bits = *reinterpret_cast<const uint16_t*>(smem + stv + r_val_off(r, j, kv, ldv, lgv));
+              const uint16_t bits = *reinterpret_cast<const uint16_t*>(smem + ev + r_val_off(r, j, kv, ldv, lgv));
               *reinterpret_cast<uint16_t*>(smem + vd + c * kRLine + 2 * lane) = bits;
               ++j;
             }
@@ -618,7 +680,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
       stk = stk == stk0 ? stk0 + bufstep : stk0;
       stv = stv == stv0 ? stv0 + bufstep : stv0;
 #pragma unroll
-      for (int g = 0; g < GQ; ++g) s[g] = (valid && t >= ks) ? sa[g] + sb[g] : -INFINITY;
+      for (int g = 0; g < GQ; ++g) s[g] = (valid && t >= ks) ? (F8 ? (sa[g] + sb[g]) * krow : sa[g] + sb[g]) : -INFINITY;
     } else {
       // ================= a dense window tile: lane = row, as for a compressed tile (its K dot with q, and
       // its V row into Vd); rows are read with 32-bit loads (the host makes window rows 4-byte aligned)
@@ -651,7 +713,11 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
         for (int g = 0; g < GQ; ++g) sc[g] = s0[g] + s1[g];
 #pragma unroll 8
         for (int c2 = 0; c2 < D / 2; ++c2) {
-          const uint32_t x = vr[c2];
+          uint32_t x = vr[c2];
+          if constexpr (F8 && std::is_same<T, __nv_bfloat16>::value) {  // the dense tile is fp16 (e4m3 V)
+            const float2 f = unpack2<__nv_bfloat16>(x);
+            x = pack2<__half>(f.x, f.y);
+          }
           *reinterpret_cast<uint16_t*>(smem + vd + (2 * c2) * kRLine + 2 * lane) = (uint16_t)x;
           *reinterpret_cast<uint16_t*>(smem + vd + (2 * c2 + 1) * kRLine + 2 * lane) = (uint16_t)(x >> 16);
         }
@@ -703,6 +769,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
       for (int g = 0; g < GQ; ++g) {
         pv[g] = exp2f(s[g] - m[g]);
         l[g] += pv[g];
+        if constexpr (F8) pv[g] *= vrow;  // P.V only: O = sum_t p_t (vscale_t v8_t)
       }
       // B = P^T (16 tokens x 8 columns): lane holds tokens 2 (lane % 4) + {0, 1} (b0) and + 8 (b1) of
       // column lane / 4.
@@ -715,13 +782,13 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           const float x1 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src + 1);
           const float y0 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src + 8);
           const float y1 = __shfl_sync(0xffffffffu, pv[0], 16 * kx + src + 9);
-          bq[kx][0] = pack2<T>(x0, x1);
-          bq[kx][1] = pack2<T>(y0, y1);
+          bq[kx][0] = pack2<VT>(x0, x1);
+          bq[kx][1] = pack2<VT>(y0, y1);
         }
       } else {  // through the warp's P table [head][token]: rows GQ..7 stay zero (columns not read back)
         const uint32_t pt = smem_s + vd + (uint32_t)kPOff;
 #pragma unroll
-        for (int g = 0; g < GQ; ++g) r_sts_u16(pt + (uint32_t)(2 * (32 * g + lane)), pack2<T>(pv[g], 0.f));
+        for (int g = 0; g < GQ; ++g) r_sts_u16(pt + (uint32_t)(2 * (32 * g + lane)), pack2<VT>(pv[g], 0.f));
         __syncwarp();
         const uint32_t rd = pt + (uint32_t)(2 * (32 * (lane >> 2) + 2 * (lane & 3)));
 #pragma unroll
@@ -791,9 +858,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
 }
 
-template <typename T, int D, int GQ>
+template <typename T, int D, int GQ, bool F8 = false>
 int sdr_occ_one(int nwarps, int smem_bytes) {
-  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ>;  // about the resources of the specialised instantiations
+  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ, F8>;  // about the resources of the specialised instantiations
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int n = 0;
@@ -804,10 +871,10 @@ int sdr_occ_one(int nwarps, int smem_bytes) {
 // query-head slots of v6 for G query heads per KV head (1, 4 or 8; G <= 8)
 constexpr int v6_slots(int G) { return G == 1 ? 1 : G <= 4 ? 4 : 8; }
 
-// the instantiation for p: GQ query-head slots per KV head (1, 4 or 8), k compiled in (fixed_k and k_k = k_v = 38 or
+// the instantiation for p: GQ query-head slots per KV head (1, 4 or 8), e4m3 values (F8) or not, k compiled in (fixed_k and k_k = k_v = 38 or
 // 64 at D = 128: the paper's 70 % and 50 %), else the row layouts compiled in where common (MHA only:
 // 70 %: k/2 odd; 50 %: k % 8 == 0), else everything read at run time
-template <typename T, int GQ>
+template <typename T, int GQ, bool F8 = false>
 void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
   auto go = [&](auto kern) {
     if (smem_bytes > 48 * 1024)
@@ -816,44 +883,61 @@ void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,
     MF_CHECK_LAUNCH();
   };
   const bool pp = p.r_ldk == kRLdPair && p.r_ldv == kRLdPair, oo = p.r_ldk == kRLdOct && p.r_ldv == kRLdOct;
-  if (D == 64) {
-    if constexpr (GQ == 1) {
-      if (pp) return go(sd_rows_kernel<T, 64, kRLdPair, kRLdPair>);
-      if (oo) return go(sd_rows_kernel<T, 64, kRLdOct, kRLdOct>);
+  if constexpr (F8) {  // e4m3 values: k compiled in for 38 / 64 at D = 128, else the run-time instantiation
+    if (D == 64) return go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, true>);
+    if (fixed_k && p.kk == 38 && p.kv == 38) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair, 38, GQ, true>);
+    if (fixed_k && p.kk == 64 && p.kv == 64) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct, 64, GQ, true>);
+    return go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, true>);
+  } else {
+    if (D == 64) {
+      if constexpr (GQ == 1) {
+        if (pp) return go(sd_rows_kernel<T, 64, kRLdPair, kRLdPair>);
+        if (oo) return go(sd_rows_kernel<T, 64, kRLdOct, kRLdOct>);
+      }
+      return go(sd_rows_kernel<T, 64, -1, -1, 0, GQ>);
     }
-    return go(sd_rows_kernel<T, 64, -1, -1, 0, GQ>);
+    if (fixed_k && p.kk == 38 && p.kv == 38) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair, 38, GQ>);
+    if (fixed_k && p.kk == 64 && p.kv == 64) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct, 64, GQ>);
+    if constexpr (GQ == 1) {
+      if (pp) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair>);
+      if (oo) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct>);
+    }
+    go(sd_rows_kernel<T, 128, -1, -1, 0, GQ>);
   }
-  if (fixed_k && p.kk == 38 && p.kv == 38) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair, 38, GQ>);
-  if (fixed_k && p.kk == 64 && p.kv == 64) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct, 64, GQ>);
-  if constexpr (GQ == 1) {
-    if (pp) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair>);
-    if (oo) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct>);
-  }
-  go(sd_rows_kernel<T, 128, -1, -1, 0, GQ>);
 }
 
 template <typename T>
-int v6_blocks_per_sm(int D, int G, int nwarps, int smem_bytes);
+int v6_blocks_per_sm(int D, int G, bool f8, int nwarps, int smem_bytes);
 template <typename T>
-void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
+void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k,
+               bool f8);
+
+// occupancy and launch of v6 for one value type: query-head slots (1 / 4 / 8) and e4m3 values picked at run time
+template <typename T, int D, bool F8>
+int sdr_occ(int G, int nwarps, int smem_bytes) {
+  const int s = v6_slots(G);
+  return s == 1 ? sdr_occ_one<T, D, 1, F8>(nwarps, smem_bytes)
+         : s == 4 ? sdr_occ_one<T, D, 4, F8>(nwarps, smem_bytes) : sdr_occ_one<T, D, 8, F8>(nwarps, smem_bytes);
+}
+template <typename T, bool F8>
+void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
+  const int s = v6_slots(p.G);
+  if (s == 8) sdr_launch<T, 8, F8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);
+  else if (s == 4) sdr_launch<T, 4, F8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);
+  else sdr_launch<T, 1, F8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);
+}
 
 #define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int v6_blocks_per_sm<TYPE>(int D, int G, int nwarps, int smem_bytes) {                                   \
-    const int s = v6_slots(G);                                                                                 \
-    if (D == 64)                                                                                               \
-      return s == 1 ? sdr_occ_one<TYPE, 64, 1>(nwarps, smem_bytes)                                             \
-             : s == 4 ? sdr_occ_one<TYPE, 64, 4>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 64, 8>(nwarps, smem_bytes); \
-    return s == 1 ? sdr_occ_one<TYPE, 128, 1>(nwarps, smem_bytes)                                              \
-           : s == 4 ? sdr_occ_one<TYPE, 128, 4>(nwarps, smem_bytes) : sdr_occ_one<TYPE, 128, 8>(nwarps, smem_bytes); \
+  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, int nwarps, int smem_bytes) {                              \
+    if (f8) return D == 64 ? sdr_occ<TYPE, 64, true>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, true>(G, nwarps, smem_bytes); \
+    return D == 64 ? sdr_occ<TYPE, 64, false>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, false>(G, nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                            bool fixed_k) {                                                                    \
-    const int s = v6_slots(p.G);                                                                               \
-    if (s == 8) sdr_launch<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                          \
-    else if (s == 4) sdr_launch<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                     \
-    else sdr_launch<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                                 \
+                       bool fixed_k, bool f8) {                                                                \
+    if (f8) sdr_launch_slots<TYPE, true>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                     \
+    else sdr_launch_slots<TYPE, false>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
   }
 
 }  // namespace mustafar_cuda

@@ -90,12 +90,6 @@ __device__ __forceinline__ void v7_mma(float (&c)[4], const uint32_t (&a)[4], ui
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
-// two e4m3 bytes (low 16 bits of b) -> two fp16 (packed)
-__device__ __forceinline__ uint32_t v7_e4m3x2(uint32_t b) {
-  uint32_t r;
-  asm("{\n\t.reg .b16 t;\n\tcvt.u16.u32 t, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, t;\n\t}" : "=r"(r) : "r"(b));
-  return r;
-}
 template <typename T16>
 __device__ __forceinline__ float v7_u16f(uint32_t u) {
   if constexpr (std::is_same<T16, __half>::value) return __half2float(__ushort_as_half((unsigned short)u));
@@ -209,8 +203,8 @@ __device__ __forceinline__ void scatter_group(Walk<NW>& wk, const uint32_t (&r)[
       p1 = __funnelshift_r(r[2 * j + 1], r[2 * j + 2], s8);
     } else {
       const uint32_t a = __funnelshift_r(r[j], r[j + 1], s8);
-      p0 = v7_e4m3x2(a);
-      p1 = v7_e4m3x2(a >> 16);
+      p0 = e4m3x2_to_h2(a);
+      p1 = e4m3x2_to_h2(a >> 16);
     }
     if (4 * j + 4 <= n) {
       v7_sts16(wk.next(), p0);
@@ -237,7 +231,7 @@ __device__ __forceinline__ void scatter_generic(const uint32_t (&wd)[NW], const 
       const uint32_t wn = w & (w - 1u);
       uint32_t u;
       if constexpr (ES == 2) u = reinterpret_cast<const unsigned short*>(vrow)[j];
-      else u = v7_e4m3x2(vrow[j]) & 0xffffu;
+      else u = e4m3x2_to_h2(vrow[j]) & 0xffffu;
       v7_sts16(trow + 2u * (32u * i + v7_bfind(w ^ wn)), u);
       w = wn;
       ++j;

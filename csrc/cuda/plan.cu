@@ -43,7 +43,7 @@ void dispatch_half_float(at::ScalarType s, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------- per device
-using ConfigKey = std::array<int64_t, 7>;  // kernel, dtype, D, G, k_k, k_v, vec16
+using ConfigKey = std::array<int64_t, 8>;  // kernel, dtype, D, G, k_k, k_v, vec16, f8
 
 struct DeviceState {
   int num_sms = 0;
@@ -93,11 +93,12 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
   const int64_t isz = pr.dtype == at::kFloat ? 4 : 2;
   DecodeConfig c{};
   c.kernel = kernel;
-  c.GT = (G % 4 == 0) ? 4 : (G % 2 == 0) ? 2 : 1;
+  const bool v6 = kernel == DecodeKernel::kV6 || kernel == DecodeKernel::kV6g;
+  c.GT = v6 ? (int)G : (G % 4 == 0) ? 4 : (G % 2 == 0) ? 2 : 1;  // v6: every query head of a KV head in one CTA
   c.VM = kVmAny;
   c.nwarps = kWarps;
   c.per_sm = 1;
-  const bool v6 = kernel == DecodeKernel::kV6 || kernel == DecodeKernel::kV6g;
+  c.f8 = v6 && pr.f8;
   const bool v5 = kernel == DecodeKernel::kV5;
   if (v5) {
     if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && pr.vec16) c.VM = kVmOct;
@@ -109,9 +110,17 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
     p.r_ldv = v6_ld_mode(kv, p.r_lgv);
     p.off_vd = r16((D + 4) * 4 * v6_slots((int)G));  // q (fp32, 1 / 4 / 8 slots per channel, zeros at D), then the warps
     p.r_off_stk = r16((D + 1) * kRLine) + (G > 1 ? 8 * kRRows * 2 : 0);  // dense V tile (+ the P table for G > 1)
-    p.r_off_stv = p.r_off_stk + r16(kRRows * kk * 2);
-    p.r_bufstep = p.r_off_stv + r16(kRRows * kv * 2) - p.r_off_stk;  // K + V stage buffers of one tile
+    const int esz = c.f8 ? 1 : 2, slack = c.f8 ? 16 : 0;  // bytes per staged value; the e4m3 expansion's last
+                                                         // 32-bit word reads up to 3 bytes past the rows
+    p.r_off_stv = p.r_off_stk + r16(kRRows * kk * esz + slack);
+    p.r_bufstep = p.r_off_stv + r16(kRRows * kv * esz + slack) - p.r_off_stk;  // K + V stage buffers of one tile
     p.r_wbytes = p.r_off_stk + 2 * p.r_bufstep;  // two stage buffers per warp
+    p.r_off_xk = p.r_off_xv = 0;
+    if (c.f8) {  // one fp16 buffer per side for the expanded tile (+ 16: the expansion's last word)
+      p.r_off_xk = p.r_wbytes;
+      p.r_off_xv = p.r_off_xk + r16(kRRows * kk * 2 + 16);
+      p.r_wbytes = p.r_off_xv + r16(kRRows * kv * 2 + 16);
+    }
     // warps per CTA: the most resident warps per SM (shared memory bounds it), fewer warps on a tie
     int best = -1;
     for (int nw = kRMaxWarps; nw >= 4; --nw) {
@@ -120,7 +129,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       int n = 0;
       dispatch_half_float(pr.dtype, [&](auto tag) {
         using scalar = decltype(tag);
-        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, nw, sb);
+        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, c.f8, nw, sb);
       });
       if (n * nw > best) {
         best = n * nw;
@@ -204,7 +213,7 @@ DecodePlan plan_decode(const DecodeProblem& pr, DecodeKernel requested, int devi
   DeviceState& ds = device_state(device);
   DecodePlan plan{};
   {
-    const ConfigKey key{(int64_t)kernel, (int64_t)pr.dtype, pr.D, pr.G, pr.kk, pr.kv, pr.vec16 ? 1 : 0};
+    const ConfigKey key{(int64_t)kernel, (int64_t)pr.dtype, pr.D, pr.G, pr.kk, pr.kv, pr.vec16 ? 1 : 0, pr.f8 ? 1 : 0};
     std::unique_lock<std::mutex> g(ds.mu);
     auto it = ds.configs.find(key);
     if (it != ds.configs.end()) {
@@ -275,7 +284,7 @@ void launch_decode(const DecodePlan& plan, const SDParams& base, at::ScalarType 
     } else {
       if (v6) {
         V6Params p{sp, c.v6};
-        launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel != DecodeKernel::kV6g);
+        launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel != DecodeKernel::kV6g, c.f8);
       } else if (c.kernel == DecodeKernel::kV5) {
         V5Params p{sp, c.v5};
         launch_v5<scalar>(p, (int)D, c.GT, c.VM, c.smem_bytes, plan.grid, stream);

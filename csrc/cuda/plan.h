@@ -51,6 +51,7 @@ struct DecodeProblem {
   at::ScalarType dtype;
   int64_t B, Hkv, G, D, Tc, Tw, kk, kv;  // kk, kv: stored values per K / V row
   bool vec16;                            // K and V values bases 16-byte aligned
+  bool f8 = false;                       // both sides' values e4m3 (+ fp16 row scales): v6 only
 };
 
 // one kernel configuration on one device (independent of B, H_kv and T)
@@ -61,6 +62,7 @@ struct DecodeConfig {
   int nwarps;           // warps per CTA
   int per_sm;           // resident CTAs per SM
   int smem_bytes;       // dynamic shared memory per CTA
+  bool f8;              // v6: e4m3 values
   V4Layout v4;          // the chosen kernel's layout (the others are unused)
   V5Layout v5;
   V6Layout v6;

@@ -105,10 +105,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   const bool want_v7 =
       named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || len_v7 || D == 256 || odd_g || kAutoV7));
   const bool use_v7 = want_v7 && dt != at::kFloat;
-  MF_CHECK_VALUE(use_v7 || (!K8 && !V8 && (!has_len || named_v6 || (requested == DecodeKernel::kAuto && v6_serves_len))), op,
-                 "kernel=", kernel, " with dtype ", dt,
-                 ": fp8 values need kernel 'auto', 'v7' or 'v7g', device lengths 'auto', 'v7', 'v7g', 'v6' or 'v6g', "
-                 "and both a float16 / bfloat16 model");
+  // e4m3 values run on v7 ("auto"), or on v6 by name when both sides are e4m3 (not yet timed, so not in "auto")
+  const bool v6_f8 = named_v6 && K8 && V8;
+  MF_CHECK_VALUE(use_v7 || ((v6_f8 || (!K8 && !V8)) &&
+                            (!has_len || named_v6 || (requested == DecodeKernel::kAuto && v6_serves_len))), op,
+                 "kernel=", kernel, " with dtype ", dt, K8 ? " and e4m3 K values" : "", V8 ? " and e4m3 V values" : "",
+                 ": fp8 values need kernel 'auto', 'v7' or 'v7g' (or 'v6' / 'v6g' with e4m3 on both sides), device "
+                 "lengths 'auto', 'v7', 'v7g', 'v6' or 'v6g', and both a float16 / bfloat16 model");
   c10::cuda::CUDAGuard guard(q_in.device());
 
   at::Tensor ks;
@@ -147,20 +150,23 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   if (B == 0 || Hq == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
 
+  at::Tensor k_sc, v_sc;  // fp16 row scales of e4m3 values, rows contiguous
+  if (K8) {
+    k_sc = *k_scale_in;
+    MF_CHECK_VALUE(k_sc.scalar_type() == at::kHalf && k_sc.dim() == 3 && k_sc.size(0) == B && k_sc.size(1) == Hkv &&
+                       k_sc.size(2) == Tc, op, "k_scale must be float16 [B, H_kv, T_c], got ", k_sc.sizes());
+    check_cuda_tensor(k_sc, "k_scale");
+    if (k_sc.stride(2) != 1) k_sc = k_sc.contiguous();
+  }
+  if (V8) {
+    v_sc = *v_scale_in;
+    MF_CHECK_VALUE(v_sc.scalar_type() == at::kHalf && v_sc.dim() == 3 && v_sc.size(0) == B && v_sc.size(1) == Hkv &&
+                       v_sc.size(2) == Tc, op, "v_scale must be float16 [B, H_kv, T_c], got ", v_sc.sizes());
+    check_cuda_tensor(v_sc, "v_scale");
+    if (v_sc.stride(2) != 1) v_sc = v_sc.contiguous();
+  }
+
   if (use_v7) {
-    at::Tensor k_sc, v_sc;
-    if (K8) {
-      k_sc = *k_scale_in;
-      MF_CHECK_VALUE(k_sc.scalar_type() == at::kHalf && k_sc.dim() == 3 && k_sc.size(0) == B && k_sc.size(1) == Hkv &&
-                         k_sc.size(2) == Tc, op, "k_scale must be float16 [B, H_kv, T_c], got ", k_sc.sizes());
-      if (k_sc.stride(2) != 1) k_sc = k_sc.contiguous();
-    }
-    if (V8) {
-      v_sc = *v_scale_in;
-      MF_CHECK_VALUE(v_sc.scalar_type() == at::kHalf && v_sc.dim() == 3 && v_sc.size(0) == B && v_sc.size(1) == Hkv &&
-                         v_sc.size(2) == Tc, op, "v_scale must be float16 [B, H_kv, T_c], got ", v_sc.sizes());
-      if (v_sc.stride(2) != 1) v_sc = v_sc.contiguous();
-    }
     kvals = with_slack(kvals);
     vvals = with_slack(vvals);
     const int KC = (kernel != "v7g" && !K8 && !V8 && kk == kv && v7::compiled_k((int)D, (int)kk)) ? (int)kk : 0;
@@ -202,13 +208,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
 
   MF_CHECK_VALUE(D == 64 || D == 128, op, "kernel=", kernel, ": head_dim D=", D, " needs kernel 'auto' / 'v7' (64, 128 here)");
   const int64_t T = Tc + Tw;
-  const int64_t isz = q.element_size();
   auto al16 = [&](const at::Tensor& t) {
+    const int64_t isz = t.element_size();
     return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) && ((t.stride(0) * isz) % 16 == 0 || t.size(0) <= 1) &&
            ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
   };
   const bool vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals));
-  const DecodeProblem pr{dt, B, Hkv, G, D, Tc, Tw, kk, kv, vec16};
+  const DecodeProblem pr{dt, B, Hkv, G, D, Tc, Tw, kk, kv, vec16, v6_f8};
   // device lengths reach here only for v6 (v6_serves_len or named); "auto" must not resolve them to v5 / v4
   const DecodeKernel req = (has_len && requested == DecodeKernel::kAuto) ? DecodeKernel::kV6 : requested;
   resolve_decode_kernel(pr, req, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
@@ -255,6 +261,11 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   p.vwin_sb = vw.stride(0);
   p.vwin_sh = vw.stride(1);
   p.vwin_st = vw.stride(2);
+  if (v6_f8) {
+    p.kscale = reinterpret_cast<const __half*>(k_sc.data_ptr());
+    p.vscale = reinterpret_cast<const __half*>(v_sc.data_ptr());
+    p.ksc_sb = k_sc.stride(0); p.ksc_sh = k_sc.stride(1); p.vsc_sb = v_sc.stride(0); p.vsc_sh = v_sc.stride(1);
+  }
   p.vec16 = vec16 ? 1 : 0;
   p.qscale = (float)(scale * 1.4426950408889634);
   launch_decode(plan, p, dt, D, out.data_ptr(), B * Hq, stream, pdl);

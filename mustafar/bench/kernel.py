@@ -24,7 +24,8 @@ and per sparsity:
 * ``fused_packed_ms`` (only where T is not a multiple of 8): the same ``"auto"`` call on the encoder's packed
   output (rows of consecutive heads back to back, so slices are not 16-byte aligned for an odd row width): what
   a caller of the op who hands it such tensors gets (v4-v6 stage them with element copies);
-* ``fused_fp8_ms``: the same op with e4m3 stored values (+ a float16 scale per row) on both sides;
+* ``fused_fp8_ms``: the same op with e4m3 stored values (+ a float16 scale per row) on both sides, and
+  ``fused_fp8_<kernel>_ms`` for each kernel of :data:`FP8_KERNELS` by name;
 * ``unfused_ms``: ``decode_bitmap`` of K and V, then the same SDPA;
 * ``compress_256_ms``: ``prune_encode_topk`` of 256 new K and V tokens (the cache's chunk compression),
   reported against one fused decode step (``compress_256_over_step``).
@@ -57,12 +58,14 @@ import torch
 
 from mustafar.bench.common import command_line, default_out, gpu_bench_ms, gpu_slug, require_cuda, time_ms, write_results
 
-__all__ = ["KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "cache_layout", "copy_bandwidth",
+__all__ = ["KERNELS", "FP8_KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES", "Heads", "cache_layout", "copy_bandwidth",
            "format_read_bytes",
            "grid", "run", "summary", "main"]
 
 #: the CUDA decode kernels ``mustafar.ops.sparse_decode(kernel=...)`` can be asked for, timed side by side
 KERNELS = ("v7", "v7g", "v6", "v6g", "v5", "v4")
+#: the kernels that read e4m3 values, timed side by side on them (``fused_fp8_<kernel>_ms``)
+FP8_KERNELS = ("v7", "v6")
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,13 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["fused_ms"] = timer(fused)
             row["rel_err_fused_fp8"] = _rel(fused(fp8=True), ref8)
             row["fused_fp8_ms"] = timer(lambda: fused(fp8=True))
+            for kern in (FP8_KERNELS if device == "cuda" else ()):
+                try:
+                    row[f"rel_err_fused_fp8_{kern}"] = _rel(fused(kernel=kern, fp8=True), ref8)
+                except ValueError:  # the kernel does not serve this configuration
+                    row[f"fused_fp8_{kern}_ms"] = row[f"rel_err_fused_fp8_{kern}"] = None
+                    continue
+                row[f"fused_fp8_{kern}_ms"] = timer(lambda kern=kern: fused(kernel=kern, fp8=True))
             for kern in (KERNELS if device == "cuda" else ()):
                 try:
                     row[f"rel_err_{kern}"] = _rel(fused(kernel=kern), ref16)
@@ -263,8 +273,9 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["fused_floor_ms"] = row["fused_bytes"] / bw * 1e3
             row["fp8_store_ratio"] = format_bytes(d, s, torch.float16, torch.float8_e4m3fn) / (2 * d)  # vs fp16 dense
             row["speedup_fp8_proxy"] = t_dense / t_proxy
-            for name in ["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in KERNELS] + (
-                    ["fused_packed"] if "fused_packed_ms" in row else []):
+            for name in (["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in KERNELS]
+                         + [f"fused_fp8_{x}" for x in FP8_KERNELS if f"fused_fp8_{x}_ms" in row]
+                         + (["fused_packed"] if "fused_packed_ms" in row else [])):
                 ms = row.get(f"{name}_ms")
                 row[f"speedup_{name}"] = t_dense / ms if ms else None
                 row[f"{name}_over_fp8_proxy"] = t_proxy / ms if ms else None
@@ -275,7 +286,9 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             per = " ".join(f"{x} {row[f'speedup_fused_{x}']:.2f}x" for x in KERNELS if row.get(f"speedup_fused_{x}"))
             log(f"{h.name} {h.dtype} B={b} T={t} s={s:.1f}: dense {t_dense:.4f} ms, fp8 proxy {t_proxy:.4f} ms; "
                 f"auto {row['fused_ms']:.4f} ms ({row['speedup_fused']:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw) "
-                f"[{per}] fp8 {row['speedup_fused_fp8']:.2f}x ({row['fused_fp8_over_fp8_proxy']:.2f}x proxy) "
+                f"[{per}] fp8 {row['speedup_fused_fp8']:.2f}x ({row['fused_fp8_over_fp8_proxy']:.2f}x proxy"
+                + "".join(f", {x} {row[f'fused_fp8_{x}_over_fp8_proxy']:.2f}x" for x in FP8_KERNELS
+                          if row.get(f"fused_fp8_{x}_over_fp8_proxy")) + ") "
                 f"unfused {row['speedup_unfused']:.2f}x; rel err {row['rel_err_fused']:.1e} / fp8 "
                 f"{row['rel_err_fused_fp8']:.1e}")
             del kb, kv, vb, vv, k8, ks, v8, vs
