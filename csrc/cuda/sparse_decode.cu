@@ -150,21 +150,15 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   if (B == 0 || Hq == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor k_sc, v_sc;  // fp16 row scales of e4m3 values, rows contiguous
-  if (K8) {
-    k_sc = *k_scale_in;
-    MF_CHECK_VALUE(k_sc.scalar_type() == at::kHalf && k_sc.dim() == 3 && k_sc.size(0) == B && k_sc.size(1) == Hkv &&
-                       k_sc.size(2) == Tc, op, "k_scale must be float16 [B, H_kv, T_c], got ", k_sc.sizes());
-    check_cuda_tensor(k_sc, "k_scale");
-    if (k_sc.stride(2) != 1) k_sc = k_sc.contiguous();
-  }
-  if (V8) {
-    v_sc = *v_scale_in;
-    MF_CHECK_VALUE(v_sc.scalar_type() == at::kHalf && v_sc.dim() == 3 && v_sc.size(0) == B && v_sc.size(1) == Hkv &&
-                       v_sc.size(2) == Tc, op, "v_scale must be float16 [B, H_kv, T_c], got ", v_sc.sizes());
-    check_cuda_tensor(v_sc, "v_scale");
-    if (v_sc.stride(2) != 1) v_sc = v_sc.contiguous();
-  }
+  // fp16 row scales of e4m3 values [B, H_kv, T_c], rows contiguous
+  auto row_scales = [&](const at::Tensor& t, const char* name) {
+    MF_CHECK_VALUE(t.scalar_type() == at::kHalf && t.dim() == 3 && t.size(0) == B && t.size(1) == Hkv &&
+                       t.size(2) == Tc, op, name, " must be float16 [B, H_kv, T_c], got ", t.sizes());
+    check_cuda_tensor(t, name);
+    return t.stride(2) == 1 ? t : t.contiguous();
+  };
+  const at::Tensor k_sc = K8 ? row_scales(*k_scale_in, "k_scale") : at::Tensor();
+  const at::Tensor v_sc = V8 ? row_scales(*v_scale_in, "v_scale") : at::Tensor();
 
   if (use_v7) {
     kvals = with_slack(kvals);
