@@ -13,8 +13,8 @@ reading it once). The compiled StaticCache baseline of
 the benchmarks (``mustafar.bench.common.make_cache("static", ...)``) runs this function instead, so that
 MustafarCache is compared with a dense decode that reads each K / V row once, as a user who knows this would set it up:
 the G query heads of a KV head become G query rows of one sdpa call over that KV head (``[B, H_kv, G, D]``), the
-``[B, 1, 1, T]`` mask broadcast over them. Prefill (several query tokens), MHA (G = 1) and masks with a head dimension
-go to transformers' ``sdpa_attention_forward`` unchanged.
+``[B, 1, 1, T]`` mask broadcast over them. Prefill (several query tokens), MHA (G = 1), masks with a head dimension,
+logit softcapping and attention sinks go to transformers' ``sdpa_attention_forward`` unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def packed_gqa_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     b, h_q, q_len, d = query.shape
     h_kv = key.shape[1]
     packable = (q_len == 1 and h_q != h_kv and h_q % h_kv == 0 and kwargs.get("softcap") is None
+                and kwargs.get("s_aux") is None  # attention sinks: not an sdpa feature, leave them to transformers
                 and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)))
     if not packable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
