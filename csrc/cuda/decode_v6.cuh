@@ -911,8 +911,14 @@ int v6_blocks_per_sm(int D, int G, bool f8, int nwarps, int smem_bytes);
 template <typename T>
 void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k,
                bool f8);
+// the e4m3-valued instantiations, in translation units of their own (decode_v6_f8_*.cu) so that ninja builds
+// them in parallel with the 16-bit ones
+template <typename T>
+int v6_blocks_per_sm_f8(int D, int G, int nwarps, int smem_bytes);
+template <typename T>
+void launch_v6_f8(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
-// occupancy and launch of v6 for one value type: query-head slots (1 / 4 / 8) and e4m3 values picked at run time
+// occupancy and launch of v6 for one value type and query-head slots (1 / 4 / 8) picked at run time
 template <typename T, int D, bool F8>
 int sdr_occ(int G, int nwarps, int smem_bytes) {
   const int s = v6_slots(G);
@@ -927,17 +933,30 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
   else sdr_launch<T, 1, F8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);
 }
 
+// 16-bit values (and the entry points, which hand e4m3 values to launch_v6_f8)
 #define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
   int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, int nwarps, int smem_bytes) {                              \
-    if (f8) return D == 64 ? sdr_occ<TYPE, 64, true>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, true>(G, nwarps, smem_bytes); \
+    if (f8) return v6_blocks_per_sm_f8<TYPE>(D, G, nwarps, smem_bytes);                                        \
     return D == 64 ? sdr_occ<TYPE, 64, false>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, false>(G, nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
                        bool fixed_k, bool f8) {                                                                \
-    if (f8) sdr_launch_slots<TYPE, true>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                     \
+    if (f8) launch_v6_f8<TYPE>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                               \
     else sdr_launch_slots<TYPE, false>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
+  }
+
+// e4m3 values on both sides
+#define MUSTAFAR_DEFINE_V6_F8_LAUNCHER(TYPE)                                                                    \
+  template <>                                                                                                  \
+  int v6_blocks_per_sm_f8<TYPE>(int D, int G, int nwarps, int smem_bytes) {                                    \
+    return D == 64 ? sdr_occ<TYPE, 64, true>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, true>(G, nwarps, smem_bytes); \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  void launch_v6_f8<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
+                          bool fixed_k) {                                                                      \
+    sdr_launch_slots<TYPE, true>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                             \
   }
 
 }  // namespace mustafar_cuda

@@ -1,0 +1,6 @@
+// v6 fused sparse decode with e4m3 values, instantiated for __half models (decode_v6.cuh)
+#include "decode_v6.cuh"
+
+namespace mustafar_cuda {
+MUSTAFAR_DEFINE_V6_F8_LAUNCHER(__half)
+}  // namespace mustafar_cuda
