@@ -185,9 +185,10 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
 
 DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, const char* op) {
   const bool half_type = pr.dtype != at::kFloat;
-  const bool v6_ok = half_type && pr.G <= 8 && pr.kk <= kRKMax && pr.kv <= kRKMax;
+  const bool v6_ok = v6_serves(pr.dtype, pr.G, pr.D, pr.kk, pr.kv);
   switch (req) {
     case DecodeKernel::kAuto:
+      if (pr.lengths) return DecodeKernel::kV6;  // sparse_decode.cu sends device lengths here only where v6 serves
       if (half_type && pr.D == 64 && pr.G == 1 && std::max(pr.kk, pr.kv) <= kV5MaxKD64) return DecodeKernel::kV5;
       if (v6_ok && (pr.G == 1 || pr.G == 4)) return DecodeKernel::kV6;  // other G: timed by name first (plan.h)
       return (half_type && pr.G >= 2) ? DecodeKernel::kV5 : DecodeKernel::kV4;

@@ -52,7 +52,14 @@ struct DecodeProblem {
   int64_t B, Hkv, G, D, Tc, Tw, kk, kv;  // kk, kv: stored values per K / V row
   bool vec16;                            // K and V values bases 16-byte aligned
   bool f8 = false;                       // both sides' values e4m3 (+ fp16 row scales): v6 only
+  bool lengths = false;                  // device-side lengths: "auto" resolves to v6 (the caller checked v6_serves)
 };
+
+// Whether v6 serves a call: fp16 / bf16 model, at most 8 query heads per KV head, at most kRKMax stored values per
+// row, D 64 / 128 (values 16-bit, or e4m3 on both sides)
+inline bool v6_serves(at::ScalarType dtype, int64_t G, int64_t D, int64_t kk, int64_t kv) {
+  return dtype != at::kFloat && G <= 8 && (D == 64 || D == 128) && kk <= kRKMax && kv <= kRKMax;
+}
 
 // one kernel configuration on one device (independent of B, H_kv and T)
 struct DecodeConfig {

@@ -98,8 +98,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   // Device lengths (the compileable cache) run on v6 where it serves them (kAutoLengthsV6, plan.h: 16-bit values,
   // G in {1, 4}, k <= 64, D 64 / 128) or when it is named ("v6" / "v6g"), on v7 otherwise.
   const bool odd_g = G > 1 && G % 2 == 1;
-  const bool v6_serves_len = kAutoLengthsV6 && dt != at::kFloat && (G == 1 || G == 4) && kk <= kRKMax &&
-                             kv <= kRKMax && D != 256;
+  const bool v6_serves_len = kAutoLengthsV6 && (G == 1 || G == 4) && v6_serves(dt, G, D, kk, kv);
   const bool named_v6 = requested == DecodeKernel::kV6 || requested == DecodeKernel::kV6g;
   const bool len_v7 = has_len && !v6_serves_len;
   const bool want_v7 =
@@ -208,15 +207,13 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
            ((t.stride(1) * isz) % 16 == 0 || t.size(1) <= 1);
   };
   const bool vec16 = (kvals.numel() == 0 || al16(kvals)) && (vvals.numel() == 0 || al16(vvals));
-  const DecodeProblem pr{dt, B, Hkv, G, D, Tc, Tw, kk, kv, vec16, v6_f8};
-  // device lengths reach here only for v6 (v6_serves_len or named); "auto" must not resolve them to v5 / v4
-  const DecodeKernel req = (has_len && requested == DecodeKernel::kAuto) ? DecodeKernel::kV6 : requested;
-  resolve_decode_kernel(pr, req, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
+  const DecodeProblem pr{dt, B, Hkv, G, D, Tc, Tw, kk, kv, vec16, v6_f8, has_len};
+  resolve_decode_kernel(pr, requested, op);  // a named kernel that cannot serve the problem raises, T = 0 or not
   if (T == 0) {
     out.zero_();
     return out;
   }
-  const DecodePlan plan = plan_decode(pr, req, q.device().index(), op);
+  const DecodePlan plan = plan_decode(pr, requested, q.device().index(), op);
   const int NP = plan.NP;
   at::Tensor ws_o = poison ? at::full({B, Hq, NP, D}, std::numeric_limits<float>::quiet_NaN(), q.options().dtype(at::kFloat))
                            : at::empty({B, Hq, NP, D}, q.options().dtype(at::kFloat));
