@@ -242,21 +242,17 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["fused_ms"] = timer(fused)
             row["rel_err_fused_fp8"] = _rel(fused(fp8=True), ref8)
             row["fused_fp8_ms"] = timer(lambda: fused(fp8=True))
-            for kern in (FP8_KERNELS if device == "cuda" else ()):
-                try:
-                    row[f"rel_err_fused_fp8_{kern}"] = _rel(fused(kernel=kern, fp8=True), ref8)
-                except ValueError:  # the kernel does not serve this configuration
-                    row[f"fused_fp8_{kern}_ms"] = row[f"rel_err_fused_fp8_{kern}"] = None
-                    continue
-                row[f"fused_fp8_{kern}_ms"] = timer(lambda kern=kern: fused(kernel=kern, fp8=True))
-            for kern in (KERNELS if device == "cuda" else ()):
-                try:
-                    row[f"rel_err_{kern}"] = _rel(fused(kernel=kern), ref16)
-                except ValueError:  # the kernel does not serve this configuration
-                    row[f"fused_{kern}_ms"] = row[f"rel_err_{kern}"] = None
-                    continue
-                row[f"fused_{kern}_ms"] = timer(lambda kern=kern: fused(kernel=kern))
-            if kv_p.data_ptr() != kv.data_ptr():  # T % 8 != 0: the op on packed rows too (slices not 16-byte aligned)
+            # every CUDA kernel by name (16-bit values: KERNELS; e4m3 values: FP8_KERNELS), where it serves the call
+            for kerns, fp8 in ((KERNELS, False), (FP8_KERNELS, True)):
+                for kern in (kerns if device == "cuda" else ()):
+                    name = ("fp8_" if fp8 else "") + kern
+                    try:
+                        row[f"rel_err_{name}"] = _rel(fused(kernel=kern, fp8=fp8), ref8 if fp8 else ref16)
+                    except ValueError:  # the kernel does not serve this configuration
+                        row[f"fused_{name}_ms"] = row[f"rel_err_{name}"] = None
+                        continue
+                    row[f"fused_{name}_ms"] = timer(lambda kern=kern, fp8=fp8: fused(kernel=kern, fp8=fp8))
+            if t % 8:  # the op on the encoder's packed rows too (cache_layout copied them; slices not 16-byte aligned)
                 packed = dict(kb=kb_p, kv=kv_p, vb=vb_p, vv=vv_p)
                 row["rel_err_fused_packed"] = _rel(fused(**packed), ref16)
                 row["fused_packed_ms"] = timer(lambda: fused(**packed))
