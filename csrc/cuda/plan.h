@@ -42,6 +42,12 @@ constexpr bool kAutoV7 = false;
 // few instructions per CTA outside the tiles' walk.
 constexpr bool kAutoLengthsV6 = true;
 
+// Whether "auto" runs v6 for every G <= 8 (G = 2, 3 in four query-head slots, 5-7 in eight), with host or device
+// lengths, instead of only G in {1, 4}; and whether it runs v6 for e4m3 values on both sides instead of v7. Both are
+// the untimed candidates of docs/kernel_notes.md (session 11): off until the kernel grid has timed them.
+constexpr bool kAutoV6AnyG = false;
+constexpr bool kAutoV6F8 = false;
+
 // "auto", "v4", "v5", "v6", "v6g"; anything else raises ValueError naming it
 DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
 const char* decode_kernel_name(DecodeKernel k);
@@ -60,6 +66,9 @@ struct DecodeProblem {
 inline bool v6_serves(at::ScalarType dtype, int64_t G, int64_t D, int64_t kk, int64_t kv) {
   return dtype != at::kFloat && G <= 8 && (D == 64 || D == 128) && kk <= kRKMax && kv <= kRKMax;
 }
+
+// Whether "auto" runs v6 for G query heads per KV head (the rest of v6_serves holding)
+constexpr bool v6_auto_g(int64_t G) { return G == 1 || G == 4 || (kAutoV6AnyG && G <= 8); }
 
 // one kernel configuration on one device (independent of B, H_kv and T)
 struct DecodeConfig {

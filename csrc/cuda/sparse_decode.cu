@@ -97,15 +97,19 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   // the rule of plan.cu (v6 / v5 / v4)
   // Device lengths (the compileable cache) run on v6 where it serves them (kAutoLengthsV6, plan.h: 16-bit values,
   // G in {1, 4}, k <= 64, D 64 / 128) or when it is named ("v6" / "v6g"), on v7 otherwise.
-  const bool odd_g = G > 1 && G % 2 == 1;
-  const bool v6_serves_len = kAutoLengthsV6 && (G == 1 || G == 4) && v6_serves(dt, G, D, kk, kv);
+  // With kAutoV6AnyG / kAutoV6F8 (plan.h) "auto" keeps every G <= 8, and e4m3 values on both sides, on v6 where v6
+  // serves them.
+  const bool v6_any = v6_serves(dt, G, D, kk, kv) && v6_auto_g(G);
+  const bool odd_g = G > 1 && G % 2 == 1 && !v6_any;
+  const bool v6_serves_len = kAutoLengthsV6 && v6_any;
+  const bool auto_v6_f8 = requested == DecodeKernel::kAuto && kAutoV6F8 && K8 && V8 && v6_any;
   const bool named_v6 = requested == DecodeKernel::kV6 || requested == DecodeKernel::kV6g;
   const bool len_v7 = has_len && !v6_serves_len;
-  const bool want_v7 =
-      named_v7 || (requested == DecodeKernel::kAuto && (K8 || V8 || len_v7 || D == 256 || odd_g || kAutoV7));
+  const bool want_v7 = named_v7 || (requested == DecodeKernel::kAuto && !auto_v6_f8 &&
+                                    (K8 || V8 || len_v7 || D == 256 || odd_g || kAutoV7));
   const bool use_v7 = want_v7 && dt != at::kFloat;
-  // e4m3 values run on v7 ("auto"), or on v6 by name when both sides are e4m3 (not yet timed, so not in "auto")
-  const bool v6_f8 = named_v6 && K8 && V8;
+  // e4m3 values run on v7 ("auto"), or on v6 when both sides are e4m3: by name, or "auto" with kAutoV6F8
+  const bool v6_f8 = (named_v6 || auto_v6_f8) && K8 && V8;
   MF_CHECK_VALUE(use_v7 || ((v6_f8 || (!K8 && !V8)) &&
                             (!has_len || named_v6 || (requested == DecodeKernel::kAuto && v6_serves_len))), op,
                  "kernel=", kernel, " with dtype ", dt, K8 ? " and e4m3 K values" : "", V8 ? " and e4m3 V values" : "",
