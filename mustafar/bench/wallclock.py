@@ -2,7 +2,7 @@
 
 ``python -m mustafar.bench wallclock [--models smollm2-135m] [--dtypes float32] [--device cpu]
 [--shapes 256:64] [--batches 1] [--sparsities 0.7] [--variants ...] [--reps 3] [--warmup 1]
-[--decode-kernel auto [v6 ...]] [--kv-budget-gib 40] [--budget-batches] [--resume] [--out PATH]``
+[--decode-kernel auto [v6 ...]] [--kv-budget-gib 40] [--budget-batches] [--deadline-s S] [--resume] [--out PATH]``
 
 What a user observes: greedy generation of exactly ``N`` new tokens after a ``P``-token prompt, timed
 with ``time.perf_counter`` around the whole call (``torch.cuda.synchronize`` before and after on a GPU),
@@ -40,7 +40,10 @@ which bounds the prefill's activation memory at the large batches of ``--budget-
 Protocol per cell (model, dtype, P:N, batch): every variant is called ``--warmup`` times, generating
 ``--warmup-tokens`` new tokens (default N; the first call is recorded as ``first_call_s``: it includes
 compilation / CUDA-graph capture), then ``--reps`` rounds in
-which every variant runs once, interleaved (so drift on a shared machine hits all alike). Reported:
+which every variant runs once, interleaved (so drift on a shared machine hits all alike). With ``--deadline-s`` (a device
+session's time limit) each cell gets an equal share of the time left and starts no round after its first that
+would end past it (judged by its longest round so far): ``reps`` records the rounds run, ``reps_asked`` the
+``--reps``; each round's decode tokens/s is also logged as it ends. Reported:
 medians of total, prefill and decode seconds; ``decode_tok_per_s = B * (N - 1) / decode_s`` (the first new
 token comes out of the prefill) and ``total_tok_per_s = B * N / total_s``; ratios of medians against the
 compiled StaticCache variants measured in the same cell (``vs_static_compiled``, ``vs_hf_static_compiled``,
@@ -209,8 +212,11 @@ def _graphs() -> int:
 
 
 def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIANTS, reps=3, warmup=1,
-             compile_mode=None, kernel="auto", seed=0, log=print, prefill_tokens=32768, warmup_tokens=None) -> dict:
-    """One (model, P:N, batch) cell of the benchmark (see the module doc); returns its result dict."""
+             compile_mode=None, kernel="auto", seed=0, log=print, prefill_tokens=32768, warmup_tokens=None,
+             deadline=None) -> dict:
+    """One (model, P:N, batch) cell of the benchmark (see the module doc); returns its result dict. ``deadline``
+    (a ``time.perf_counter`` value): after the first round, a round that would end past it (judged by the
+    longest round so far) is not started; the cell records the rounds it ran (``reps``)."""
     dev = next(model.parameters()).device
     if compile_mode is None:
         compile_mode = "reduce-overhead" if dev.type == "cuda" else "default"
@@ -245,7 +251,12 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
             free(dev)
     graphs0 = _graphs()
     peaks = {}
-    for _ in range(reps):
+    longest = 0.0
+    for rep in range(reps):
+        if rep > 0 and deadline is not None and time.perf_counter() + longest > deadline:
+            log(f"  rounds stopped after {rep} of {reps}: the next would end past the deadline")
+            break
+        t_round = time.perf_counter()
         for label in list(samples):
             mem_reset(dev)
             base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
@@ -260,10 +271,12 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
                 free(dev)
                 continue
             samples[label].append((pre, dec, tot))
+            log(f"  {label} round {rep + 1}: prefill {pre:.3f} s  decode {batch * (new - 1) / dec:.1f} tok/s")
             peaks[label] = mem_peak(dev, base)
             if cache is not None:
                 rows[label]["cache_gib"] = cache_nbytes(cache) / GIB
             del cache
+        longest = max(longest, time.perf_counter() - t_round)
     timing_graphs = _graphs() - graphs0
     ref = tokens.get("dynamic")
     for label, ss in samples.items():
@@ -293,7 +306,8 @@ def run_cell(model, name, batch, prompt, new, sparsities=(0.7,), variants=VARIAN
                if "vs_best_static_compiled" in row else ""))
     return {"model": name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
             "batch": batch, "prompt": prompt, "new_tokens": new, "compile_mode": compile_mode,
-            "decode_kernels": list(kernels), "reps": reps, "warmup": warmup, "best_static_compiled": best,
+            "decode_kernels": list(kernels), "reps": max((len(x) for x in samples.values()), default=0),
+            "reps_asked": reps, "warmup": warmup, "best_static_compiled": best,
             "prefill_chunk": chunk, "warmup_tokens": min(new, warmup_tokens or new),
             "graphs_compiled_during_timing": timing_graphs, "variants": rows}
 
@@ -360,10 +374,18 @@ def best_under_budget(cells: list, budget_gib: float) -> list:
     return out
 
 
+def share(deadline, cells_left: int):
+    """The deadline of the next of ``cells_left`` cells: an equal share of the time left before ``deadline``."""
+    if deadline is None:
+        return None
+    now = time.perf_counter()
+    return now + max(0.0, deadline - now) / max(1, cells_left)
+
+
 def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((256, 64),), batches=(1,),
         sparsities=(0.7,), variants=VARIANTS, reps=3, warmup=1, compile_mode=None, kernel="auto",
         kv_budget_gib=40.0, out=None, command=None, resume=False, budget_batches=False, prefill_tokens=32768,
-        warmup_tokens=None, log=print) -> dict:
+        warmup_tokens=None, deadline_s=None, log=print) -> dict:
     """Every cell of models x dtypes x shapes x batches, plus with ``budget_batches`` the largest batch of each
     cache kind under the budget (see the module doc); writes ``out`` after each cell."""
     import mustafar
@@ -377,6 +399,7 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
         res["cells"] = old.get("cells", [])
         done = {_key(c) for c in res["cells"]}
     prov = provenance(command)
+    deadline = None if deadline_s is None else time.perf_counter() + deadline_s
     for name in models:
         for dt in dtypes:
             model, _ = mustafar.load_model(name, dtype=getattr(torch, dt), device=device)
@@ -385,7 +408,7 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
             if budget_batches:
                 todo += [(p, n, b, g, vs, ss) for p, n in shapes
                          for g, vs, ss, b in budget_groups(model, variants, sparsities, p + n, kv_budget_gib * GIB)]
-            for p, n, b, group, vs, ss in todo:
+            for i, (p, n, b, group, vs, ss) in enumerate(todo):
                 what = f"{name} {dt} P={p} N={n} B={b}" + (f" (largest batch under the budget: {group})" if group
                                                             else "")
                 if (name, dt, p, n, b, group) in done:
@@ -398,7 +421,8 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
                     continue
                 log(f"{what} on {device}:")
                 cell = run_cell(model, name, b, p, n, ss, vs, reps, warmup, compile_mode, kernel, log=log,
-                                prefill_tokens=prefill_tokens, warmup_tokens=warmup_tokens)
+                                prefill_tokens=prefill_tokens, warmup_tokens=warmup_tokens,
+                                deadline=share(deadline, len(todo) - i))
                 cell["dense_kv_gib"] = kv / GIB
                 if group is not None:
                     cell["budget_group"] = group
@@ -463,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-tokens", type=int, default=32768,
                     help="at most this many tokens (batch x piece) per prefill forward: longer prompts are prefilled in "
                          "pieces (mustafar.generate's prefill_chunk; not hf-static-compiled, which is model.generate)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="time for the whole run, in seconds from its start: each cell gets an equal share of what is "
+                         "left and starts no timed round (after its first) that would end past its share; a cell "
+                         "records the rounds it ran (reps; reps_asked = --reps)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out and skip them")
     ap.add_argument("--out", default=None, help="output JSON (default results/generate_compile_cpu.json on CPU, "
@@ -478,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--warmup-tokens must be >= 2, got {args.warmup_tokens}")
     if args.prefill_tokens < 1:
         ap.error(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
+    if args.deadline_s is not None and not args.deadline_s > 0:
+        ap.error(f"--deadline-s must be > 0, got {args.deadline_s}")
     if not args.kv_budget_gib > 0:
         ap.error(f"--kv-budget-gib must be > 0, got {args.kv_budget_gib}")
     set_threads(args.threads)
@@ -490,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
               sparsities=args.sparsities, variants=args.variants, reps=args.reps, warmup=args.warmup,
               compile_mode=args.compile_mode, kernel=args.decode_kernel, kv_budget_gib=args.kv_budget_gib, out=out,
               command=command_line("wallclock", argv), resume=args.resume, budget_batches=args.budget_batches,
-              prefill_tokens=args.prefill_tokens, warmup_tokens=args.warmup_tokens)
+              prefill_tokens=args.prefill_tokens, warmup_tokens=args.warmup_tokens, deadline_s=args.deadline_s)
     if cuda:
         with sdpa_backends():
             run(**kw)

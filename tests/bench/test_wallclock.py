@@ -128,3 +128,23 @@ def test_run_cell_several_decode_kernels_side_by_side(tiny_llama):
     assert set(cell["variants"]) == {"mustafar@0.7", "mustafar@0.7[v6]"}
     assert cell["variants"]["mustafar@0.7[v6]"]["decode_kernel"] == "v6"
     assert cell["decode_kernels"] == ["auto", "v6"]
+
+
+def test_run_cell_deadline_stops_rounds(tiny_llama):
+    """A deadline already past: the cell runs its first round only and records reps=1 of reps_asked=3; without a
+    deadline all three rounds run. share() splits the time left equally over the cells left."""
+    import time
+
+    from mustafar.bench.wallclock import run_cell, share
+
+    model, _ = tiny_llama
+    kw = dict(sparsities=[0.7], variants=["dynamic"], reps=3, log=lambda *a: None)
+    cut = run_cell(model, "tiny-llama", 1, 24, 4, deadline=time.perf_counter() - 1.0, **kw)
+    assert cut["reps"] == 1 and cut["reps_asked"] == 3
+    assert cut["variants"]["dynamic"]["reps"] == 1
+    full = run_cell(model, "tiny-llama", 1, 24, 4, **kw)
+    assert full["reps"] == 3 and full["variants"]["dynamic"]["reps"] == 3
+    assert share(None, 2) is None
+    now = time.perf_counter()
+    assert share(now + 100.0, 4) - now == pytest.approx(25.0, abs=1.0)
+    assert share(now - 5.0, 2) <= time.perf_counter()
