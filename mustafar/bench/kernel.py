@@ -1,7 +1,7 @@
 """Decode-attention kernel benchmark (issue #15): dense SDPA, an FP8 byte proxy, the unfused path and every
 stored format of ours, side by side in one run, over a grid that spans the classes the cache accepts.
 
-``python -m mustafar.bench kernel [--profile quick|full|targets] [--device cuda|cpu] [--out results/kernel_<gpu>.json]``
+``python -m mustafar.bench kernel [--profile quick|full|targets|short] [--device cuda|cpu] [--out results/kernel_<gpu>.json]``
 (also ``python -m mustafar.bench.kernel``).
 
 Grid (:data:`HEADS` x :data:`SPARSITIES` x :data:`POINTS`, ``--profile`` picks a subset, see
@@ -101,6 +101,9 @@ PROFILES = {
     "full": dict(heads=None, sparsities=SPARSITIES, points=POINTS),
     "quick": dict(heads=None, sparsities=(0.5, 0.7), points=((1, 32768), (3, 12345), (8, 16384), (32, 4096))),
     "targets": dict(heads=("MHA 32/32 D128", "G4 32/8 D128"), sparsities=(0.5, 0.7), points=((1, 32768), (8, 16384))),
+    # every geometry but MHA D64 at the two target points: a short device call that times a kernel change per G
+    "short": dict(heads=("MHA 32/32 D128", "G3 9/3 D64", "G4 32/8 D128", "G7 28/4 D128", "G8 32/4 D128"),
+                  sparsities=(0.5, 0.7), points=((1, 32768), (8, 16384))),
 }
 
 

@@ -23,6 +23,8 @@ def test_grid_spans_the_issue_classes():
     assert any(t & (t - 1) for _, t in pts) and any(b not in (1, 2, 4, 8, 16, 32, 64, 128) for b, _ in pts)
     q_hs, q_sps, q_pts = kernel.grid("quick")
     assert set(q_pts) <= set(pts) and set(q_sps) <= set(sps) and q_hs == hs
+    s_hs, _, s_pts = kernel.grid("short")  # every G at the two target points, names that exist
+    assert {h.group for h in s_hs} == {1, 3, 4, 7, 8} and set(s_pts) <= set(pts)
     with pytest.raises(ValueError, match="profile='nope'"):
         kernel.grid("nope")
 
