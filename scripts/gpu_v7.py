@@ -4,8 +4,8 @@
 One device call: ``python3 scripts/gpu_v7.py --out $OUT`` (after ``python3 -m mustafar.ops.build``).
 Checks (fresh random inputs, outputs poisoned with NaN by MUSTAFAR_CUDA_POISON=1): every (dtype, D, G,
 sparsity, value format, lengths/ring, kv_start) case against a float64 reference built from the dense
-dequantized K/V, rel. error < 1e-2; "auto", v7g, and v6 where it serves (G 1 / 4, D 64 / 128, k <= 64, 16-bit
-values), with and without device lengths.
+dequantized K/V, rel. error < 1e-2; "auto" (v6 wherever v6 serves, else v7), v7, v7g, and v6 by name where it serves
+(G <= 8, D 64 / 128, k <= 64, 16-bit values or e4m3 on both sides), with and without device lengths.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def check(log):
             # v6 by name, with and without device lengths: G <= 8 (1, 4 or 8 query-head slots), D 64 / 128, k <= 64,
             # 16-bit values or e4m3 on both sides
             v6_ok = G <= 8 and D in (64, 128) and k <= 64 and k8 == v8
-            for kern in ("auto", "v7g") + (("v6",) if v6_ok else ()):
+            for kern in ("auto", "v7", "v7g") + (("v6",) if v6_ok else ()):
                 out = call(q, kb, kvl, vb, vvl, kw, vw, kvs, sc, ksc, vsc, lengths, kern)
                 torch.cuda.synchronize()
                 e = rel(out, ref) if ref.abs().sum() > 0 else out.double().abs().max().item()

@@ -188,10 +188,10 @@ DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, co
   const bool v6_ok = v6_serves(pr.dtype, pr.G, pr.D, pr.kk, pr.kv);
   switch (req) {
     case DecodeKernel::kAuto:
-      if (pr.lengths) return DecodeKernel::kV6;  // sparse_decode.cu sends device lengths here only where v6 serves
+      // sparse_decode.cu sends device lengths and e4m3 values here only where v6 serves them
+      if (pr.lengths || pr.f8) return DecodeKernel::kV6;
       if (half_type && pr.D == 64 && pr.G == 1 && std::max(pr.kk, pr.kv) <= kV5MaxKD64) return DecodeKernel::kV5;
-      if (pr.f8) return DecodeKernel::kV6;  // sparse_decode.cu sends e4m3 values here only where v6 serves (kAutoV6F8)
-      if (v6_ok && v6_auto_g(pr.G)) return DecodeKernel::kV6;  // other G: timed by name first (plan.h)
+      if (v6_ok) return DecodeKernel::kV6;
       return (half_type && pr.G >= 2) ? DecodeKernel::kV5 : DecodeKernel::kV4;
     case DecodeKernel::kV4:
       return req;

@@ -18,35 +18,19 @@
 
 namespace mustafar_cuda {
 
-// The decode kernels. kAuto (for the calls sparse_decode.cu does not send to v7: host lengths, 16-bit values,
-// D 64 / 128, an even G or G = 1): v5 for MHA at D = 64 with at most kV5MaxKD64 stored values per row, v6 for
-// fp16/bf16 with one or four query heads per KV head (MHA, or GQA with G = 4 as in Llama-3-8B) and at most 64
-// stored values per row, v5 for other fp16/bf16 GQA (G = 2, 6, 8), v4 otherwise (fp32, or k > 64). By name, v6
-// serves any G <= 8 (G = 2, 3 in four query-head slots, 5-7 in eight; not yet timed, so not yet in "auto");
-// results/kernel_h100.json times them side by side. kV6g: v6 with k read at run time everywhere (v6 has
-// instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128).
+// The decode kernels. kAuto (for the calls sparse_decode.cu does not send to v7): v6 wherever it serves
+// (v6_serves: fp16 / bf16 model, G <= 8 query heads per KV head in 1, 4 or 8 query-head slots, D 64 / 128, at most
+// 64 stored values per row; 16-bit values or e4m3 on both sides; host or device lengths), except v5 for MHA at
+// D = 64 with at most kV5MaxKD64 stored values per row, 16-bit values and host lengths; v5 for other fp16 / bf16
+// GQA (k > 64), v4 otherwise (fp32, or MHA with k > 64). kV6g: v6 with k read at run time everywhere (v6 has
+// instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128). The timings behind the rule:
+// results/kernel_h100.json (every G 1 / 3 / 4 / 7 / 8, session 11) and results/kernel_v6_candidates_h100.json
+// (v6 for every G and for e4m3 values, session 12); docs/kernel_notes.md.
 enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7 };
 
 // MHA at D = 64: v5 (a warp per row, per-value work) beat v6 at k = 19 (70 %) by 1.2-1.35x on all four timed
 // shapes and lost at k = 32 (50 %) on three of four (results/kernel_h100.json); the switch sits between them.
 constexpr int kV5MaxKD64 = 25;
-
-// Whether "auto" runs v7 (decode_v7.cuh) for every fp16 / bf16 call. v7 always serves what only it can (fp8
-// values, device-side lengths, D = 256, G not in {1, 4} fast); this switch moves the remaining calls to it once
-// it has been timed against v6 / v5 on the GPU (docs/kernel_notes.md).
-constexpr bool kAutoV7 = false;
-
-// Whether "auto" runs v6 for calls with device-side lengths (the compileable cache) where v6 serves them (fp16 /
-// bf16 values, G in {1, 4}, at most 64 stored values per row, D 64 / 128); v7 takes the rest. v6 was 2.6x faster
-// than v7 at MHA 70 % and 2.1x at G = 4 without lengths (results/kernel_h100.json); reading the lengths adds a
-// few instructions per CTA outside the tiles' walk.
-constexpr bool kAutoLengthsV6 = true;
-
-// Whether "auto" runs v6 for every G <= 8 (G = 2, 3 in four query-head slots, 5-7 in eight), with host or device
-// lengths, instead of only G in {1, 4}; and whether it runs v6 for e4m3 values on both sides instead of v7. Both are
-// the untimed candidates of docs/kernel_notes.md (session 11): off until the kernel grid has timed them.
-constexpr bool kAutoV6AnyG = false;
-constexpr bool kAutoV6F8 = false;
 
 // "auto", "v4", "v5", "v6", "v6g"; anything else raises ValueError naming it
 DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
@@ -58,7 +42,7 @@ struct DecodeProblem {
   int64_t B, Hkv, G, D, Tc, Tw, kk, kv;  // kk, kv: stored values per K / V row
   bool vec16;                            // K and V values bases 16-byte aligned
   bool f8 = false;                       // both sides' values e4m3 (+ fp16 row scales): v6 only
-  bool lengths = false;                  // device-side lengths: "auto" resolves to v6 (the caller checked v6_serves)
+  bool lengths = false;                  // device-side lengths: v6 only ("auto": the caller checked v6_serves)
 };
 
 // Whether v6 serves a call: fp16 / bf16 model, at most 8 query heads per KV head, at most kRKMax stored values per
@@ -66,9 +50,6 @@ struct DecodeProblem {
 inline bool v6_serves(at::ScalarType dtype, int64_t G, int64_t D, int64_t kk, int64_t kv) {
   return dtype != at::kFloat && G <= 8 && (D == 64 || D == 128) && kk <= kRKMax && kv <= kRKMax;
 }
-
-// Whether "auto" runs v6 for G query heads per KV head (the rest of v6_serves holding)
-constexpr bool v6_auto_g(int64_t G) { return G == 1 || G == 4 || (kAutoV6AnyG && G <= 8); }
 
 // one kernel configuration on one device (independent of B, H_kv and T)
 struct DecodeConfig {

@@ -91,27 +91,18 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   MF_CHECK_VALUE(Tc + Tw < (1LL << 30), op, "sequence too long: ", Tc + Tw);
   MF_CHECK_VALUE(K8 == (k_scale_in.has_value() && k_scale_in->defined()), op, "k_scale must be given iff k_values is float8_e4m3fn");
   MF_CHECK_VALUE(V8 == (v_scale_in.has_value() && v_scale_in->defined()), op, "v_scale must be given iff v_values is float8_e4m3fn");
-  // "auto": v7 wherever only it serves (fp8 values, device lengths outside v6's class, D = 256), for an odd number of query heads per
-  // KV head (G = 3, 5, 7: v5 walks such a row once per head; v7's tensor-core products take any G <= 8 at one cost:
-  // 1.7-3x v5 at G = 7 on every shape of results/kernel_h100.json) and where kAutoV7 (plan.h) says so; otherwise
-  // the rule of plan.cu (v6 / v5 / v4)
-  // Device lengths (the compileable cache) run on v6 where it serves them (kAutoLengthsV6, plan.h: 16-bit values,
-  // G in {1, 4}, k <= 64, D 64 / 128) or when it is named ("v6" / "v6g"), on v7 otherwise.
-  // With kAutoV6AnyG / kAutoV6F8 (plan.h) "auto" keeps every G <= 8, and e4m3 values on both sides, on v6 where v6
-  // serves them.
-  const bool v6_any = v6_serves(dt, G, D, kk, kv) && v6_auto_g(G);
-  const bool odd_g = G > 1 && G % 2 == 1 && !v6_any;
-  const bool v6_serves_len = kAutoLengthsV6 && v6_any;
-  const bool auto_v6_f8 = requested == DecodeKernel::kAuto && kAutoV6F8 && K8 && V8 && v6_any;
+  // "auto": v6 wherever it serves (plan.h: fp16 / bf16 model, G <= 8, D 64 / 128, k <= 64, 16-bit values or e4m3 on
+  // both sides, host or device lengths); v7 for what v6 does not serve among fp8 values, device lengths, D = 256
+  // and an odd G (3, 5, 7 with k > 64: v5 walks such a row once per query head); otherwise the rest of plan.cu's
+  // rule (v5 / v4). Named "v6" / "v6g" take device lengths and e4m3 values on both sides too.
+  const bool v6_ok = v6_serves(dt, G, D, kk, kv) && K8 == V8;
+  const bool is_auto = requested == DecodeKernel::kAuto;
   const bool named_v6 = requested == DecodeKernel::kV6 || requested == DecodeKernel::kV6g;
-  const bool len_v7 = has_len && !v6_serves_len;
-  const bool want_v7 = named_v7 || (requested == DecodeKernel::kAuto && !auto_v6_f8 &&
-                                    (K8 || V8 || len_v7 || D == 256 || odd_g || kAutoV7));
+  const bool odd_g = G > 1 && G % 2 == 1;
+  const bool want_v7 = named_v7 || (is_auto && !v6_ok && (K8 || V8 || has_len || D == 256 || odd_g));
   const bool use_v7 = want_v7 && dt != at::kFloat;
-  // e4m3 values run on v7 ("auto"), or on v6 when both sides are e4m3: by name, or "auto" with kAutoV6F8
-  const bool v6_f8 = (named_v6 || auto_v6_f8) && K8 && V8;
-  MF_CHECK_VALUE(use_v7 || ((v6_f8 || (!K8 && !V8)) &&
-                            (!has_len || named_v6 || (requested == DecodeKernel::kAuto && v6_serves_len))), op,
+  const bool v6_f8 = (named_v6 || (is_auto && v6_ok)) && K8 && V8;
+  MF_CHECK_VALUE(use_v7 || ((v6_f8 || (!K8 && !V8)) && (!has_len || named_v6 || (is_auto && v6_ok))), op,
                  "kernel=", kernel, " with dtype ", dt, K8 ? " and e4m3 K values" : "", V8 ? " and e4m3 V values" : "",
                  ": fp8 values need kernel 'auto', 'v7' or 'v7g' (or 'v6' / 'v6g' with e4m3 on both sides), device "
                  "lengths 'auto', 'v7', 'v7g', 'v6' or 'v6g', and both a float16 / bfloat16 model");

@@ -15,15 +15,14 @@ the first op call, from the environment variable ``MUSTAFAR_BACKEND``; :func:`se
 overrides it in-process (tests use it).
 
 Kernel choice: on CUDA, ``sparse_decode`` has several fused decode kernels, chosen by its ``kernel``
-argument (nothing is read from the environment per call): ``"auto"`` (default; for fp16/bf16: v6 for device-side
-``lengths`` where it serves them (one or four query heads per KV head, at most 64 stored values per row, head_dim
-64 / 128, 16-bit values); v7 for FP8 values, the other ``lengths`` calls, head_dim 256 and an odd number of query
-heads per KV head (3, 5, 7); else v5 for MHA at head_dim 64 with at most 25 stored values per row, v6 for one or
-four query heads per KV head and at most 64 stored values per row, v5 for G = 2, 6, 8; v4 for float32 and k > 64:
-the rule ``csrc/cuda/plan.h`` states with the H100 timings behind it), ``"v7"`` (k compiled in where
-instantiated), ``"v7g"`` (v7 with k read at run time), ``"v4"``, ``"v5"``, ``"v6"`` or ``"v6g"`` (v6 with k read
-at run time instead of its instantiations for k = 38 and 64 at head_dim 128; by name v6 also serves any G <= 8
-and e4m3 values on both sides, not yet timed; see ``docs/kernel_notes.md``). A
+argument (nothing is read from the environment per call): ``"auto"`` (default; for fp16/bf16: v6 wherever it
+serves the call (up to 8 query heads per KV head, at most 64 stored values per row, head_dim 64 / 128, 16-bit values
+or e4m3 on both sides, host or device-side ``lengths``), except v5 for MHA at head_dim 64 with at most 25 stored
+values per row (16-bit, host lengths); v7 for the rest of FP8 values, ``lengths``, head_dim 256 and odd G; v5 for
+other GQA with k > 64; v4 for float32 and MHA with k > 64: the rule ``csrc/cuda/plan.h`` states with the H100
+timings behind it), ``"v7"`` (k compiled in where instantiated), ``"v7g"`` (v7 with k read at run time), ``"v4"``,
+``"v5"``, ``"v6"`` or ``"v6g"`` (v6 with k read at run time instead of its instantiations for k = 38 and 64 at
+head_dim 128; see ``docs/kernel_notes.md``). A
 kernel that cannot serve the call's dtype or shape raises ``ValueError`` naming it. ``pdl`` launches the
 merge kernel as a programmatic dependent of the decode kernel (Hopper; ``pdl=False`` launches it after
 the decode kernel). CPU tensors take ``kernel="auto"`` only; the reference ignores both.
