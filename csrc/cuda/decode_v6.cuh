@@ -50,6 +50,7 @@ struct V6Layout {
   int off_vd;
   int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
   int r_off_xk, r_off_xv;  // e4m3 values: the expanded (fp16) K / V buffers of the current tile (one each)
+  int r_off_kd;            // KM (kernel "v6m"): the warp's dense K tile, laid out as the V tile
 };
 struct V6Params : SDParams, V6Layout {};
 
@@ -367,9 +368,16 @@ constexpr int r_ld_of(int k) {
 // expanded to fp16 in shared memory per tile (r_expand_e4m3), walked as fp16 values; the K scale multiplies the
 // row's score, the V scale its probability in the P.V product (not in the softmax sum), which then runs in fp16
 // also for bf16 models (dense window V rows converted to fp16 as they enter the dense tile).
-template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false>
+// KM (the op's kernel "v6m", 16-bit values): the K dot products on tensor cores too. A K walk step scatters its
+// value into a second dense tile Kd[channel][token] (one 16-bit store, as a V step does) instead of gathering the GQ
+// slots' q (one or two 16-byte loads) and doing GQ FMAs; once the tile's rows are walked, S (32 tokens x 8 columns)
+// = Kd^T q^T runs as 2 x D / 16 mma.m16n8k16 (A = Kd^T by transposed ldmatrix, B = the raw q of the group's heads,
+// held in registers for the whole kernel; fp32 accumulation, q's scale applied after), handed back to lane = token
+// through a small table over the K tile, which is then zeroed. The per-value K work no longer grows with G.
+template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false, bool KM = false>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Params p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
+  static_assert(!(KM && F8), "K on tensor cores takes 16-bit values");
   static_assert(GQ == 1 || GQ == 2 || GQ == 4 || GQ == 8, "GQ: 1, 2, 4 or 8 query-head slots per KV head");
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
@@ -498,6 +506,26 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
     const int c = i / GQ, g = i - c * GQ;
     *reinterpret_cast<float*>(smem + 4 * i) = (c < D && g < G) ? to_f(qp[g * D + c]) * p.qscale : 0.f;
   }
+  // KM: the B operand of S = Kd^T q^T, per k-step of 16 channels: head lane / 4 (0 past G), channels
+  // 16 j + 2 (lane % 4) + {0, 1} (qf[j][0]) and + 8 (qf[j][1]), unscaled (exact in T)
+  uint32_t qf[KM ? D / 16 : 1][2];
+  const uint32_t kdt = KM ? wreg + (uint32_t)p.r_off_kd : 0u;  // the warp's dense K tile
+  if constexpr (KM) {
+    const int h = lane >> 2, c0 = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < D / 16; ++j) {
+      float x[4] = {0.f, 0.f, 0.f, 0.f};
+      if (h < G) {
+        const T* qh = qp + h * D + 16 * j + c0;
+        x[0] = to_f(qh[0]);
+        x[1] = to_f(qh[1]);
+        x[2] = to_f(qh[8]);
+        x[3] = to_f(qh[9]);
+      }
+      qf[j][0] = pack2<T>(x[0], x[1]);
+      qf[j][1] = pack2<T>(x[2], x[3]);
+    }
+  }
   __syncthreads();  // q is shared by the CTA's warps
 
 #pragma unroll 1
@@ -548,19 +576,26 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
         const uint32_t kb = r_row_base(ek, kk, ldk, lgk, lane);
         const uint32_t vb = r_row_base(ev, kv, ldv, lgv, lane);
         const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
+        // the K walks' slots: q's channels (fp32 x GQ), or with KM the lane's column of the dense K tile
+        constexpr int KS = KM ? kRLine : QS;
+        const uint32_t kbase = KM ? smem_s + kdt + (uint32_t)(2 * lane) : qb;
         auto walk_tile = [&](auto q_tag) {
           constexpr int Q = decltype(q_tag)::value;
-          auto ku = r_walk_up<NW32, QS, Q>(kw, qb);
-          auto kd = r_walk_down<NW32, QS, Q>(kw, qb);
+          auto ku = r_walk_up<NW32, KS, Q>(kw, kbase);
+          auto kd = r_walk_down<NW32, KS, Q>(kw, kbase);
           auto vu = r_walk_up<NW32, kRLine, Q>(vw, vdb);
           auto vdn = r_walk_down<NW32, kRLine, Q>(vw, vdb);
           // value u of a group of 8 (x: 4 packed pairs)
           auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
-            float qv[GQ];
-            r_lds_q<GQ>(wk.next(), qv);
-            const float xv = r_half<VT>(x[u >> 1], u & 1);
+            if constexpr (KM) {  // into the dense K tile; S comes from the mma below
+              r_sts_u16(wk.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
+            } else {
+              float qv[GQ];
+              r_lds_q<GQ>(wk.next(), qv);
+              const float xv = r_half<VT>(x[u >> 1], u & 1);
 #pragma unroll
-            for (int g = 0; g < GQ; ++g) sc[g] = fmaf(qv[g], xv, sc[g]);
+              for (int g = 0; g < GQ; ++g) sc[g] = fmaf(qv[g], xv, sc[g]);
+            }
           };
           auto vstep = [&](auto& wv, const uint32_t (&x)[4], int u) {
             r_sts_u16(wv.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
@@ -644,6 +679,40 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
                                            r_short_ok(vw, 8 * nfv + muv, mdv + 8 * nfv));
         if (sq) walk_tile(std::integral_constant<int, NW32 >= 4 ? 2 : NW32 - 1>{});
         else walk_tile(std::integral_constant<int, NW32 - 1>{});
+        if constexpr (KM) {
+          // S (tokens x 8 columns) = Kd^T q^T: two m-tiles of 16 tokens, D / 16 k-steps. ldmatrix.trans row address
+          // of this lane: matrix i = lane / 8 -> tokens + 8 if i odd, channels + 8 if i >= 2
+          __syncwarp();  // every lane's K row is in Kd
+          const uint32_t kld = smem_s + kdt + (uint32_t)(((lane & 7) + ((lane >> 4) & 1) * 8) * kRLine +
+                                                         ((lane >> 3) & 1) * 16);
+          float c[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0.f;
+#pragma unroll
+            for (int j = 0; j < D / 16; ++j) {
+              uint32_t a0, a1, a2, a3;
+              ldmatrix_x4_trans(kld + (uint32_t)(j * 16 * kRLine + mt * 32), a0, a1, a2, a3);
+              mma16816_full(c[mt], a0, a1, a2, a3, qf[j][0], qf[j][1], kBf16);
+            }
+          }
+          __syncwarp();  // Kd read: its first 1 KB becomes the score table [token][8 columns] (fp32)
+          float* tab = reinterpret_cast<float*>(smem + kdt);
+          const int r0 = lane >> 2, c0 = 2 * (lane & 3);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            *reinterpret_cast<float2*>(tab + (16 * mt + r0) * 8 + c0) = make_float2(c[mt][0], c[mt][1]);
+            *reinterpret_cast<float2*>(tab + (16 * mt + r0 + 8) * 8 + c0) = make_float2(c[mt][2], c[mt][3]);
+          }
+          __syncwarp();
+#pragma unroll
+          for (int g = 0; g < GQ; ++g) sa[g] = tab[lane * 8 + g] * p.qscale;
+          __syncwarp();
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i)  // zero the tile's data bytes again (as for Vd below)
+            *reinterpret_cast<uint4*>(smem + kdt + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
+                make_uint4(0u, 0u, 0u, 0u);
+        }
       } else {
         // general path (rows with fewer than k values or an empty 32-bit word): values by index
         if (valid) {
@@ -858,9 +927,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
 }
 
-template <typename T, int D, int GQ, bool F8 = false>
+template <typename T, int D, int GQ, bool F8 = false, bool KM = false>
 int sdr_occ_one(int nwarps, int smem_bytes) {
-  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ, F8>;  // about the resources of the specialised instantiations
+  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ, F8, KM>;  // about the resources of the specialised instantiations
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int n = 0;
@@ -874,14 +943,17 @@ constexpr int v6_slots(int G) { return G == 1 ? 1 : G <= 4 ? 4 : 8; }
 // the instantiation for p: GQ query-head slots per KV head (1, 4 or 8), e4m3 values (F8) or not, k compiled in (fixed_k and k_k = k_v = 38 or
 // 64 at D = 128: the paper's 70 % and 50 %), else the row layouts compiled in where common (MHA only:
 // 70 %: k/2 odd; 50 %: k % 8 == 0), else everything read at run time
+template <typename K>
+void sdr_go(K kern, const V6Params& p, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) {
+  if (smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kern<<<grid, nwarps * 32, smem_bytes, stream>>>(p);
+  MF_CHECK_LAUNCH();
+}
+
 template <typename T, int GQ, bool F8 = false>
 void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
-  auto go = [&](auto kern) {
-    if (smem_bytes > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    kern<<<grid, nwarps * 32, smem_bytes, stream>>>(p);
-    MF_CHECK_LAUNCH();
-  };
+  auto go = [&](auto kern) { sdr_go(kern, p, nwarps, smem_bytes, grid, stream); };
   const bool pp = p.r_ldk == kRLdPair && p.r_ldv == kRLdPair, oo = p.r_ldk == kRLdOct && p.r_ldv == kRLdOct;
   if constexpr (F8) {  // e4m3 values: k compiled in for 38 / 64 at D = 128, else the run-time instantiation
     if (D == 64) return go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, true>);
@@ -906,11 +978,23 @@ void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,
   }
 }
 
+// kernel "v6m" (KM: K on tensor cores, 16-bit values): the run-time-k instantiations, in translation units of their
+// own (decode_v6_m_*.cu)
+template <typename T, int GQ>
+void sdr_launch_m(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) {
+  if (D == 64) sdr_go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
+  else sdr_go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
+}
 template <typename T>
-int v6_blocks_per_sm(int D, int G, bool f8, int nwarps, int smem_bytes);
+int v6_blocks_per_sm_m(int D, int G, int nwarps, int smem_bytes);
+template <typename T>
+void launch_v6_m(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream);
+
+template <typename T>
+int v6_blocks_per_sm(int D, int G, bool f8, bool km, int nwarps, int smem_bytes);
 template <typename T>
 void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k,
-               bool f8);
+               bool f8, bool km);
 // the e4m3-valued instantiations, in translation units of their own (decode_v6_f8_*.cu) so that ninja builds
 // them in parallel with the 16-bit ones
 template <typename T>
@@ -919,11 +1003,11 @@ template <typename T>
 void launch_v6_f8(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
 // occupancy and launch of v6 for one value type and query-head slots (1 / 4 / 8) picked at run time
-template <typename T, int D, bool F8>
+template <typename T, int D, bool F8, bool KM = false>
 int sdr_occ(int G, int nwarps, int smem_bytes) {
   const int s = v6_slots(G);
-  return s == 1 ? sdr_occ_one<T, D, 1, F8>(nwarps, smem_bytes)
-         : s == 4 ? sdr_occ_one<T, D, 4, F8>(nwarps, smem_bytes) : sdr_occ_one<T, D, 8, F8>(nwarps, smem_bytes);
+  return s == 1 ? sdr_occ_one<T, D, 1, F8, KM>(nwarps, smem_bytes)
+         : s == 4 ? sdr_occ_one<T, D, 4, F8, KM>(nwarps, smem_bytes) : sdr_occ_one<T, D, 8, F8, KM>(nwarps, smem_bytes);
 }
 template <typename T, bool F8>
 void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
@@ -936,14 +1020,16 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
 // 16-bit values (and the entry points, which hand e4m3 values to launch_v6_f8)
 #define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, int nwarps, int smem_bytes) {                              \
+  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, bool km, int nwarps, int smem_bytes) {                     \
     if (f8) return v6_blocks_per_sm_f8<TYPE>(D, G, nwarps, smem_bytes);                                        \
+    if (km) return v6_blocks_per_sm_m<TYPE>(D, G, nwarps, smem_bytes);                                         \
     return D == 64 ? sdr_occ<TYPE, 64, false>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, false>(G, nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                       bool fixed_k, bool f8) {                                                                \
+                       bool fixed_k, bool f8, bool km) {                                                       \
     if (f8) launch_v6_f8<TYPE>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                               \
+    else if (km) launch_v6_m<TYPE>(p, D, nwarps, smem_bytes, grid, stream);                                    \
     else sdr_launch_slots<TYPE, false>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
   }
 
@@ -957,6 +1043,21 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
   void launch_v6_f8<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
                           bool fixed_k) {                                                                      \
     sdr_launch_slots<TYPE, true>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                             \
+  }
+
+// K on tensor cores (kernel "v6m"), 16-bit values
+#define MUSTAFAR_DEFINE_V6_M_LAUNCHER(TYPE)                                                                     \
+  template <>                                                                                                  \
+  int v6_blocks_per_sm_m<TYPE>(int D, int G, int nwarps, int smem_bytes) {                                     \
+    return D == 64 ? sdr_occ<TYPE, 64, false, true>(G, nwarps, smem_bytes)                                     \
+                   : sdr_occ<TYPE, 128, false, true>(G, nwarps, smem_bytes);                                   \
+  }                                                                                                            \
+  template <>                                                                                                  \
+  void launch_v6_m<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) { \
+    const int s = v6_slots(p.G);                                                                               \
+    if (s == 8) sdr_launch_m<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream);                                 \
+    else if (s == 4) sdr_launch_m<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream);                            \
+    else sdr_launch_m<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream);                                        \
   }
 
 }  // namespace mustafar_cuda

@@ -19,7 +19,8 @@ DecodeKernel parse_decode_kernel(c10::string_view name, const char* op) {
   if (name == "v5") return DecodeKernel::kV5;
   if (name == "v6") return DecodeKernel::kV6;
   if (name == "v6g") return DecodeKernel::kV6g;
-  MF_CHECK_VALUE(false, op, "kernel=", name, " is not a decode kernel (expected auto, v4, v5, v6 or v6g)");
+  if (name == "v6m") return DecodeKernel::kV6m;
+  MF_CHECK_VALUE(false, op, "kernel=", name, " is not a decode kernel (expected auto, v4, v5, v6, v6g or v6m)");
   return DecodeKernel::kAuto;
 }
 
@@ -29,6 +30,7 @@ const char* decode_kernel_name(DecodeKernel k) {
     case DecodeKernel::kV5: return "v5";
     case DecodeKernel::kV6: return "v6";
     case DecodeKernel::kV6g: return "v6g";
+    case DecodeKernel::kV6m: return "v6m";
     default: return "auto";
   }
 }
@@ -93,12 +95,13 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
   const int64_t isz = pr.dtype == at::kFloat ? 4 : 2;
   DecodeConfig c{};
   c.kernel = kernel;
-  const bool v6 = kernel == DecodeKernel::kV6 || kernel == DecodeKernel::kV6g;
+  const bool v6 = is_v6(kernel);
   c.GT = v6 ? (int)G : (G % 4 == 0) ? 4 : (G % 2 == 0) ? 2 : 1;  // v6: every query head of a KV head in one CTA
   c.VM = kVmAny;
   c.nwarps = kWarps;
   c.per_sm = 1;
   c.f8 = v6 && pr.f8;
+  c.km = kernel == DecodeKernel::kV6m;
   const bool v5 = kernel == DecodeKernel::kV5;
   if (v5) {
     if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && pr.vec16) c.VM = kVmOct;
@@ -121,6 +124,11 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       p.r_off_xv = p.r_off_xk + r16(kRRows * kk * 2 + 16);
       p.r_wbytes = p.r_off_xv + r16(kRRows * kv * 2 + 16);
     }
+    p.r_off_kd = 0;
+    if (c.km) {  // the dense K tile, as the V tile (D + 1 lines)
+      p.r_off_kd = p.r_wbytes;
+      p.r_wbytes += r16((D + 1) * kRLine);
+    }
     // warps per CTA: the most resident warps per SM (shared memory bounds it), fewer warps on a tie
     int best = -1;
     for (int nw = kRMaxWarps; nw >= 4; --nw) {
@@ -129,7 +137,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       int n = 0;
       dispatch_half_float(pr.dtype, [&](auto tag) {
         using scalar = decltype(tag);
-        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, c.f8, nw, sb);
+        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, c.f8, c.km, nw, sb);
       });
       if (n * nw > best) {
         best = n * nw;
@@ -197,7 +205,7 @@ DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, co
       return req;
     default:
       MF_CHECK_VALUE(half_type, op, "kernel=", decode_kernel_name(req), " cannot serve q.dtype=", pr.dtype,
-                     " (v5, v6 and v6g are float16 / bfloat16 kernels; v4 and auto serve float32)");
+                     " (v5, v6, v6g and v6m are float16 / bfloat16 kernels; v4 and auto serve float32)");
       if (req != DecodeKernel::kV5) {
         MF_CHECK_VALUE(v6_ok, op, "kernel=", decode_kernel_name(req), " needs at most 8 query heads per KV head (G=",
                        pr.G, ") and at most ", kRKMax, " stored values per row (k_k=", pr.kk, ", k_v=", pr.kv, ")");
@@ -228,7 +236,7 @@ DecodePlan plan_decode(const DecodeProblem& pr, DecodeKernel requested, int devi
     }
   }
   const DecodeConfig& c = plan.cfg;
-  const bool v6 = kernel == DecodeKernel::kV6 || kernel == DecodeKernel::kV6g;
+  const bool v6 = is_v6(kernel);
   plan.nchunk = (int)(pr.G / c.GT);
   const int64_t nbh = pr.B * pr.Hkv * plan.nchunk;
   int64_t ntiles;
@@ -277,7 +285,7 @@ void launch_decode(const DecodePlan& plan, const SDParams& base, at::ScalarType 
   sp.nsplit = (int)plan.nsplit;
   sp.tiles_per_split = (int)plan.tiles_per_split;
   sp.nchunk = plan.nchunk;
-  const bool v6 = c.kernel == DecodeKernel::kV6 || c.kernel == DecodeKernel::kV6g;
+  const bool v6 = is_v6(c.kernel);
   dispatch_half_float(dtype, [&](auto tag) {
     using scalar = decltype(tag);
     if constexpr (std::is_same<scalar, float>::value) {
@@ -286,7 +294,8 @@ void launch_decode(const DecodePlan& plan, const SDParams& base, at::ScalarType 
     } else {
       if (v6) {
         V6Params p{sp, c.v6};
-        launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel != DecodeKernel::kV6g, c.f8);
+        launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel == DecodeKernel::kV6, c.f8,
+                          c.km);
       } else if (c.kernel == DecodeKernel::kV5) {
         V5Params p{sp, c.v5};
         launch_v5<scalar>(p, (int)D, c.GT, c.VM, c.smem_bytes, plan.grid, stream);

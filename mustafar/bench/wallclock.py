@@ -43,7 +43,9 @@ compilation / CUDA-graph capture), then ``--reps`` rounds in
 which every variant runs once, interleaved (so drift on a shared machine hits all alike). With ``--deadline-s`` (a device
 session's time limit) each cell gets an equal share of the time left and starts no round after its first that
 would end past it (judged by its longest round so far): ``reps`` records the rounds run, ``reps_asked`` the
-``--reps``; each round's decode tokens/s is also logged as it ends. Reported:
+``--reps``; each round's decode tokens/s is also logged as it ends. A cell's first calls run even past its share, so
+a cell starts only if the previous cell's first calls (scaled by the ratio of warm-up tokens) fit in the time left;
+otherwise it is listed under ``skipped`` with the reason. Reported:
 medians of total, prefill and decode seconds; ``decode_tok_per_s = B * (N - 1) / decode_s`` (the first new
 token comes out of the prefill) and ``total_tok_per_s = B * N / total_s``; ratios of medians against the
 compiled StaticCache variants measured in the same cell (``vs_static_compiled``, ``vs_hf_static_compiled``,
@@ -400,6 +402,7 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
         done = {_key(c) for c in res["cells"]}
     prov = provenance(command)
     deadline = None if deadline_s is None else time.perf_counter() + deadline_s
+    last_first = None  # (seconds of the last cell's first calls, its warm-up tokens)
     for name in models:
         for dt in dtypes:
             model, _ = mustafar.load_model(name, dtype=getattr(torch, dt), device=device)
@@ -419,11 +422,22 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
                     res["skipped"].append({"model": name, "dtype": dt, "prompt": p, "new_tokens": n, "batch": b,
                                            "why": f"dense KV {kv / GIB:.1f} GiB > --kv-budget-gib {kv_budget_gib}"})
                     continue
+                if deadline is not None and last_first is not None:
+                    # the first calls (compile + a warm-up generation) run even past a share: start a cell only
+                    # if the last cell's first calls, scaled by the warm-up tokens, fit in the time left
+                    need = last_first[0] * max(1.0, (warmup_tokens or n) / last_first[1])
+                    left = deadline - time.perf_counter()
+                    if need > left:
+                        log(f"{what}: skipped: {left:.0f} s left before the deadline, its first calls need ~{need:.0f} s")
+                        res["skipped"].append({"model": name, "dtype": dt, "prompt": p, "new_tokens": n, "batch": b,
+                                               "why": f"deadline: {left:.0f} s left, first calls ~{need:.0f} s"})
+                        continue
                 log(f"{what} on {device}:")
                 cell = run_cell(model, name, b, p, n, ss, vs, reps, warmup, compile_mode, kernel, log=log,
                                 prefill_tokens=prefill_tokens, warmup_tokens=warmup_tokens,
                                 deadline=share(deadline, len(todo) - i))
                 cell["dense_kv_gib"] = kv / GIB
+                last_first = (sum(r.get("first_call_s", 0.0) for r in cell["variants"].values()), warmup_tokens or n)
                 if group is not None:
                     cell["budget_group"] = group
                 res["cells"].append(cell)

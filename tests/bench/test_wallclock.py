@@ -148,3 +148,22 @@ def test_run_cell_deadline_stops_rounds(tiny_llama):
     now = time.perf_counter()
     assert share(now + 100.0, 4) - now == pytest.approx(25.0, abs=1.0)
     assert share(now - 5.0, 2) <= time.perf_counter()
+
+
+def test_run_skips_cells_whose_first_calls_cannot_fit():
+    """With --deadline-s, a cell starts only if the previous cell's first calls fit in the time left: with a deadline
+    shorter than the first cell took, the second cell is skipped and says why; without one both run."""
+    import time
+
+    kw = dict(models=["tiny-llama"], shapes=[(24, 4), (16, 4)], batches=[1], sparsities=[0.7], variants=["dynamic"],
+              reps=1, log=lambda *a: None)
+    full = run(**kw)
+    assert len(full["cells"]) == 2 and full["skipped"] == []
+    first = full["cells"][0]["variants"]["dynamic"]["first_call_s"]
+    assert first > 0
+    t0 = time.perf_counter()
+    cut = run(deadline_s=1e-3, **kw)
+    assert time.perf_counter() - t0 > 0  # the first cell always runs
+    assert len(cut["cells"]) == 1 and cut["cells"][0]["prompt"] == 24
+    assert len(cut["skipped"]) == 1 and cut["skipped"][0]["prompt"] == 16
+    assert cut["skipped"][0]["why"].startswith("deadline:")
