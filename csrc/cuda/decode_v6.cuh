@@ -50,7 +50,7 @@ struct V6Layout {
   int off_vd;
   int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
   int r_off_xk, r_off_xv;  // e4m3 values: the expanded (fp16) K / V buffers of the current tile (one each)
-  int r_off_kd;            // KM (kernel "v6m"): the warp's dense K tile, laid out as the V tile
+  int r_off_kd;            // KM = 1 (kernel "v6m"): the warp's dense K tile, laid out as the V tile
 };
 struct V6Params : SDParams, V6Layout {};
 
@@ -368,13 +368,16 @@ constexpr int r_ld_of(int k) {
 // expanded to fp16 in shared memory per tile (r_expand_e4m3), walked as fp16 values; the K scale multiplies the
 // row's score, the V scale its probability in the P.V product (not in the softmax sum), which then runs in fp16
 // also for bf16 models (dense window V rows converted to fp16 as they enter the dense tile).
-// KM (the op's kernel "v6m", 16-bit values): the K dot products on tensor cores too. A K walk step scatters its
+// KM (the op's kernels "v6m" = 1 and "v6k" = 2, 16-bit values): the K dot products on tensor cores too. A K walk step scatters its
 // value into a second dense tile Kd[channel][token] (one 16-bit store, as a V step does) instead of gathering the GQ
 // slots' q (one or two 16-byte loads) and doing GQ FMAs; once the tile's rows are walked, S (32 tokens x 8 columns)
 // = Kd^T q^T runs as 2 x D / 16 mma.m16n8k16 (A = Kd^T by transposed ldmatrix, B = the raw q of the group's heads,
 // held in registers for the whole kernel; fp32 accumulation, q's scale applied after), handed back to lane = token
 // through a small table over the K tile, which is then zeroed. The per-value K work no longer grows with G.
-template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false, bool KM = false>
+// KM = 1 gives each warp a dense K tile of its own (the K and V walks stay interleaved: four chains, but ~10 KB more
+// shared memory per warp, so fewer resident warps); KM = 2 walks K first through the V tile (no extra memory, two
+// chains at a time), then V.
+template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false, int KM = 0>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Params p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
   static_assert(!(KM && F8), "K on tensor cores takes 16-bit values");
@@ -509,7 +512,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   // KM: the B operand of S = Kd^T q^T, per k-step of 16 channels: head lane / 4 (0 past G), channels
   // 16 j + 2 (lane % 4) + {0, 1} (qf[j][0]) and + 8 (qf[j][1]), unscaled (exact in T)
   uint32_t qf[KM ? D / 16 : 1][2];
-  const uint32_t kdt = KM ? wreg + (uint32_t)p.r_off_kd : 0u;  // the warp's dense K tile
+  const uint32_t kdt = KM == 1 ? wreg + (uint32_t)p.r_off_kd : vd;  // the dense tile K values go to (KM = 2: Vd)
   if constexpr (KM) {
     const int h = lane >> 2, c0 = 2 * (lane & 3);
 #pragma unroll
@@ -579,8 +582,10 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
         // the K walks' slots: q's channels (fp32 x GQ), or with KM the lane's column of the dense K tile
         constexpr int KS = KM ? kRLine : QS;
         const uint32_t kbase = KM ? smem_s + kdt + (uint32_t)(2 * lane) : qb;
-        auto walk_tile = [&](auto q_tag) {
+        // SIDE: 3 both sides' walks interleaved (four chains), 1 the K walks only, 2 the V walks only (KM = 2)
+        auto walk_tile = [&](auto q_tag, auto side_tag) {
           constexpr int Q = decltype(q_tag)::value;
+          constexpr bool DK = (decltype(side_tag)::value & 1) != 0, DV = (decltype(side_tag)::value & 2) != 0;
           auto ku = r_walk_up<NW32, KS, Q>(kw, kbase);
           auto kd = r_walk_down<NW32, KS, Q>(kw, kbase);
           auto vu = r_walk_up<NW32, kRLine, Q>(vw, vdb);
@@ -602,7 +607,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           };
           int g = 0;
 #pragma unroll 1
-          for (; g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
+          for (; DK && DV && g < nf; ++g) {  // both sides, four chains: values 8g.. upward, kk-1-8g.. downward
             uint32_t a0[4], a1[4], b0[4], b1[4];
             r_load8(smem, kb, 8 * g, 8, ldk, lgk, lane, a0);
             r_load8(smem, kb, kk - 8 * g - 8, 8, ldk, lgk, lane, a1);
@@ -617,7 +622,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
             }
           }
 #pragma unroll 1
-          for (int gk = g; gk < nfk; ++gk) {
+          for (int gk = g; DK && gk < nfk; ++gk) {
             uint32_t a0[4], a1[4];
             r_load8(smem, kb, 8 * gk, 8, ldk, lgk, lane, a0);
             r_load8(smem, kb, kk - 8 * gk - 8, 8, ldk, lgk, lane, a1);
@@ -628,7 +633,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
             }
           }
 #pragma unroll 1
-          for (int gv = g; gv < nfv; ++gv) {
+          for (int gv = g; DV && gv < nfv; ++gv) {
             uint32_t b0[4], b1[4];
             r_load8(smem, vb, 8 * gv, 8, ldv, lgv, lane, b0);
             r_load8(smem, vb, kv - 8 * gv - 8, 8, ldv, lgv, lane, b1);
@@ -639,7 +644,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
             }
           }
           // the middle: muk values upward from 8 nfk (two windows when k < 16), mdk downward from kk - 8 nfk - 1
-          if (mk) {
+          if (DK && mk) {
             uint32_t a0[4], a1[4];
             r_load8(smem, kb, 8 * nfk, min(muk, 8), ldk, lgk, lane, a0);
             if (mdk) r_load8(smem, kb, kk - 8 * nfk - 8, 8, ldk, lgk, lane, a1);
@@ -655,7 +660,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
                 if (u < muk - 8) kstep(ku, sa, a0, u);
             }
           }
-          if (mv) {
+          if (DV && mv) {
             uint32_t b0[4], b1[4];
             r_load8(smem, vb, 8 * nfv, min(muv, 8), ldv, lgv, lane, b0);
             if (mdv) r_load8(smem, vb, kv - 8 * nfv - 8, 8, ldv, lgv, lane, b1);
@@ -677,9 +682,12 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
         if constexpr (NW32 == 4)
           sq = __all_sync(0xffffffffu, r_short_ok(kw, 8 * nfk + muk, mdk + 8 * nfk) &&
                                            r_short_ok(vw, 8 * nfv + muv, mdv + 8 * nfv));
-        if (sq) walk_tile(std::integral_constant<int, NW32 >= 4 ? 2 : NW32 - 1>{});
-        else walk_tile(std::integral_constant<int, NW32 - 1>{});
-        if constexpr (KM) {
+        auto walk = [&](auto side_tag) {
+          if (sq) walk_tile(std::integral_constant<int, NW32 >= 4 ? 2 : NW32 - 1>{}, side_tag);
+          else walk_tile(std::integral_constant<int, NW32 - 1>{}, side_tag);
+        };
+        walk(std::integral_constant<int, KM == 2 ? 1 : 3>{});  // KM = 2: K first, through the V tile
+        if constexpr (KM != 0) {
           // S (tokens x 8 columns) = Kd^T q^T: two m-tiles of 16 tokens, D / 16 k-steps. ldmatrix.trans row address
           // of this lane: matrix i = lane / 8 -> tokens + 8 if i odd, channels + 8 if i >= 2
           __syncwarp();  // every lane's K row is in Kd
@@ -712,7 +720,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           for (int i = 0; i < D / 8; ++i)  // zero the tile's data bytes again (as for Vd below)
             *reinterpret_cast<uint4*>(smem + kdt + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
                 make_uint4(0u, 0u, 0u, 0u);
+          __syncwarp();  // zeros in before the V walks scatter (KM = 2: into the same tile)
         }
+        if constexpr (KM == 2) walk(std::integral_constant<int, 2>{});
       } else {
         // general path (rows with fewer than k values or an empty 32-bit word): values by index
         if (valid) {
@@ -927,7 +937,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
 }
 
-template <typename T, int D, int GQ, bool F8 = false, bool KM = false>
+template <typename T, int D, int GQ, bool F8 = false, int KM = 0>
 int sdr_occ_one(int nwarps, int smem_bytes) {
   auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ, F8, KM>;  // about the resources of the specialised instantiations
   if (smem_bytes > 48 * 1024)
@@ -978,23 +988,24 @@ void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,
   }
 }
 
-// kernel "v6m" (KM: K on tensor cores, 16-bit values): the run-time-k instantiations, in translation units of their
-// own (decode_v6_m_*.cu)
-template <typename T, int GQ>
+// kernels "v6m" / "v6k" (KM = 1 / 2: K on tensor cores, 16-bit values): the run-time-k instantiations, in translation
+// units of their own (decode_v6_m_*.cu, decode_v6_k_*.cu)
+template <typename T, int GQ, int KM>
 void sdr_launch_m(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) {
-  if (D == 64) sdr_go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
-  else sdr_go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
+  if (D == 64) sdr_go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, KM>, p, nwarps, smem_bytes, grid, stream);
+  else sdr_go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, KM>, p, nwarps, smem_bytes, grid, stream);
 }
-template <typename T>
+template <typename T, int KM>
 int v6_blocks_per_sm_m(int D, int G, int nwarps, int smem_bytes);
-template <typename T>
+template <typename T, int KM>
 void launch_v6_m(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream);
 
+// km: 0 (K dot products on the CUDA cores), 1 / 2 (on tensor cores: "v6m" / "v6k")
 template <typename T>
-int v6_blocks_per_sm(int D, int G, bool f8, bool km, int nwarps, int smem_bytes);
+int v6_blocks_per_sm(int D, int G, bool f8, int km, int nwarps, int smem_bytes);
 template <typename T>
 void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k,
-               bool f8, bool km);
+               bool f8, int km);
 // the e4m3-valued instantiations, in translation units of their own (decode_v6_f8_*.cu) so that ninja builds
 // them in parallel with the 16-bit ones
 template <typename T>
@@ -1003,7 +1014,7 @@ template <typename T>
 void launch_v6_f8(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
 // occupancy and launch of v6 for one value type and query-head slots (1 / 4 / 8) picked at run time
-template <typename T, int D, bool F8, bool KM = false>
+template <typename T, int D, bool F8, int KM = 0>
 int sdr_occ(int G, int nwarps, int smem_bytes) {
   const int s = v6_slots(G);
   return s == 1 ? sdr_occ_one<T, D, 1, F8, KM>(nwarps, smem_bytes)
@@ -1020,16 +1031,18 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
 // 16-bit values (and the entry points, which hand e4m3 values to launch_v6_f8)
 #define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, bool km, int nwarps, int smem_bytes) {                     \
+  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, int km, int nwarps, int smem_bytes) {                      \
     if (f8) return v6_blocks_per_sm_f8<TYPE>(D, G, nwarps, smem_bytes);                                        \
-    if (km) return v6_blocks_per_sm_m<TYPE>(D, G, nwarps, smem_bytes);                                         \
+    if (km == 1) return v6_blocks_per_sm_m<TYPE, 1>(D, G, nwarps, smem_bytes);                                 \
+    if (km == 2) return v6_blocks_per_sm_m<TYPE, 2>(D, G, nwarps, smem_bytes);                                 \
     return D == 64 ? sdr_occ<TYPE, 64, false>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, false>(G, nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                       bool fixed_k, bool f8, bool km) {                                                       \
+                       bool fixed_k, bool f8, int km) {                                                        \
     if (f8) launch_v6_f8<TYPE>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                               \
-    else if (km) launch_v6_m<TYPE>(p, D, nwarps, smem_bytes, grid, stream);                                    \
+    else if (km == 1) launch_v6_m<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream);                            \
+    else if (km == 2) launch_v6_m<TYPE, 2>(p, D, nwarps, smem_bytes, grid, stream);                            \
     else sdr_launch_slots<TYPE, false>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
   }
 
@@ -1045,19 +1058,20 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
     sdr_launch_slots<TYPE, true>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                             \
   }
 
-// K on tensor cores (kernel "v6m"), 16-bit values
-#define MUSTAFAR_DEFINE_V6_M_LAUNCHER(TYPE)                                                                     \
+// K on tensor cores (KMV = 1: kernel "v6m", 2: "v6k"), 16-bit values
+#define MUSTAFAR_DEFINE_V6_M_LAUNCHER(TYPE, KMV)                                                                \
   template <>                                                                                                  \
-  int v6_blocks_per_sm_m<TYPE>(int D, int G, int nwarps, int smem_bytes) {                                     \
-    return D == 64 ? sdr_occ<TYPE, 64, false, true>(G, nwarps, smem_bytes)                                     \
-                   : sdr_occ<TYPE, 128, false, true>(G, nwarps, smem_bytes);                                   \
+  int v6_blocks_per_sm_m<TYPE, KMV>(int D, int G, int nwarps, int smem_bytes) {                                \
+    return D == 64 ? sdr_occ<TYPE, 64, false, KMV>(G, nwarps, smem_bytes)                                      \
+                   : sdr_occ<TYPE, 128, false, KMV>(G, nwarps, smem_bytes);                                    \
   }                                                                                                            \
   template <>                                                                                                  \
-  void launch_v6_m<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) { \
+  void launch_v6_m<TYPE, KMV>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,                 \
+                              cudaStream_t stream) {                                                           \
     const int s = v6_slots(p.G);                                                                               \
-    if (s == 8) sdr_launch_m<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream);                                 \
-    else if (s == 4) sdr_launch_m<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream);                            \
-    else sdr_launch_m<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream);                                        \
+    if (s == 8) sdr_launch_m<TYPE, 8, KMV>(p, D, nwarps, smem_bytes, grid, stream);                            \
+    else if (s == 4) sdr_launch_m<TYPE, 4, KMV>(p, D, nwarps, smem_bytes, grid, stream);                       \
+    else sdr_launch_m<TYPE, 1, KMV>(p, D, nwarps, smem_bytes, grid, stream);                                   \
   }
 
 }  // namespace mustafar_cuda

@@ -20,7 +20,8 @@ DecodeKernel parse_decode_kernel(c10::string_view name, const char* op) {
   if (name == "v6") return DecodeKernel::kV6;
   if (name == "v6g") return DecodeKernel::kV6g;
   if (name == "v6m") return DecodeKernel::kV6m;
-  MF_CHECK_VALUE(false, op, "kernel=", name, " is not a decode kernel (expected auto, v4, v5, v6, v6g or v6m)");
+  if (name == "v6k") return DecodeKernel::kV6k;
+  MF_CHECK_VALUE(false, op, "kernel=", name, " is not a decode kernel (expected auto, v4, v5, v6, v6g, v6m or v6k)");
   return DecodeKernel::kAuto;
 }
 
@@ -31,6 +32,7 @@ const char* decode_kernel_name(DecodeKernel k) {
     case DecodeKernel::kV6: return "v6";
     case DecodeKernel::kV6g: return "v6g";
     case DecodeKernel::kV6m: return "v6m";
+    case DecodeKernel::kV6k: return "v6k";
     default: return "auto";
   }
 }
@@ -101,7 +103,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
   c.nwarps = kWarps;
   c.per_sm = 1;
   c.f8 = v6 && pr.f8;
-  c.km = kernel == DecodeKernel::kV6m;
+  c.km = kernel == DecodeKernel::kV6m ? 1 : kernel == DecodeKernel::kV6k ? 2 : 0;
   const bool v5 = kernel == DecodeKernel::kV5;
   if (v5) {
     if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && pr.vec16) c.VM = kVmOct;
@@ -125,7 +127,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       p.r_wbytes = p.r_off_xv + r16(kRRows * kv * 2 + 16);
     }
     p.r_off_kd = 0;
-    if (c.km) {  // the dense K tile, as the V tile (D + 1 lines)
+    if (c.km == 1) {  // the dense K tile, as the V tile (D + 1 lines)
       p.r_off_kd = p.r_wbytes;
       p.r_wbytes += r16((D + 1) * kRLine);
     }
@@ -205,7 +207,7 @@ DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, co
       return req;
     default:
       MF_CHECK_VALUE(half_type, op, "kernel=", decode_kernel_name(req), " cannot serve q.dtype=", pr.dtype,
-                     " (v5, v6, v6g and v6m are float16 / bfloat16 kernels; v4 and auto serve float32)");
+                     " (v5 and the v6 family are float16 / bfloat16 kernels; v4 and auto serve float32)");
       if (req != DecodeKernel::kV5) {
         MF_CHECK_VALUE(v6_ok, op, "kernel=", decode_kernel_name(req), " needs at most 8 query heads per KV head (G=",
                        pr.G, ") and at most ", kRKMax, " stored values per row (k_k=", pr.kk, ", k_v=", pr.kv, ")");

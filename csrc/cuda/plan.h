@@ -25,18 +25,21 @@ namespace mustafar_cuda {
 // GQA (k > 64), v4 otherwise (fp32, or MHA with k > 64). kV6g: v6 with k read at run time everywhere (v6 has
 // instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128). The timings behind the rule:
 // results/kernel_h100.json (every G 1 / 3 / 4 / 7 / 8, session 11) and results/kernel_v6_candidates_h100.json
-// (v6 for every G and for e4m3 values, session 12); docs/kernel_notes.md. kV6m: v6 with the K dot products on
-// tensor cores (decode_v6.cuh, KM; 16-bit values, k read at run time), where v6 serves; named only, until timed.
-enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7, kV6m = 8 };
+// (v6 for every G and for e4m3 values, session 12); docs/kernel_notes.md. kV6m / kV6k: v6 with the K dot products on
+// tensor cores (decode_v6.cuh, KM = 1: a dense K tile per warp; KM = 2: K walked first through the V tile; 16-bit
+// values, k read at run time), where v6 serves; named only, until timed.
+enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7, kV6m = 8, kV6k = 9 };
 
 // the v6 family (one kernel template, one configuration path)
-inline bool is_v6(DecodeKernel k) { return k == DecodeKernel::kV6 || k == DecodeKernel::kV6g || k == DecodeKernel::kV6m; }
+inline bool is_v6(DecodeKernel k) {
+  return k == DecodeKernel::kV6 || k == DecodeKernel::kV6g || k == DecodeKernel::kV6m || k == DecodeKernel::kV6k;
+}
 
 // MHA at D = 64: v5 (a warp per row, per-value work) beat v6 at k = 19 (70 %) by 1.2-1.35x on all four timed
 // shapes and lost at k = 32 (50 %) on three of four (results/kernel_h100.json); the switch sits between them.
 constexpr int kV5MaxKD64 = 25;
 
-// "auto", "v4", "v5", "v6", "v6g", "v6m"; anything else raises ValueError naming it
+// "auto", "v4", "v5", "v6", "v6g", "v6m", "v6k"; anything else raises ValueError naming it
 DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
 const char* decode_kernel_name(DecodeKernel k);
 
@@ -64,7 +67,7 @@ struct DecodeConfig {
   int per_sm;           // resident CTAs per SM
   int smem_bytes;       // dynamic shared memory per CTA
   bool f8;              // v6: e4m3 values
-  bool km;              // v6m: K on tensor cores (a dense K tile per warp)
+  int km;               // v6m / v6k: K on tensor cores (1: a dense K tile per warp, 2: through the V tile), else 0
   V4Layout v4;          // the chosen kernel's layout (the others are unused)
   V5Layout v5;
   V6Layout v6;

@@ -1,0 +1,7 @@
+// v6 fused sparse decode with K on tensor cores through the V tile, K walked before V (kernel "v6k"), instantiated
+// for __nv_bfloat16 models (decode_v6.cuh)
+#include "decode_v6.cuh"
+
+namespace mustafar_cuda {
+MUSTAFAR_DEFINE_V6_M_LAUNCHER(__nv_bfloat16, 2)
+}  // namespace mustafar_cuda
