@@ -17,7 +17,7 @@
 //
 // sparse_decode's variant argument (the Python wrapper's kernel=; not named "kernel" in the schema because
 // inductor's FallbackKernel.create takes a parameter of that name) picks the CUDA decode kernel: "auto" (v7),
-// "v7", "v7g" (v7 with k at run time), "v4", "v5", "v6", "v6g", "v6m" or "v6k"; a name that cannot serve raises ValueError. pdl: launch
+// "v7", "v7g" (v7 with k at run time), "v4", "v5", "v6", "v6g" or "v6k"; a name that cannot serve raises ValueError. pdl: launch
 // the CUDA merge kernel as a programmatic dependent of the decode kernel (Hopper). The CPU kernel takes
 // "auto" only and ignores pdl.
 

@@ -25,7 +25,7 @@ for dt in (torch.float16, torch.bfloat16):
         # every decode kernel on complete top-k rows and on arbitrary masks (v6 covers G = 1 and 4; v6g is
         # its run-time-k instantiation)
         # (the op's kernel argument); the merge as a programmatic dependent and after the decode kernel (pdl)
-        for kern in ("v4", "v5", "v6", "v6g", "v6m", "v6k"):
+        for kern in ("v4", "v5", "v6", "v6g", "v6k"):
             for pdl in (True, False):
                 out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None, None, kern, pdl)
                 out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None, None, kern, pdl)
@@ -51,7 +51,7 @@ for dt in (torch.float16, torch.bfloat16):
         vw = torch.randn(b, h_kv, ring, d, device="cuda", dtype=dt)
         ks = torch.tensor([0, 33], dtype=torch.int32, device="cuda")
         ln = torch.tensor([cap - 37, ring - 5], dtype=torch.int32, device="cuda")
-        kerns = ("v7", "v7g") + (("v6", "v6g", "v6m", "v6k") if d != 256 else ())
+        kerns = ("v7", "v7g") + (("v6", "v6g", "v6k") if d != 256 else ())
         for kern in kerns:
             for lengths in (None, ln):
                 out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None,

@@ -130,13 +130,19 @@ def _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.7, s_v=0.5, padded=False, s
 # every fused decode kernel (the op's kernel argument; fp32 runs v4 only). v6 covers fp16/bf16 with at most
 # eight query heads per KV head and k <= 64 stored values per row, v5 fp16/bf16: other cases skip them (and
 # they refuse them, test_sparse_decode_v6_refuses / test_sparse_decode_fp16_kernels_refuse_float32).
-@pytest.fixture(params=["v7", "v7g", "v6", "v6m", "v6k", "v5", "v4"])
+@pytest.fixture(params=["v7", "v7g", "v6", "v6k", "v5", "v4"])
 def decode_kernel(request):
     return request.param
 
 
+def auto_v6(g):
+    """The v6-family kernel "auto" runs for 16-bit values (plan.h): v6k (K on tensor cores through the V tile) for 5-8
+    query heads per KV head, v6 otherwise."""
+    return "v6k" if 4 < g <= 8 else "v6"
+
+
 def _skip_unless_v6_covers(kernel, g, dtype, *values):
-    if kernel in ("v6", "v6m", "v6k") and (g > 8 or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
+    if kernel in ("v6", "v6k") and (g > 8 or dtype == torch.float32 or any(v.shape[-1] > 64 for v in values)):
         pytest.skip("v6 covers fp16/bf16, G <= 8, k <= 64")
     if kernel == "v5" and dtype == torch.float32:
         pytest.skip("v5 covers fp16/bf16")
@@ -187,7 +193,7 @@ def test_sparse_decode_matches_reference(dtype, case, decode_kernel):
 def test_sparse_decode_masking_padding_strides(dtype, d, decode_kernel):
     b, h_kv, g = 5, 2, 4
     t_c, t_w = 300, 20
-    s_v = 0.6 if decode_kernel in ("v6", "v6m", "v6k") else 0.3
+    s_v = 0.6 if decode_kernel in ("v6", "v6k") else 0.3
     args = _make_case(b, h_kv, g, d, t_c, t_w, dtype, s_k=0.6, s_v=s_v, padded=True, strided=True, seed=d)
     _skip_unless_v6_covers(decode_kernel, g, dtype, args[2], args[4])
     ks = torch.tensor([0, 17, 299, 310, 320], dtype=torch.int32, device=DEV)  # last: all masked
@@ -287,7 +293,7 @@ def _v6_case(d, k_k, k_v, irregular, dtype, seed, g=1):
 # "v6" runs the instantiations with k compiled in where they exist (k_k = k_v = 38 or 64 at D = 128),
 # "v6g" the run-time-k one everywhere: both are checked on those rows
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
-@pytest.mark.parametrize("kernel", ["v6", "v6g", "v6m", "v6k"])
+@pytest.mark.parametrize("kernel", ["v6", "v6g", "v6k"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", V6_MODES)
 def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g):
@@ -311,10 +317,8 @@ def test_sparse_decode_v6_value_modes(dtype, mode, kernel, g):
 @pytest.mark.parametrize("t_c,t_w,b", [(1, 0, 1), (31, 0, 2), (32, 0, 1), (33, 1, 2), (0, 40, 2),
                                        (4096 + 17, 33, 2), (64 * 1024 + 5, 0, 1), (37, 3, 64)])
 @pytest.mark.parametrize("kernel,s,g", [("v6", 0.7, 1), ("v6", 0.5, 1), ("v6g", 0.7, 1), ("v6", 0.7, 4),
-                                        ("v6", 0.7, 8), ("v6g", 0.5, 6), ("v6", 0.6, 2), ("v6m", 0.7, 1),
-                                        ("v6m", 0.7, 4), ("v6m", 0.7, 8), ("v6m", 0.5, 7), ("v6m", 0.6, 3),
-                                        ("v6k", 0.7, 1), ("v6k", 0.7, 4), ("v6k", 0.7, 8), ("v6k", 0.5, 7),
-                                        ("v6k", 0.6, 3)])
+                                        ("v6", 0.7, 8), ("v6g", 0.5, 6), ("v6", 0.6, 2), ("v6k", 0.7, 1),
+                                        ("v6k", 0.7, 4), ("v6k", 0.7, 8), ("v6k", 0.5, 7), ("v6k", 0.6, 3)])
 def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g):
     """Tile edges (the whole-tile staging of the k-compiled-in kernels vs partial tiles), window only, long
     sequences (many splits at batch 1), batch 64; MHA and 2, 4, 6, 8 query heads per KV head."""
@@ -325,7 +329,7 @@ def test_sparse_decode_v6_lengths(t_c, t_w, b, kernel, s, g):
     assert _rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("kernel", ["v6", "v6g", "v6m", "v6k"])
+@pytest.mark.parametrize("kernel", ["v6", "v6g", "v6k"])
 def test_sparse_decode_v6_refuses(kernel):
     from mustafar import ops
 
@@ -339,7 +343,7 @@ def test_sparse_decode_v6_refuses(kernel):
         ops.sparse_decode(*args, kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", ["v5", "v6", "v6g", "v6m", "v6k"])
+@pytest.mark.parametrize("kernel", ["v5", "v6", "v6g", "v6k"])
 def test_sparse_decode_fp16_kernels_refuse_float32(kernel):
     args = _make_case(1, 2, 1, 128, 70, 3, torch.float32)
     with pytest.raises(ValueError, match=f"kernel={kernel} cannot serve q.dtype=Float"):
@@ -508,7 +512,7 @@ V6_LENGTH_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", V6_LENGTH_CASES)
-@pytest.mark.parametrize("kernel", ["v6", "v6g", "v6m", "v6k"])
+@pytest.mark.parametrize("kernel", ["v6", "v6g", "v6k"])
 def test_v6_device_lengths_ring(dtype, case, kernel):
     """v6 / v6g with device lengths (the compileable cache's call; launched for the capacities, the tiles shared
     out from the lengths in the kernel): against the float64 reference for lengths from empty to full, the
@@ -537,7 +541,7 @@ def test_v6_device_lengths_ring(dtype, case, kernel):
         v7 = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), None, None, ln,
                                               variant="v7")
         assert _rel(out, v7.double()) < 1e-2, (n_c, n_w)  # the same attention as v7
-        if kernel == "v6":  # "auto" with lengths runs v6 wherever v6 serves (plan.h): the same bits
+        if kernel == auto_v6(g):  # "auto" with lengths runs this v6 kernel wherever v6 serves (plan.h): the same bits
             auto = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, kvs, 1 / math.sqrt(d), None, None, ln)
             assert torch.equal(auto, out), (n_c, n_w)
 
@@ -597,7 +601,7 @@ def test_v6_fp8_needs_both_sides():
     with pytest.raises(ValueError, match="e4m3 K values"):
         torch.ops.mustafar.sparse_decode(q, kb8, k8, kb, kv, w, w, None, 0.1, ks, None, None, variant="v6")
     kb8v, v8, vs = _fp8_side(kb, kv)
-    for name in ("v6m", "v6k"):  # K on tensor cores: 16-bit values only
+    for name in ("v6k",):  # K on tensor cores: 16-bit values only
         with pytest.raises(ValueError, match=f"kernel={name} .*e4m3 K values and e4m3 V values"):
             torch.ops.mustafar.sparse_decode(q, kb8, k8, kb8v, v8, w, w, None, 0.1, ks, vs, None, variant=name)
 

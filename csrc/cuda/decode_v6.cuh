@@ -50,7 +50,6 @@ struct V6Layout {
   int off_vd;
   int r_wbytes, r_off_stk, r_off_stv, r_bufstep, r_ldk, r_ldv, r_lgk, r_lgv;
   int r_off_xk, r_off_xv;  // e4m3 values: the expanded (fp16) K / V buffers of the current tile (one each)
-  int r_off_kd;            // KM = 1 (kernel "v6m"): the warp's dense K tile, laid out as the V tile
 };
 struct V6Params : SDParams, V6Layout {};
 
@@ -368,19 +367,19 @@ constexpr int r_ld_of(int k) {
 // expanded to fp16 in shared memory per tile (r_expand_e4m3), walked as fp16 values; the K scale multiplies the
 // row's score, the V scale its probability in the P.V product (not in the softmax sum), which then runs in fp16
 // also for bf16 models (dense window V rows converted to fp16 as they enter the dense tile).
-// KM (the op's kernels "v6m" = 1 and "v6k" = 2, 16-bit values): the K dot products on tensor cores too. A K walk step scatters its
-// value into a second dense tile Kd[channel][token] (one 16-bit store, as a V step does) instead of gathering the GQ
-// slots' q (one or two 16-byte loads) and doing GQ FMAs; once the tile's rows are walked, S (32 tokens x 8 columns)
-// = Kd^T q^T runs as 2 x D / 16 mma.m16n8k16 (A = Kd^T by transposed ldmatrix, B = the raw q of the group's heads,
-// held in registers for the whole kernel; fp32 accumulation, q's scale applied after), handed back to lane = token
-// through a small table over the K tile, which is then zeroed. The per-value K work no longer grows with G.
-// KM = 1 gives each warp a dense K tile of its own (the K and V walks stay interleaved: four chains, but ~10 KB more
-// shared memory per warp, so fewer resident warps); KM = 2 walks K first through the V tile (no extra memory, two
-// chains at a time), then V.
-template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false, int KM = 0>
+// KT (the op's kernel "v6k", 16-bit values): the K dot products on tensor cores too. The tile's K rows are walked
+// first (two chains: up and down), each step scattering its value into the warp's dense tile, Kd[channel][token]
+// (the V tile's memory: one 16-bit store, as a V step does) instead of gathering the GQ slots' q (one or two 16-byte
+// loads) and doing GQ FMAs; then S (32 tokens x 8 columns) = Kd^T q^T runs as 2 x D / 16 mma.m16n8k16 (A = Kd^T by
+// transposed ldmatrix, B = the raw q of the group's heads, held in registers for the whole kernel; fp32
+// accumulation, q's scale applied after) and goes back to lane = token through a table over the tile's first 1 KB;
+// the tile is zeroed and the V rows walked into it as usual. The per-value K work no longer grows with G. (A dense K
+// tile of its own per warp, keeping the four interleaved chains, was slower everywhere: ~10 KB more shared memory per
+// warp cost a third of the resident warps; docs/kernel_notes.md, session 13.)
+template <typename T, int D, int LK, int LV, int KC = 0, int GQ = 1, bool F8 = false, bool KT = false>
 __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Params p) {
   static_assert(KC == 0 || (LK == r_ld_of(KC) && LV == r_ld_of(KC)), "KC needs its own row layout");
-  static_assert(!(KM && F8), "K on tensor cores takes 16-bit values");
+  static_assert(!(KT && F8), "K on tensor cores takes 16-bit values");
   static_assert(GQ == 1 || GQ == 2 || GQ == 4 || GQ == 8, "GQ: 1, 2, 4 or 8 query-head slots per KV head");
   constexpr int NW32 = D / 32;  // 32-bit bitmap words per row
   constexpr int W = D / 64;     // int64 bitmap words per row
@@ -509,11 +508,11 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
     const int c = i / GQ, g = i - c * GQ;
     *reinterpret_cast<float*>(smem + 4 * i) = (c < D && g < G) ? to_f(qp[g * D + c]) * p.qscale : 0.f;
   }
-  // KM: the B operand of S = Kd^T q^T, per k-step of 16 channels: head lane / 4 (0 past G), channels
+  // KT: the B operand of S = Kd^T q^T, per k-step of 16 channels: head lane / 4 (0 past G), channels
   // 16 j + 2 (lane % 4) + {0, 1} (qf[j][0]) and + 8 (qf[j][1]), unscaled (exact in T)
-  uint32_t qf[KM ? D / 16 : 1][2];
-  const uint32_t kdt = KM == 1 ? wreg + (uint32_t)p.r_off_kd : vd;  // the dense tile K values go to (KM = 2: Vd)
-  if constexpr (KM) {
+  uint32_t qf[KT ? D / 16 : 1][2];
+  const uint32_t kdt = vd;  // KT: the dense tile the K values go to (the V tile, before the V rows)
+  if constexpr (KT) {
     const int h = lane >> 2, c0 = 2 * (lane & 3);
 #pragma unroll
     for (int j = 0; j < D / 16; ++j) {
@@ -579,10 +578,10 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
         const uint32_t kb = r_row_base(ek, kk, ldk, lgk, lane);
         const uint32_t vb = r_row_base(ev, kv, ldv, lgv, lane);
         const uint32_t qb = smem_s, vdb = smem_s + vd + (uint32_t)(2 * lane);
-        // the K walks' slots: q's channels (fp32 x GQ), or with KM the lane's column of the dense K tile
-        constexpr int KS = KM ? kRLine : QS;
-        const uint32_t kbase = KM ? smem_s + kdt + (uint32_t)(2 * lane) : qb;
-        // SIDE: 3 both sides' walks interleaved (four chains), 1 the K walks only, 2 the V walks only (KM = 2)
+        // the K walks' slots: q's channels (fp32 x GQ), or with KT the lane's column of the dense tile
+        constexpr int KS = KT ? kRLine : QS;
+        const uint32_t kbase = KT ? smem_s + kdt + (uint32_t)(2 * lane) : qb;
+        // SIDE: 3 both sides' walks interleaved (four chains), 1 the K walks only, 2 the V walks only (KT)
         auto walk_tile = [&](auto q_tag, auto side_tag) {
           constexpr int Q = decltype(q_tag)::value;
           constexpr bool DK = (decltype(side_tag)::value & 1) != 0, DV = (decltype(side_tag)::value & 2) != 0;
@@ -592,7 +591,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           auto vdn = r_walk_down<NW32, kRLine, Q>(vw, vdb);
           // value u of a group of 8 (x: 4 packed pairs)
           auto kstep = [&](auto& wk, float (&sc)[GQ], const uint32_t (&x)[4], int u) {
-            if constexpr (KM) {  // into the dense K tile; S comes from the mma below
+            if constexpr (KT) {  // into the dense tile; S comes from the mma below
               r_sts_u16(wk.next(), (u & 1) ? (x[u >> 1] >> 16) : x[u >> 1]);
             } else {
               float qv[GQ];
@@ -686,8 +685,8 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           if (sq) walk_tile(std::integral_constant<int, NW32 >= 4 ? 2 : NW32 - 1>{}, side_tag);
           else walk_tile(std::integral_constant<int, NW32 - 1>{}, side_tag);
         };
-        walk(std::integral_constant<int, KM == 2 ? 1 : 3>{});  // KM = 2: K first, through the V tile
-        if constexpr (KM != 0) {
+        walk(std::integral_constant<int, KT ? 1 : 3>{});  // KT: K first, through the V tile
+        if constexpr (KT) {
           // S (tokens x 8 columns) = Kd^T q^T: two m-tiles of 16 tokens, D / 16 k-steps. ldmatrix.trans row address
           // of this lane: matrix i = lane / 8 -> tokens + 8 if i odd, channels + 8 if i >= 2
           __syncwarp();  // every lane's K row is in Kd
@@ -720,9 +719,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
           for (int i = 0; i < D / 8; ++i)  // zero the tile's data bytes again (as for Vd below)
             *reinterpret_cast<uint4*>(smem + kdt + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
                 make_uint4(0u, 0u, 0u, 0u);
-          __syncwarp();  // zeros in before the V walks scatter (KM = 2: into the same tile)
+          __syncwarp();  // zeros in before the V walks scatter into the same tile
+          walk(std::integral_constant<int, 2>{});
         }
-        if constexpr (KM == 2) walk(std::integral_constant<int, 2>{});
       } else {
         // general path (rows with fewer than k values or an empty 32-bit word): values by index
         if (valid) {
@@ -937,9 +936,9 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
 }
 
-template <typename T, int D, int GQ, bool F8 = false, int KM = 0>
+template <typename T, int D, int GQ, bool F8 = false, bool KT = false>
 int sdr_occ_one(int nwarps, int smem_bytes) {
-  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ, F8, KM>;  // about the resources of the specialised instantiations
+  auto kern = sd_rows_kernel<T, D, -1, -1, 0, GQ, F8, KT>;  // about the resources of the specialised instantiations
   if (smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int n = 0;
@@ -988,24 +987,24 @@ void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,
   }
 }
 
-// kernels "v6m" / "v6k" (KM = 1 / 2: K on tensor cores, 16-bit values): the run-time-k instantiations, in translation
-// units of their own (decode_v6_m_*.cu, decode_v6_k_*.cu)
-template <typename T, int GQ, int KM>
-void sdr_launch_m(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) {
-  if (D == 64) sdr_go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, KM>, p, nwarps, smem_bytes, grid, stream);
-  else sdr_go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, KM>, p, nwarps, smem_bytes, grid, stream);
+// kernel "v6k" (KT: K on tensor cores, 16-bit values): the run-time-k instantiations, in translation units of their
+// own (decode_v6_k_*.cu)
+template <typename T, int GQ>
+void sdr_launch_kt(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) {
+  if (D == 64) sdr_go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
+  else sdr_go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
 }
-template <typename T, int KM>
-int v6_blocks_per_sm_m(int D, int G, int nwarps, int smem_bytes);
-template <typename T, int KM>
-void launch_v6_m(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream);
-
-// km: 0 (K dot products on the CUDA cores), 1 / 2 (on tensor cores: "v6m" / "v6k")
 template <typename T>
-int v6_blocks_per_sm(int D, int G, bool f8, int km, int nwarps, int smem_bytes);
+int v6_blocks_per_sm_kt(int D, int G, int nwarps, int smem_bytes);
+template <typename T>
+void launch_v6_kt(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream);
+
+// kt: K dot products on tensor cores ("v6k") or on the CUDA cores
+template <typename T>
+int v6_blocks_per_sm(int D, int G, bool f8, bool kt, int nwarps, int smem_bytes);
 template <typename T>
 void launch_v6(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k,
-               bool f8, int km);
+               bool f8, bool kt);
 // the e4m3-valued instantiations, in translation units of their own (decode_v6_f8_*.cu) so that ninja builds
 // them in parallel with the 16-bit ones
 template <typename T>
@@ -1014,11 +1013,11 @@ template <typename T>
 void launch_v6_f8(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
 // occupancy and launch of v6 for one value type and query-head slots (1 / 4 / 8) picked at run time
-template <typename T, int D, bool F8, int KM = 0>
+template <typename T, int D, bool F8, bool KT = false>
 int sdr_occ(int G, int nwarps, int smem_bytes) {
   const int s = v6_slots(G);
-  return s == 1 ? sdr_occ_one<T, D, 1, F8, KM>(nwarps, smem_bytes)
-         : s == 4 ? sdr_occ_one<T, D, 4, F8, KM>(nwarps, smem_bytes) : sdr_occ_one<T, D, 8, F8, KM>(nwarps, smem_bytes);
+  return s == 1 ? sdr_occ_one<T, D, 1, F8, KT>(nwarps, smem_bytes)
+         : s == 4 ? sdr_occ_one<T, D, 4, F8, KT>(nwarps, smem_bytes) : sdr_occ_one<T, D, 8, F8, KT>(nwarps, smem_bytes);
 }
 template <typename T, bool F8>
 void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
@@ -1031,18 +1030,16 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
 // 16-bit values (and the entry points, which hand e4m3 values to launch_v6_f8)
 #define MUSTAFAR_DEFINE_V6_LAUNCHER(TYPE)                                                                       \
   template <>                                                                                                  \
-  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, int km, int nwarps, int smem_bytes) {                      \
+  int v6_blocks_per_sm<TYPE>(int D, int G, bool f8, bool kt, int nwarps, int smem_bytes) {                     \
     if (f8) return v6_blocks_per_sm_f8<TYPE>(D, G, nwarps, smem_bytes);                                        \
-    if (km == 1) return v6_blocks_per_sm_m<TYPE, 1>(D, G, nwarps, smem_bytes);                                 \
-    if (km == 2) return v6_blocks_per_sm_m<TYPE, 2>(D, G, nwarps, smem_bytes);                                 \
+    if (kt) return v6_blocks_per_sm_kt<TYPE>(D, G, nwarps, smem_bytes);                                        \
     return D == 64 ? sdr_occ<TYPE, 64, false>(G, nwarps, smem_bytes) : sdr_occ<TYPE, 128, false>(G, nwarps, smem_bytes); \
   }                                                                                                            \
   template <>                                                                                                  \
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
-                       bool fixed_k, bool f8, int km) {                                                        \
+                       bool fixed_k, bool f8, bool kt) {                                                       \
     if (f8) launch_v6_f8<TYPE>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                               \
-    else if (km == 1) launch_v6_m<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream);                            \
-    else if (km == 2) launch_v6_m<TYPE, 2>(p, D, nwarps, smem_bytes, grid, stream);                            \
+    else if (kt) launch_v6_kt<TYPE>(p, D, nwarps, smem_bytes, grid, stream);                                   \
     else sdr_launch_slots<TYPE, false>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
   }
 
@@ -1058,20 +1055,19 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
     sdr_launch_slots<TYPE, true>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                             \
   }
 
-// K on tensor cores (KMV = 1: kernel "v6m", 2: "v6k"), 16-bit values
-#define MUSTAFAR_DEFINE_V6_M_LAUNCHER(TYPE, KMV)                                                                \
+// K on tensor cores (kernel "v6k"), 16-bit values
+#define MUSTAFAR_DEFINE_V6_KT_LAUNCHER(TYPE)                                                                    \
   template <>                                                                                                  \
-  int v6_blocks_per_sm_m<TYPE, KMV>(int D, int G, int nwarps, int smem_bytes) {                                \
-    return D == 64 ? sdr_occ<TYPE, 64, false, KMV>(G, nwarps, smem_bytes)                                      \
-                   : sdr_occ<TYPE, 128, false, KMV>(G, nwarps, smem_bytes);                                    \
+  int v6_blocks_per_sm_kt<TYPE>(int D, int G, int nwarps, int smem_bytes) {                                    \
+    return D == 64 ? sdr_occ<TYPE, 64, false, true>(G, nwarps, smem_bytes)                                     \
+                   : sdr_occ<TYPE, 128, false, true>(G, nwarps, smem_bytes);                                   \
   }                                                                                                            \
   template <>                                                                                                  \
-  void launch_v6_m<TYPE, KMV>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,                 \
-                              cudaStream_t stream) {                                                           \
+  void launch_v6_kt<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) { \
     const int s = v6_slots(p.G);                                                                               \
-    if (s == 8) sdr_launch_m<TYPE, 8, KMV>(p, D, nwarps, smem_bytes, grid, stream);                            \
-    else if (s == 4) sdr_launch_m<TYPE, 4, KMV>(p, D, nwarps, smem_bytes, grid, stream);                       \
-    else sdr_launch_m<TYPE, 1, KMV>(p, D, nwarps, smem_bytes, grid, stream);                                   \
+    if (s == 8) sdr_launch_kt<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream);                                \
+    else if (s == 4) sdr_launch_kt<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream);                           \
+    else sdr_launch_kt<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream);                                       \
   }
 
 }  // namespace mustafar_cuda

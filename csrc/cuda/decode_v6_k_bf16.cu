@@ -3,5 +3,5 @@
 #include "decode_v6.cuh"
 
 namespace mustafar_cuda {
-MUSTAFAR_DEFINE_V6_M_LAUNCHER(__nv_bfloat16, 2)
+MUSTAFAR_DEFINE_V6_KT_LAUNCHER(__nv_bfloat16)
 }  // namespace mustafar_cuda

@@ -3,5 +3,5 @@
 #include "decode_v6.cuh"
 
 namespace mustafar_cuda {
-MUSTAFAR_DEFINE_V6_M_LAUNCHER(__half, 2)
+MUSTAFAR_DEFINE_V6_KT_LAUNCHER(__half)
 }  // namespace mustafar_cuda

@@ -19,9 +19,8 @@ DecodeKernel parse_decode_kernel(c10::string_view name, const char* op) {
   if (name == "v5") return DecodeKernel::kV5;
   if (name == "v6") return DecodeKernel::kV6;
   if (name == "v6g") return DecodeKernel::kV6g;
-  if (name == "v6m") return DecodeKernel::kV6m;
   if (name == "v6k") return DecodeKernel::kV6k;
-  MF_CHECK_VALUE(false, op, "kernel=", name, " is not a decode kernel (expected auto, v4, v5, v6, v6g, v6m or v6k)");
+  MF_CHECK_VALUE(false, op, "kernel=", name, " is not a decode kernel (expected auto, v4, v5, v6, v6g or v6k)");
   return DecodeKernel::kAuto;
 }
 
@@ -31,7 +30,6 @@ const char* decode_kernel_name(DecodeKernel k) {
     case DecodeKernel::kV5: return "v5";
     case DecodeKernel::kV6: return "v6";
     case DecodeKernel::kV6g: return "v6g";
-    case DecodeKernel::kV6m: return "v6m";
     case DecodeKernel::kV6k: return "v6k";
     default: return "auto";
   }
@@ -103,7 +101,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
   c.nwarps = kWarps;
   c.per_sm = 1;
   c.f8 = v6 && pr.f8;
-  c.km = kernel == DecodeKernel::kV6m ? 1 : kernel == DecodeKernel::kV6k ? 2 : 0;
+  c.kt = kernel == DecodeKernel::kV6k;
   const bool v5 = kernel == DecodeKernel::kV5;
   if (v5) {
     if (kk >= 8 && kv >= 8 && kk % 8 == 0 && kv % 8 == 0 && pr.vec16) c.VM = kVmOct;
@@ -126,11 +124,6 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       p.r_off_xv = p.r_off_xk + r16(kRRows * kk * 2 + 16);
       p.r_wbytes = p.r_off_xv + r16(kRRows * kv * 2 + 16);
     }
-    p.r_off_kd = 0;
-    if (c.km == 1) {  // the dense K tile, as the V tile (D + 1 lines)
-      p.r_off_kd = p.r_wbytes;
-      p.r_wbytes += r16((D + 1) * kRLine);
-    }
     // warps per CTA: the most resident warps per SM (shared memory bounds it), fewer warps on a tie
     int best = -1;
     for (int nw = kRMaxWarps; nw >= 4; --nw) {
@@ -139,7 +132,7 @@ DecodeConfig make_config(const DecodeProblem& pr, DecodeKernel kernel, const cha
       int n = 0;
       dispatch_half_float(pr.dtype, [&](auto tag) {
         using scalar = decltype(tag);
-        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, c.f8, c.km, nw, sb);
+        if constexpr (!std::is_same<scalar, float>::value) n = v6_blocks_per_sm<scalar>((int)D, (int)G, c.f8, c.kt, nw, sb);
       });
       if (n * nw > best) {
         best = n * nw;
@@ -197,12 +190,14 @@ DecodeKernel resolve_decode_kernel(const DecodeProblem& pr, DecodeKernel req, co
   const bool half_type = pr.dtype != at::kFloat;
   const bool v6_ok = v6_serves(pr.dtype, pr.G, pr.D, pr.kk, pr.kv);
   switch (req) {
-    case DecodeKernel::kAuto:
+    case DecodeKernel::kAuto: {
       // sparse_decode.cu sends device lengths and e4m3 values here only where v6 serves them
-      if (pr.lengths || pr.f8) return DecodeKernel::kV6;
+      const DecodeKernel v6_pick = !pr.f8 && v6_slots((int)pr.G) == 8 ? DecodeKernel::kV6k : DecodeKernel::kV6;
+      if (pr.lengths || pr.f8) return v6_pick;
       if (half_type && pr.D == 64 && pr.G == 1 && std::max(pr.kk, pr.kv) <= kV5MaxKD64) return DecodeKernel::kV5;
-      if (v6_ok) return DecodeKernel::kV6;
+      if (v6_ok) return v6_pick;
       return (half_type && pr.G >= 2) ? DecodeKernel::kV5 : DecodeKernel::kV4;
+    }
     case DecodeKernel::kV4:
       return req;
     default:
@@ -297,7 +292,7 @@ void launch_decode(const DecodePlan& plan, const SDParams& base, at::ScalarType 
       if (v6) {
         V6Params p{sp, c.v6};
         launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel == DecodeKernel::kV6, c.f8,
-                          c.km);
+                          c.kt);
       } else if (c.kernel == DecodeKernel::kV5) {
         V5Params p{sp, c.v5};
         launch_v5<scalar>(p, (int)D, c.GT, c.VM, c.smem_bytes, plan.grid, stream);

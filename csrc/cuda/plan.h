@@ -20,26 +20,28 @@ namespace mustafar_cuda {
 
 // The decode kernels. kAuto (for the calls sparse_decode.cu does not send to v7): v6 wherever it serves
 // (v6_serves: fp16 / bf16 model, G <= 8 query heads per KV head in 1, 4 or 8 query-head slots, D 64 / 128, at most
-// 64 stored values per row; 16-bit values or e4m3 on both sides; host or device lengths), except v5 for MHA at
+// 64 stored values per row; 16-bit values or e4m3 on both sides; host or device lengths), as v6k (K on tensor
+// cores through the V tile) for 16-bit values in 8 slots (G = 5-8: 1.04-1.45x v6 on all eight G = 7 / 8 shapes of
+// results/kernel_v6k_candidates_h200.json, where v6 pays two 16-byte q loads and 8 FMAs per stored K value), except v5 for MHA at
 // D = 64 with at most kV5MaxKD64 stored values per row, 16-bit values and host lengths; v5 for other fp16 / bf16
 // GQA (k > 64), v4 otherwise (fp32, or MHA with k > 64). kV6g: v6 with k read at run time everywhere (v6 has
 // instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128). The timings behind the rule:
 // results/kernel_h100.json (every G 1 / 3 / 4 / 7 / 8, session 11) and results/kernel_v6_candidates_h100.json
-// (v6 for every G and for e4m3 values, session 12); docs/kernel_notes.md. kV6m / kV6k: v6 with the K dot products on
-// tensor cores (decode_v6.cuh, KM = 1: a dense K tile per warp; KM = 2: K walked first through the V tile; 16-bit
-// values, k read at run time), where v6 serves; named only, until timed.
-enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7, kV6m = 8, kV6k = 9 };
+// (v6 for every G and for e4m3 values, session 12); docs/kernel_notes.md. kV6k: v6 with the K dot products on tensor
+// cores (decode_v6.cuh, KT: K walked first through the V tile; 16-bit values, k read at run time), where v6 serves;
+// "auto" runs it for G = 5-8 (above).
+enum class DecodeKernel : int { kAuto = 0, kV4 = 4, kV5 = 5, kV6 = 6, kV6g = 7, kV6k = 9 };
 
 // the v6 family (one kernel template, one configuration path)
 inline bool is_v6(DecodeKernel k) {
-  return k == DecodeKernel::kV6 || k == DecodeKernel::kV6g || k == DecodeKernel::kV6m || k == DecodeKernel::kV6k;
+  return k == DecodeKernel::kV6 || k == DecodeKernel::kV6g || k == DecodeKernel::kV6k;
 }
 
 // MHA at D = 64: v5 (a warp per row, per-value work) beat v6 at k = 19 (70 %) by 1.2-1.35x on all four timed
 // shapes and lost at k = 32 (50 %) on three of four (results/kernel_h100.json); the switch sits between them.
 constexpr int kV5MaxKD64 = 25;
 
-// "auto", "v4", "v5", "v6", "v6g", "v6m", "v6k"; anything else raises ValueError naming it
+// "auto", "v4", "v5", "v6", "v6g", "v6k"; anything else raises ValueError naming it
 DecodeKernel parse_decode_kernel(c10::string_view name, const char* op);
 const char* decode_kernel_name(DecodeKernel k);
 
@@ -67,7 +69,7 @@ struct DecodeConfig {
   int per_sm;           // resident CTAs per SM
   int smem_bytes;       // dynamic shared memory per CTA
   bool f8;              // v6: e4m3 values
-  int km;               // v6m / v6k: K on tensor cores (1: a dense K tile per warp, 2: through the V tile), else 0
+  bool kt;              // v6k: K on tensor cores (through the V tile)
   V4Layout v4;          // the chosen kernel's layout (the others are unused)
   V5Layout v5;
   V6Layout v6;

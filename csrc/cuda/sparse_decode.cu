@@ -94,14 +94,14 @@ at::Tensor sparse_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_bitmap
   // "auto": v6 wherever it serves (plan.h: fp16 / bf16 model, G <= 8, D 64 / 128, k <= 64, 16-bit values or e4m3 on
   // both sides, host or device lengths); v7 for what v6 does not serve among fp8 values, device lengths, D = 256
   // and an odd G (3, 5, 7 with k > 64: v5 walks such a row once per query head); otherwise the rest of plan.cu's
-  // rule (v5 / v4). Named "v6" / "v6g" take device lengths and e4m3 values on both sides too, "v6m" / "v6k" device lengths.
+  // rule (v5 / v4). Named "v6" / "v6g" take device lengths and e4m3 values on both sides too, "v6k" device lengths.
   const bool v6_ok = v6_serves(dt, G, D, kk, kv) && K8 == V8;
   const bool is_auto = requested == DecodeKernel::kAuto;
   const bool named_v6 = is_v6(requested);
   const bool odd_g = G > 1 && G % 2 == 1;
   const bool want_v7 = named_v7 || (is_auto && !v6_ok && (K8 || V8 || has_len || D == 256 || odd_g));
   const bool use_v7 = want_v7 && dt != at::kFloat;
-  const bool v6_16 = requested == DecodeKernel::kV6m || requested == DecodeKernel::kV6k;  // 16-bit values only
+  const bool v6_16 = requested == DecodeKernel::kV6k;  // 16-bit values only
   const bool v6_f8 = ((named_v6 && !v6_16) || (is_auto && v6_ok)) && K8 && V8;
   MF_CHECK_VALUE(use_v7 || ((v6_f8 || (!K8 && !V8)) && (!has_len || named_v6 || (is_auto && v6_ok))), op,
                  "kernel=", kernel, " with dtype ", dt, K8 ? " and e4m3 K values" : "", V8 ? " and e4m3 V values" : "",

@@ -92,10 +92,10 @@ def kernel_long_frame(df, sparsity: float = 0.7, dtype: str = "float16"):
     if "dtype" in df.columns:
         sub = sub[sub["dtype"] == dtype]
     per_kernel = {c: f"fused {c.removeprefix('fused_').removesuffix('_ms')}"
-                  # fused_v7w_ms: the 16-byte-load v7 of results/kernel_h100.json (commit bcbffc1), now v7 itself
-                  for c in ("fused_v7_ms", "fused_v7g_ms", "fused_v7w_ms", "fused_v6_ms", "fused_v6g_ms", "fused_v6m_ms", "fused_v6k_ms",
-                            "fused_v5_ms",
-                            "fused_v4_ms")
+                  # fused_v7w_ms: the 16-byte-load v7 of results/kernel_h100.json (commit bcbffc1), now v7 itself;
+                  # fused_v6m_ms: v6 with a dense K tile per warp (session 13's candidate files), since deleted
+                  for c in ("fused_v7_ms", "fused_v7g_ms", "fused_v7w_ms", "fused_v6_ms", "fused_v6g_ms", "fused_v6m_ms",
+                            "fused_v6k_ms", "fused_v5_ms", "fused_v4_ms")
                   if c in sub.columns and sub[c].notna().any()}
     fused = per_kernel or {"fused_ms": "fused sparse"}
     extra = {c: n for c, n in (("fused_fp8_ms", "fused, FP8 values"), ("fp8_proxy_ms", "FP8 proxy (SDPA, T/2)"))

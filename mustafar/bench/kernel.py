@@ -63,7 +63,7 @@ __all__ = ["KERNELS", "FP8_KERNELS", "HEADS", "SPARSITIES", "POINTS", "PROFILES"
            "grid", "run", "summary", "main"]
 
 #: the CUDA decode kernels ``mustafar.ops.sparse_decode(kernel=...)`` can be asked for, timed side by side
-KERNELS = ("v7", "v7g", "v6", "v6g", "v6m", "v6k", "v5", "v4")
+KERNELS = ("v7", "v7g", "v6", "v6g", "v6k", "v5", "v4")
 #: the kernels that read e4m3 values, timed side by side on them (``fused_fp8_<kernel>_ms``)
 FP8_KERNELS = ("v7", "v6")
 

@@ -17,14 +17,15 @@ overrides it in-process (tests use it).
 Kernel choice: on CUDA, ``sparse_decode`` has several fused decode kernels, chosen by its ``kernel``
 argument (nothing is read from the environment per call): ``"auto"`` (default; for fp16/bf16: v6 wherever it
 serves the call (up to 8 query heads per KV head, at most 64 stored values per row, head_dim 64 / 128, 16-bit values
-or e4m3 on both sides, host or device-side ``lengths``), except v5 for MHA at head_dim 64 with at most 25 stored
+or e4m3 on both sides, host or device-side ``lengths``), as ``"v6k"`` for 5-8 query heads per KV head with 16-bit
+values, except v5 for MHA at head_dim 64 with at most 25 stored
 values per row (16-bit, host lengths); v7 for the rest of FP8 values, ``lengths``, head_dim 256 and odd G; v5 for
 other GQA with k > 64; v4 for float32 and MHA with k > 64: the rule ``csrc/cuda/plan.h`` states with the H100
 timings behind it), ``"v7"`` (k compiled in where instantiated), ``"v7g"`` (v7 with k read at run time), ``"v4"``,
 ``"v5"``, ``"v6"``, ``"v6g"`` (v6 with k read at run time instead of its instantiations for k = 38 and 64 at
-head_dim 128), ``"v6m"`` (v6 with the K dot products on tensor cores: each stored K value is scattered into a dense
-tile and S = K q^T runs as mma, so the per-value work does not grow with G; 16-bit values, k at run time) or ``"v6k"``
-(the same through the V tile, K walked before V: no extra shared memory); see ``docs/kernel_notes.md``. A
+head_dim 128) or ``"v6k"`` (v6 with the K dot products on tensor cores: each stored K value is scattered into the
+warp's dense tile, K rows walked before V rows, and S = K q^T runs as mma, so the per-value work does not grow with G;
+16-bit values, k at run time); see ``docs/kernel_notes.md``. A
 kernel that cannot serve the call's dtype or shape raises ``ValueError`` naming it. ``pdl`` launches the
 merge kernel as a programmatic dependent of the decode kernel (Hopper; ``pdl=False`` launches it after
 the decode kernel). CPU tensors take ``kernel="auto"`` only; the reference ignores both.
@@ -59,7 +60,7 @@ _FP8 = reference.FP8
 _OPS = ("encode_bitmap", "decode_bitmap", "prune_encode_topk", "sparse_decode", "append_decode")
 _MODES = ("auto", "reference", "compiled")
 #: the values of ``sparse_decode``'s ``kernel`` argument
-DECODE_KERNELS = ("auto", "v7", "v7g", "v4", "v5", "v6", "v6g", "v6m", "v6k")
+DECODE_KERNELS = ("auto", "v7", "v7g", "v4", "v5", "v6", "v6g", "v6k")
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "warned": False, "cuda": False}
 _mode_value: str | None = None  # None: read MUSTAFAR_BACKEND at the next use
@@ -365,7 +366,7 @@ def sparse_decode(
         ``r``, window row ``i`` is ``n_c + i`` (what ``kv_start`` masks).
     kernel : the CUDA decode kernel: ``"auto"`` (default rule, see the module docstring), ``"v4"``,
         ``"v5"``, ``"v6"``, ``"v6g"`` (these two also take ``lengths``, any G <= 8 and e4m3 values on both
-        sides), ``"v6m"`` / ``"v6k"`` (v6 with K on tensor cores: ``lengths``, any G <= 8, 16-bit values), ``"v7"`` (every G, fp8 values, ``lengths``; k compiled in where instantiated) or
+        sides), ``"v6k"`` (v6 with K on tensor cores: ``lengths``, any G <= 8, 16-bit values), ``"v7"`` (every G, fp8 values, ``lengths``; k compiled in where instantiated) or
         ``"v7g"`` (v7, k at run time); one that cannot serve the dtype / shape raises ``ValueError``.
         CPU tensors take ``"auto"`` only; the reference backend ignores it.
     pdl : launch the CUDA merge kernel as a programmatic dependent of the decode kernel (default), or
