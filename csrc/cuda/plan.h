@@ -21,8 +21,8 @@ namespace mustafar_cuda {
 // The decode kernels. kAuto (for the calls sparse_decode.cu does not send to v7): v6 wherever it serves
 // (v6_serves: fp16 / bf16 model, G <= 8 query heads per KV head in 1, 4 or 8 query-head slots, D 64 / 128, at most
 // 64 stored values per row; 16-bit values or e4m3 on both sides; host or device lengths), as v6k (K on tensor
-// cores through the V tile) for 16-bit values in 8 slots (G = 5-8: 1.04-1.45x v6 on all eight G = 7 / 8 shapes of
-// results/kernel_v6k_candidates_h200.json, where v6 pays two 16-byte q loads and 8 FMAs per stored K value), except v5 for MHA at
+// cores through the V tile) for 16-bit values in 8 slots (G = 5-8: 1.05-1.44x v6 on all eight G = 7 / 8 shapes of
+// results/kernel_v6_tensor_k_h200.json, where v6 pays two 16-byte q loads and 8 FMAs per stored K value), except v5 for MHA at
 // D = 64 with at most kV5MaxKD64 stored values per row, 16-bit values and host lengths; v5 for other fp16 / bf16
 // GQA (k > 64), v4 otherwise (fp32, or MHA with k > 64). kV6g: v6 with k read at run time everywhere (v6 has
 // instantiations with k compiled in for k_k = k_v = 38 and 64 at D = 128). The timings behind the rule:
