@@ -512,6 +512,14 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   // 16 j + 2 (lane % 4) + {0, 1} (qf[j][0]) and + 8 (qf[j][1]), unscaled (exact in T)
   uint32_t qf[KT ? D / 16 : 1][2];
   const uint32_t kdt = vd;  // KT: the dense tile the K values go to (the V tile, before the V rows)
+  // zero the dense tile's 64 data bytes of every channel line (the dummy line D is never read): chunk
+  // (lane >> 3) & 3 of lines 8 i + (lane & 7), so the 8 lanes of a 128-byte phase hit 8 bank groups
+  auto zero_vd = [&]() {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<uint4*>(smem + vd + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
+          make_uint4(0u, 0u, 0u, 0u);
+  };
   if constexpr (KT) {
     const int h = lane >> 2, c0 = 2 * (lane & 3);
 #pragma unroll
@@ -715,10 +723,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
 #pragma unroll
           for (int g = 0; g < GQ; ++g) sa[g] = tab[lane * 8 + g] * p.qscale;
           __syncwarp();
-#pragma unroll
-          for (int i = 0; i < D / 8; ++i)  // zero the tile's data bytes again (as for Vd below)
-            *reinterpret_cast<uint4*>(smem + kdt + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
-                make_uint4(0u, 0u, 0u, 0u);
+          zero_vd();
           __syncwarp();  // zeros in before the V walks scatter into the same tile
           walk(std::integral_constant<int, 2>{});
         }
@@ -886,12 +891,7 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
       }
     }
     __syncwarp();
-    // zero the tile's 64 data bytes of every channel line (the dummy line D is never read): chunk
-    // (lane >> 3) & 3 of lines 8 i + (lane & 7), so the 8 lanes of a 128-byte phase hit 8 bank groups
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<uint4*>(smem + vd + (8 * i + (lane & 7)) * kRLine + ((lane >> 3) & 3) * 16) =
-          make_uint4(0u, 0u, 0u, 0u);
+    zero_vd();
     __syncwarp();
   }
   cp_async_wait<0>();
