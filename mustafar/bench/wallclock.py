@@ -417,10 +417,13 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
                 if (name, dt, p, n, b, group) in done:
                     log(f"{what}: in {out} already (--resume)")
                     continue
+                def skip(why):
+                    res["skipped"].append({"model": name, "dtype": dt, "prompt": p, "new_tokens": n, "batch": b,
+                                           "why": why})
+
                 kv = 2 * n_layers * b * h_kv * (p + n) * d * model.dtype.itemsize
                 if group is None and kv > kv_budget_gib * GIB:
-                    res["skipped"].append({"model": name, "dtype": dt, "prompt": p, "new_tokens": n, "batch": b,
-                                           "why": f"dense KV {kv / GIB:.1f} GiB > --kv-budget-gib {kv_budget_gib}"})
+                    skip(f"dense KV {kv / GIB:.1f} GiB > --kv-budget-gib {kv_budget_gib}")
                     continue
                 if deadline is not None and last_first is not None:
                     # the first calls (compile + a warm-up generation) run even past a share: start a cell only
@@ -429,8 +432,7 @@ def run(models=("smollm2-135m",), dtypes=("float32",), device="cpu", shapes=((25
                     left = deadline - time.perf_counter()
                     if need > left:
                         log(f"{what}: skipped: {left:.0f} s left before the deadline, its first calls need ~{need:.0f} s")
-                        res["skipped"].append({"model": name, "dtype": dt, "prompt": p, "new_tokens": n, "batch": b,
-                                               "why": f"deadline: {left:.0f} s left, first calls ~{need:.0f} s"})
+                        skip(f"deadline: {left:.0f} s left, first calls ~{need:.0f} s")
                         continue
                 log(f"{what} on {device}:")
                 cell = run_cell(model, name, b, p, n, ss, vs, reps, warmup, compile_mode, kernel, log=log,
