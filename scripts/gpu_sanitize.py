@@ -1,6 +1,9 @@
 """Tiny driver for compute-sanitizer (memcheck / racecheck): every CUDA op once on small inputs (every decode kernel
-with and without device lengths, FP8 values, v6 at 1 / 4 / 8 query-head slots, append_decode)."""
+with and without device lengths, FP8 values, v6 at 1 / 4 / 8 query-head slots, append_decode).
+``python scripts/gpu_sanitize.py [KERNEL ...]``: only those decode kernels (e.g. ``v6k``; then no FP8 "auto" call and
+no append_decode), so that racecheck, ~50x slower than the ops, reaches the 8-slot instantiations in a short call."""
 import math
+import sys
 
 import torch
 
@@ -8,6 +11,13 @@ from mustafar.ops.build import load_extension
 
 load_extension()
 torch.manual_seed(0)
+ONLY = set(sys.argv[1:])
+
+
+def pick(kernels):
+    return tuple(k for k in kernels if not ONLY or k in ONLY)
+
+
 for dt in (torch.float16, torch.bfloat16):
     for d, g in ((128, 1), (64, 4), (128, 4)):
         b, h_kv, t_c, t_w = 2, 2, 150, 7
@@ -25,7 +35,7 @@ for dt in (torch.float16, torch.bfloat16):
         # every decode kernel on complete top-k rows and on arbitrary masks (v6 covers G = 1 and 4; v6g is
         # its run-time-k instantiation)
         # (the op's kernel argument); the merge as a programmatic dependent and after the decode kernel (pdl)
-        for kern in ("v4", "v5", "v6", "v6g", "v6k"):
+        for kern in pick(("v4", "v5", "v6", "v6g", "v6k")):
             for pdl in (True, False):
                 out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None, None, kern, pdl)
                 out2 = torch.ops.mustafar.sparse_decode(q, eb, ev, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None, None, kern, pdl)
@@ -51,18 +61,20 @@ for dt in (torch.float16, torch.bfloat16):
         vw = torch.randn(b, h_kv, ring, d, device="cuda", dtype=dt)
         ks = torch.tensor([0, 33], dtype=torch.int32, device="cuda")
         ln = torch.tensor([cap - 37, ring - 5], dtype=torch.int32, device="cuda")
-        kerns = ("v7", "v7g") + (("v6", "v6g", "v6k") if d != 256 else ())
+        kerns = pick(("v7", "v7g") + (("v6", "v6g", "v6k") if d != 256 else ()))
         for kern in kerns:
             for lengths in (None, ln):
                 out = torch.ops.mustafar.sparse_decode(q, kb, kv, vb, vv, kw, vw, ks, 1 / math.sqrt(d), None, None,
                                                        lengths, kern, True)
                 torch.cuda.synchronize()
                 print(dt, d, g, kern, "lengths" if lengths is not None else "-", "ok", float(out.float().abs().sum()))
+        if ONLY:
+            continue
         out = torch.ops.mustafar.sparse_decode(q, kb, k8, vb, v8, kw, vw, ks, 1 / math.sqrt(d), ksc, vsc, ln, "auto", True)
         torch.cuda.synchronize()
         print(dt, d, g, "auto fp8 lengths ok", float(out.float().abs().sum()))
 
-for vdt in (torch.float16, torch.float8_e4m3fn):
+for vdt in (torch.float16, torch.float8_e4m3fn) if not ONLY else ():
     b, h, d, L, chunk, cap = 2, 3, 128, 8, 16, 64
     R = L + chunk + 1
     k = d - round(0.7 * d)

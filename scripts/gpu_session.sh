@@ -3,7 +3,8 @@
 # kernel), compiled wall clock, optionally compute-sanitizer memcheck + racecheck (T_SANITIZE > 0: seconds per tool)
 # and Nsight Compute counters of v6 / v7 (T_PROFILE > 0: seconds per kernel).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
-# in $OUT (at most 8 files come back). Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
+# in $OUT (at most 8 files come back). SANITIZE_KERNELS="v6k ...": the sanitizer runs only those decode kernels;
+# KERNEL_PROFILE / KERNEL_KERNELS: the benchmark's --profile and --kernels. Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -25,13 +26,13 @@ if [ "${T_SANITIZE:-0}" -gt 0 ] && command -v compute-sanitizer > /dev/null; the
   stamp sanitize
   for tool in memcheck racecheck; do
     echo "##### compute-sanitizer --tool $tool" >> "$OUT/sanitize.log"
-    timeout ${T_SANITIZE} compute-sanitizer --tool $tool --print-limit 20 python3 scripts/gpu_sanitize.py \
+    timeout ${T_SANITIZE} compute-sanitizer --tool $tool --print-limit 20 python3 scripts/gpu_sanitize.py ${SANITIZE_KERNELS:-} \
       >> "$OUT/sanitize.log" 2>&1
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tail -1
   done
 fi
 stamp kernel-bench
-timeout ${T_BENCH:-180} python3 -m mustafar.bench kernel --profile ${KERNEL_PROFILE:-quick} --out "$OUT/kernel.json" \
+timeout ${T_BENCH:-180} python3 -m mustafar.bench kernel --profile ${KERNEL_PROFILE:-quick} ${KERNEL_KERNELS:+--kernels $KERNEL_KERNELS} --out "$OUT/kernel.json" \
   2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
 stamp wallclock
 timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --models llama2-7b --dtypes float16 \

@@ -1,12 +1,14 @@
 """Decode-attention kernel benchmark (issue #15): dense SDPA, an FP8 byte proxy, the unfused path and every
 stored format of ours, side by side in one run, over a grid that spans the classes the cache accepts.
 
-``python -m mustafar.bench kernel [--profile quick|full|targets|short] [--device cuda|cpu] [--out results/kernel_<gpu>.json]``
+``python -m mustafar.bench kernel [--profile quick|full|targets|short|gqa] [--kernels v6 v6k ...] [--device cuda|cpu]
+[--out results/kernel_<gpu>.json]``
 (also ``python -m mustafar.bench.kernel``).
 
 Grid (:data:`HEADS` x :data:`SPARSITIES` x :data:`POINTS`, ``--profile`` picks a subset, see
 :data:`PROFILES`): query/KV heads and head_dim of real models (MHA 32/32 at D = 128 and 64, SmolLM2's
-9/3 at D = 64, Llama-3-8B's 32/8, Qwen2.5-7B's 28/4, 32/4), sparsity 50-80 % (K = V), and (B, T) from a
+9/3 at D = 64, Llama-3-8B's 32/8, Qwen2.5-7B's 28/4, 32/4; Qwen2.5-14B's 40/8, -1.5B's 12/2 and -0.5B's 14/2 at
+D = 64 for G = 5-7), sparsity 50-80 % (K = V), and (B, T) from a
 single long sequence to B = 128, with lengths that are not powers of two. Per (heads, B, T) it times:
 
 * ``dense_ms``: ``torch.nn.functional.scaled_dot_product_attention`` decode, q ``[B, H_q, 1, D]``, K/V
@@ -83,7 +85,7 @@ class Heads:
         return self.h_q // self.h_kv
 
 
-#: geometries of real models: G = 1, 3, 4, 7, 8; D = 64 and 128; fp16 and bf16
+#: geometries of real models: G = 1, 3, 4, 5, 6, 7, 8; D = 64 and 128; fp16 and bf16
 HEADS = (
     Heads("MHA 32/32 D128", 32, 32, 128, "float16"),   # Llama-2-7B
     Heads("MHA 32/32 D64", 32, 32, 64, "float16"),
@@ -91,7 +93,12 @@ HEADS = (
     Heads("G4 32/8 D128", 32, 8, 128, "bfloat16"),     # Llama-3-8B
     Heads("G7 28/4 D128", 28, 4, 128, "bfloat16"),     # Qwen2.5-7B
     Heads("G8 32/4 D128", 32, 4, 128, "float16"),
+    Heads("G5 40/8 D128", 40, 8, 128, "bfloat16"),     # Qwen2.5-14B
+    Heads("G6 12/2 D128", 12, 2, 128, "bfloat16"),     # Qwen2.5-1.5B
+    Heads("G7 14/2 D64", 14, 2, 64, "bfloat16"),       # Qwen2.5-0.5B
 )
+#: the first six: the geometries of issue #15's classes (the quick grid)
+_CORE = tuple(h.name for h in HEADS[:6])
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 #: (B, T): one long sequence, odd batches and lengths, many short sequences
 POINTS = ((1, 1024), (1, 32768), (1, 131072), (3, 12345), (5, 5000), (8, 16384), (32, 4096), (128, 1024))
@@ -99,11 +106,14 @@ POINTS = ((1, 1024), (1, 32768), (1, 131072), (3, 12345), (5, 5000), (8, 16384),
 #: ``--profile``: which heads (by name; None = all), sparsities and (B, T) points run
 PROFILES = {
     "full": dict(heads=None, sparsities=SPARSITIES, points=POINTS),
-    "quick": dict(heads=None, sparsities=(0.5, 0.7), points=((1, 32768), (3, 12345), (8, 16384), (32, 4096))),
+    "quick": dict(heads=_CORE, sparsities=(0.5, 0.7), points=((1, 32768), (3, 12345), (8, 16384), (32, 4096))),
     "targets": dict(heads=("MHA 32/32 D128", "G4 32/8 D128"), sparsities=(0.5, 0.7), points=((1, 32768), (8, 16384))),
     # every geometry but MHA D64 at the two target points: a short device call that times a kernel change per G
     "short": dict(heads=("MHA 32/32 D128", "G3 9/3 D64", "G4 32/8 D128", "G7 28/4 D128", "G8 32/4 D128"),
                   sparsities=(0.5, 0.7), points=((1, 32768), (8, 16384))),
+    # the 8-slot class (G = 5-8; D = 64 and 128) at every sparsity and three points: where "auto" runs v6k
+    "gqa": dict(heads=("G5 40/8 D128", "G6 12/2 D128", "G7 14/2 D64", "G8 32/4 D128"),
+                sparsities=SPARSITIES, points=((1, 32768), (3, 12345), (8, 16384))),
 }
 
 
@@ -162,8 +172,9 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run(profile: str = "quick", heads=None, sparsities=None, points=None, device: str = "cuda",
-        mem_budget_gib: float = 100.0, log=print, progress: bool = True, on_cell=None) -> dict:
+        mem_budget_gib: float = 100.0, log=print, progress: bool = True, on_cell=None, kernels=KERNELS) -> dict:
     """Time the grid of ``profile`` (see the module doc); ``heads`` / ``sparsities`` / ``points`` override it.
+    ``kernels``: the CUDA kernels timed by name beside ``"auto"`` (a subset of :data:`KERNELS`; default all).
     A (heads, B, T) whose dense K + V (x 4 for the float32 reference and the compressed copies) exceeds
     ``mem_budget_gib`` is skipped and listed under ``skipped``. ``on_cell(result)`` is called after every
     (heads, B, T) with the result so far (``main`` rewrites the output file there, so a run cut short
@@ -181,6 +192,10 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
     if device == "cuda":
         assert ops.backend("cuda") == "cuda", f"CUDA kernels not available: backend={ops.backend('cuda')}"
     hs, sps, pts = grid(profile, heads, sparsities, points)
+    bad = [x for x in kernels if x not in KERNELS]
+    if bad:
+        raise ValueError(f"kernels={bad}: expected names from {', '.join(KERNELS)}")
+    kernels = tuple(kernels)
     timer = _timer(device)
     bw = copy_bandwidth(device)
     log(f"copy bandwidth: {bw / 1e12:.3f} TB/s (read + write)")
@@ -246,7 +261,7 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["rel_err_fused_fp8"] = _rel(fused(fp8=True), ref8)
             row["fused_fp8_ms"] = timer(lambda: fused(fp8=True))
             # every CUDA kernel by name (16-bit values: KERNELS; e4m3 values: FP8_KERNELS), where it serves the call
-            for kerns, fp8 in ((KERNELS, False), (FP8_KERNELS, True)):
+            for kerns, fp8 in ((kernels, False), (tuple(x for x in FP8_KERNELS if x in kernels), True)):
                 for kern in (kerns if device == "cuda" else ()):
                     name = ("fp8_" if fp8 else "") + kern
                     try:
@@ -272,7 +287,7 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["fused_floor_ms"] = row["fused_bytes"] / bw * 1e3
             row["fp8_store_ratio"] = format_bytes(d, s, torch.float16, torch.float8_e4m3fn) / (2 * d)  # vs fp16 dense
             row["speedup_fp8_proxy"] = t_dense / t_proxy
-            for name in (["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in KERNELS]
+            for name in (["fused", "fused_fp8", "unfused"] + [f"fused_{x}" for x in kernels]
                          + [f"fused_fp8_{x}" for x in FP8_KERNELS if f"fused_fp8_{x}_ms" in row]
                          + (["fused_packed"] if "fused_packed_ms" in row else [])):
                 ms = row.get(f"{name}_ms")
@@ -282,7 +297,7 @@ def run(profile: str = "quick", heads=None, sparsities=None, points=None, device
             row["fused_bw_frac"] = row["fused_bytes"] / (row["fused_ms"] * 1e-3) / bw
             row["fused_fp8_bw_frac"] = row["fused_fp8_bytes"] / (row["fused_fp8_ms"] * 1e-3) / bw
             rows.append(row)
-            per = " ".join(f"{x} {row[f'speedup_fused_{x}']:.2f}x" for x in KERNELS if row.get(f"speedup_fused_{x}"))
+            per = " ".join(f"{x} {row[f'speedup_fused_{x}']:.2f}x" for x in kernels if row.get(f"speedup_fused_{x}"))
             log(f"{h.name} {h.dtype} B={b} T={t} s={s:.1f}: dense {t_dense:.4f} ms, fp8 proxy {t_proxy:.4f} ms; "
                 f"auto {row['fused_ms']:.4f} ms ({row['speedup_fused']:.2f}x, {row['fused_bw_frac'] * 100:.0f}% bw) "
                 f"[{per}] fp8 {row['speedup_fused_fp8']:.2f}x ({row['fused_fp8_over_fp8_proxy']:.2f}x proxy"
@@ -348,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="quick", choices=list(PROFILES), help="grid subset (default quick)")
     ap.add_argument("--quick", dest="profile", action="store_const", const="quick", help="= --profile quick")
     ap.add_argument("--targets", dest="profile", action="store_const", const="targets", help="= --profile targets")
+    ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS), metavar="KERNEL",
+                    help=f"CUDA kernels timed by name beside auto (default all: {' '.join(KERNELS)})")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cuda (default); cpu runs the same code as a smoke test (op 'auto' only)")
     ap.add_argument("--out", default=None, help="output JSON (default results/kernel_<gpu>.json on CUDA, e.g. _h100)")
@@ -361,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         res["summary"] = summary(res["rows"])
         return write_results(path, res, cmd)
 
-    res = run(profile=args.profile, device=args.device, on_cell=save)
+    res = run(profile=args.profile, device=args.device, on_cell=save, kernels=args.kernels)
     out = save(res)
     print(f"wrote {out}")
     print(f"{'heads':>15} {'dtype':>8} {'B':>3} {'T':>6} {'s':>4} {'dense':>8} {'auto':>8} {'x':>5} {'bw%':>4} "

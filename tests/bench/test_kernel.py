@@ -12,21 +12,27 @@ from mustafar.bench import kernel, overhead
 
 
 def test_grid_spans_the_issue_classes():
-    """The full grid covers G in {1, 3, 4, 7, 8}, D in {64, 128}, fp16 and bf16, 50-80 %, B from 1 to 128,
-    T from 1K to 128K with lengths that are not powers of two; a bad profile names itself."""
+    """The full grid covers G in {1, 3, 4, 5, 6, 7, 8}, D in {64, 128}, fp16 and bf16, 50-80 %, B from 1 to 128,
+    T from 1K to 128K with lengths that are not powers of two; the gqa profile covers the 8-slot class (G = 5-8,
+    D = 64 and 128) at every sparsity; a bad profile or kernel name names itself."""
     hs, sps, pts = kernel.grid("full")
-    assert {h.group for h in hs} == {1, 3, 4, 7, 8} and {h.d for h in hs} == {64, 128}
+    assert {h.group for h in hs} == {1, 3, 4, 5, 6, 7, 8} and {h.d for h in hs} == {64, 128}
     assert {h.dtype for h in hs} == {"float16", "bfloat16"}
     assert set(sps) == {0.5, 0.6, 0.7, 0.8}
     assert min(b for b, _ in pts) == 1 and max(b for b, _ in pts) == 128
     assert min(t for _, t in pts) == 1024 and max(t for _, t in pts) == 131072
     assert any(t & (t - 1) for _, t in pts) and any(b not in (1, 2, 4, 8, 16, 32, 64, 128) for b, _ in pts)
     q_hs, q_sps, q_pts = kernel.grid("quick")
-    assert set(q_pts) <= set(pts) and set(q_sps) <= set(sps) and q_hs == hs
+    assert set(q_pts) <= set(pts) and set(q_sps) <= set(sps) and {h.group for h in q_hs} == {1, 3, 4, 7, 8}
+    g_hs, g_sps, g_pts = kernel.grid("gqa")
+    assert {h.group for h in g_hs} == {5, 6, 7, 8} and {h.d for h in g_hs} == {64, 128} and g_sps == sps
+    assert set(g_pts) <= set(pts)
     s_hs, _, s_pts = kernel.grid("short")  # every G at the two target points, names that exist
     assert {h.group for h in s_hs} == {1, 3, 4, 7, 8} and set(s_pts) <= set(pts)
     with pytest.raises(ValueError, match="profile='nope'"):
         kernel.grid("nope")
+    with pytest.raises(ValueError, match="v9"):
+        kernel.run(heads=hs[:1], points=((1, 64),), kernels=("v6", "v9"), device="cpu", log=lambda m: None)
 
 
 def test_format_read_bytes_by_hand():
