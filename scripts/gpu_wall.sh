@@ -8,7 +8,7 @@
 #   e.g. "--budget-batches --warmup-tokens 160 --prefill-tokens 8192")
 #   T_END (if set: the wall-clock stage ends T_END seconds after the script started, the build included, so a fresh
 #   machine's compile does not push the call past the device tool's 10 minutes). The benchmark gets --deadline-s
-#   T_WALL - 30: its cells share that time and skip timed rounds (after the first) that would not fit.
+#   T_WALL - DEADLINE_MARGIN (30 s): its cells share that time and skip timed rounds (after the first) that would not fit.
 # Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_wall.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -21,6 +21,6 @@ name=${NAME:-e2e_wallclock_2}
 timeout ${T_WALL:-560} python3 -m mustafar.bench wallclock --device cuda --models ${MODELS:-llama2-7b} \
   --dtypes ${DTYPES:-float16} --shapes ${SHAPES:-4096:1024} --batches ${BATCHES-8} --sparsities ${SPARS:-0.5 0.7} \
   --variants ${VARIANTS:-static-compiled hf-static-compiled mustafar-compiled mustafar-fp8-compiled} \
-  --reps ${REPS:-3} --deadline-s $(( ${T_WALL:-560} - 30 )) --decode-kernel ${KERNEL:-auto} ${EXTRA:-} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  --reps ${REPS:-3} --deadline-s $(( ${T_WALL:-560} - ${DEADLINE_MARGIN:-30} )) --decode-kernel ${KERNEL:-auto} ${EXTRA:-} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
 echo "rc=$?"
 tail -40 "$OUT/$name.log" | cut -c1-240
