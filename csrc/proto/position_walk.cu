@@ -1,0 +1,130 @@
+// Static SASS count of two ways to find the channels of a row's stored values and scatter the values into a
+// warp's dense tile (issue #15: instructions per stored value). Not part of the extension (csrc/cuda/*.cu is);
+// scripts/position_walk_sass.py compiles this file for sm_90a with nvcc and counts each kernel's SASS
+// instructions with cuobjdump, so it needs no GPU. Both kernels: one warp per 32-row tile, lane = row, values
+// 16-bit, the tile Vd[channel][token] of v6 (80-byte channel lines, line D a dummy), S statically unrolled
+// steps; then each lane sums one column so that the stores are live.
+//
+//  * bitmap_walk<D, S>: the paper's bitmap, walked as v6 does on "fast" rows (every 32-bit word non-empty):
+//    the lowest set bit of the current word, cleared; when the word empties the next one from a queue of
+//    D / 32 words (selects);
+//  * gap_walk<D, S>: 4-bit gap codes with filler slots: each of the S = k + E slots holds the number of
+//    pruned channels (0-15) before it; a gap over 15 is bridged by a filler slot (value 0 at a pruned channel),
+//    unused fillers sit in other pruned channels, so every row has exactly S slots and no escapes to decode
+//    (mustafar.analysis.position_codes measures how many fillers real K / V rows need). The codes are stored
+//    low nibbles first (slots 0-3 of a word in its low nibbles, 4-7 in its high nibbles) so that one IMAD by
+//    0x01010101 gives four prefix sums at once.
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace proto {
+
+constexpr int kLine = 80;
+
+// a 16-bit store to a shared-memory address (32-bit, as v6 keeps its tile addresses)
+__device__ __forceinline__ void sts16(uint32_t addr, uint16_t x) {
+  asm volatile("st.shared.u16 [%0], %1;" ::"r"(addr), "h"(x) : "memory");
+}
+
+template <int D>
+__device__ __forceinline__ float consume(const char* tile, int lane) {
+  float s = 0.f;
+#pragma unroll 4
+  for (int c = 0; c < D; ++c) s += __half2float(*reinterpret_cast<const __half*>(tile + c * kLine + 2 * lane));
+  return s;
+}
+
+template <int D, int S>
+__global__ void bitmap_walk(const uint32_t* __restrict__ bm, const uint32_t* __restrict__ vals, float* out, int ntiles) {
+  extern __shared__ __align__(16) char smem[];
+  constexpr int NW = D / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  char* tile = smem + warp * (D + 1) * kLine;
+  float acc = 0.f;
+  for (int t = blockIdx.x * (blockDim.x >> 5) + warp; t < ntiles; t += gridDim.x * (blockDim.x >> 5)) {
+    const int row = t * 32 + lane;
+    uint32_t q[NW];
+#pragma unroll
+    for (int i = 0; i < NW; ++i) q[i] = bm[row * NW + i];
+    uint32_t v[(S + 1) / 2];
+#pragma unroll
+    for (int i = 0; i < (S + 1) / 2; ++i) v[i] = vals[row * ((S + 1) / 2) + i];
+    uint32_t cur = q[0];
+    int base = 0;
+    const uint32_t tsh = (uint32_t)__cvta_generic_to_shared(tile) + 2 * lane;
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      const int c = base + __ffs(cur) - 1;
+      const uint16_t x = (j & 1) ? (uint16_t)(v[j / 2] >> 16) : (uint16_t)v[j / 2];
+      sts16(tsh + (uint32_t)(c * kLine), x);
+      cur &= cur - 1;
+      const bool adv = cur == 0u;  // the queue: next word (fast rows: none is empty)
+      cur = adv ? q[1] : cur;
+#pragma unroll
+      for (int i = 1; i + 1 < NW; ++i) q[i] = adv ? q[i + 1] : q[i];
+      base += adv ? 32 : 0;
+    }
+    __syncwarp();
+    acc += consume<D>(tile, lane);
+    __syncwarp();
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+
+template <int D, int S>
+__global__ void gap_walk(const uint32_t* __restrict__ codes, const uint32_t* __restrict__ vals, float* out, int ntiles) {
+  extern __shared__ __align__(16) char smem[];
+  constexpr int NC = (S + 7) / 8;  // code words per row
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  char* tile = smem + warp * (D + 1) * kLine;
+  float acc = 0.f;
+  for (int t = blockIdx.x * (blockDim.x >> 5) + warp; t < ntiles; t += gridDim.x * (blockDim.x >> 5)) {
+    const int row = t * 32 + lane;
+    uint32_t w[NC];
+#pragma unroll
+    for (int i = 0; i < NC; ++i) w[i] = codes[row * NC + i];
+    uint32_t v[(S + 1) / 2];
+#pragma unroll
+    for (int i = 0; i < (S + 1) / 2; ++i) v[i] = vals[row * ((S + 1) / 2) + i];
+    // slot j's channel = (sum of the codes of slots 0..j) + j: the address of slot j is
+    // base + kLine * (prefix_j) + kLine * j, the last term an immediate of the store
+    uint32_t base = (uint32_t)__cvta_generic_to_shared(tile) + 2 * lane;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+      const uint32_t lo = (w[i] & 0x0f0f0f0fu) * 0x01010101u;  // prefix sums of slots 8i .. 8i+3 (bytes)
+      // ... of slots 8i+4 .. 8i+7, plus the four before (each byte <= 8 x 15 = 120: no carry)
+      const uint32_t hi = ((w[i] >> 4) & 0x0f0f0f0fu) * 0x01010101u + (lo >> 24) * 0x01010101u;
+#pragma unroll
+      for (int u = 0; u < 8 && 8 * i + u < S; ++u) {
+        const int j = 8 * i + u;
+        const int pre = (int)__byte_perm(u < 4 ? lo : hi, 0u, 0x4440u + (u & 3));  // one PRMT
+        const uint16_t x = (j & 1) ? (uint16_t)(v[j / 2] >> 16) : (uint16_t)v[j / 2];
+        sts16(base + (uint32_t)(kLine * pre + kLine * j), x);
+      }
+      base += (uint32_t)(kLine * (int)(hi >> 24));
+    }
+    __syncwarp();
+    acc += consume<D>(tile, lane);
+    __syncwarp();
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+
+// the instantiations the count compares (D = 128: k = 38 at 70 % and 64 at 50 %, E = 0 / 2 / 4 fillers;
+// D = 64: k = 19, 32)
+template __global__ void bitmap_walk<128, 38>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void bitmap_walk<128, 40>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void bitmap_walk<128, 64>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void bitmap_walk<64, 19>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void bitmap_walk<64, 21>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void bitmap_walk<64, 32>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<128, 38>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<128, 40>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<128, 42>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<128, 64>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<64, 19>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<64, 21>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void gap_walk<64, 32>(const uint32_t*, const uint32_t*, float*, int);
+
+}  // namespace proto
