@@ -12,7 +12,11 @@ not on random rows:
   a 4-bit code; code 15 is an escape ("15 more pruned channels, no value"), so a gap ``g`` takes
   ``1 + g // 15`` nibbles and a row ``k + sum(g // 15)`` nibbles. A fixed-width store (the cache's rows have
   one width) holds ``k + E`` nibbles: rows that need more than ``E`` escapes must take a fallback path
-  (e.g. a flag and the bitmap), so the fraction of such rows matters as much as the mean.
+  (e.g. a flag and the bitmap), so the fraction of such rows matters as much as the mean;
+* ``gap nibbles with filler slots`` (the variant ``csrc/proto/position_walk.cu`` decodes): every code 0-15 is a
+  gap, and a gap over 15 is bridged by a filler slot (a zero value at a pruned channel), so a gap ``g`` needs
+  ``g // 16`` fillers and every slot carries a value (2 bytes more per filler with 16-bit values); a row of
+  ``k + E`` slots has no escapes to decode, and rows that need more than ``E`` fillers overflow.
 
 Everything here is plain torch on any device; ``scripts/position_codes.py`` runs it on the local models.
 """
@@ -21,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kept_channels", "gap_escapes", "code_bytes", "row_bytes", "row_stats", "run"]
+__all__ = ["kept_channels", "gaps", "gap_escapes", "filler_slots", "code_bytes", "row_bytes", "row_stats", "run"]
 
 ESCAPE = 15  # the nibble code that skips 15 channels without a value
+FILLER_SPAN = 16  # with filler slots: channels one slot can advance (15 skipped + its own)
 
 
 def kept_channels(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,9 +53,8 @@ def kept_channels(x: torch.Tensor, k: int) -> torch.Tensor:
     return rows.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def gap_escapes(channels: torch.Tensor) -> torch.Tensor:
-    """Escape nibbles each row's gap code needs: ``sum(g // 15)`` over the gaps ``g`` (pruned channels
-    before each kept one, counted from channel 0 for the first).
+def gaps(channels: torch.Tensor) -> torch.Tensor:
+    """Pruned channels before each kept one (after the previous kept one; from channel 0 for the first).
 
     Parameters
     ----------
@@ -60,15 +64,26 @@ def gap_escapes(channels: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        int64 ``[N]``.
+        int64 ``[N, k]``, >= 0.
     """
     if channels.dim() != 2:
         raise ValueError(f"channels must be [N, k], got shape {tuple(channels.shape)}")
     prev = torch.cat([channels.new_full((channels.shape[0], 1), -1), channels[:, :-1]], dim=1)
-    gaps = channels - prev - 1
-    if (gaps < 0).any():
+    g = channels - prev - 1
+    if (g < 0).any():
         raise ValueError("channels must be strictly ascending along each row")
-    return (gaps // ESCAPE).sum(dim=1)
+    return g
+
+
+def gap_escapes(channels: torch.Tensor) -> torch.Tensor:
+    """Escape nibbles each row's gap code needs (code 15 = skip 15): ``sum(g // 15)`` over its :func:`gaps`;
+    int64 ``[N]``."""
+    return (gaps(channels) // ESCAPE).sum(dim=1)
+
+
+def filler_slots(channels: torch.Tensor) -> torch.Tensor:
+    """Filler slots each row needs when every code 0-15 is a gap: ``sum(g // 16)``; int64 ``[N]``."""
+    return (gaps(channels) // FILLER_SPAN).sum(dim=1)
 
 
 def code_bytes(d: int, k: int, escapes_capacity: int | None = None) -> dict:
@@ -90,20 +105,25 @@ def row_stats(x: torch.Tensor, k: int, capacities=(0, 1, 2, 4, 8)) -> dict:
     -------
     dict
         ``rows``, ``D``, ``k``, ``mean_escapes``, ``max_escapes``, ``p99_escapes``, ``rows_without_escape``
-        (fraction), and per capacity ``E``: ``gap_bytes`` (row width) and ``overflow`` (fraction of rows that
-        need more than ``E`` escapes); ``bitmap_bytes``, ``byte_index_bytes``.
+        (fraction), the same for filler slots (``mean_fillers``, ``max_fillers``, ``p99_fillers``), and per
+        capacity ``E``: ``gap_bytes`` (the codes' row width), ``overflow`` / ``filler_overflow`` (fraction of
+        rows that need more than ``E`` escapes / fillers); ``bitmap_bytes``, ``byte_index_bytes``.
     """
     d = x.shape[-1]
-    esc = gap_escapes(kept_channels(x, k))
+    ch = kept_channels(x, k)
+    esc, fil = gap_escapes(ch), filler_slots(ch)
     n = esc.numel()
-    escf = esc.float()
+    escf, filf = esc.float(), fil.float()
     res = dict(rows=n, D=d, k=k, mean_escapes=float(escf.mean()), max_escapes=int(esc.max()),
                p99_escapes=float(escf.quantile(0.99)) if n > 1 else float(escf.max()),
                rows_without_escape=float((esc == 0).float().mean()),
+               mean_fillers=float(filf.mean()), max_fillers=int(fil.max()),
+               p99_fillers=float(filf.quantile(0.99)) if n > 1 else float(filf.max()),
                bitmap_bytes=code_bytes(d, k)["bitmap"], byte_index_bytes=k, capacities={})
     for e in capacities:
         res["capacities"][int(e)] = dict(gap_bytes=code_bytes(d, k, e)["gap_nibbles"],
-                                         overflow=float((esc > e).float().mean()))
+                                         overflow=float((esc > e).float().mean()),
+                                         filler_overflow=float((fil > e).float().mean()))
     return res
 
 

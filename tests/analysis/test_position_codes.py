@@ -12,6 +12,7 @@ def test_gap_escapes_by_hand():
     # D = 64, kept channels 0, 16, 17, 40, 63: gaps 0, 15, 0, 22, 22 -> escapes 0 + 1 + 0 + 1 + 1
     ch = torch.tensor([[0, 16, 17, 40, 63], [59, 60, 61, 62, 63]])
     assert pc.gap_escapes(ch).tolist() == [3, 3]  # second row: first gap 59 -> 59 // 15 = 3
+    assert pc.filler_slots(ch).tolist() == [2, 3]  # gaps 15 / 22 / 22 -> 0 + 1 + 1; 59 -> 3
     with pytest.raises(ValueError, match="ascending"):
         pc.gap_escapes(torch.tensor([[3, 3]]))
     with pytest.raises(ValueError, match=r"\[N, k\]"):
@@ -38,8 +39,10 @@ def test_row_stats_bytes_and_overflow():
     x[:, 1:20] = torch.rand(6, 19) * 0.1
     r = pc.row_stats(x, 2, capacities=(0, 1))
     assert r["mean_escapes"] == 1.0 and r["max_escapes"] == 1 and r["rows_without_escape"] == 0.0
-    assert r["capacities"][0] == {"gap_bytes": 1, "overflow": 1.0}  # ceil(2 / 2) bytes, every row overflows
-    assert r["capacities"][1] == {"gap_bytes": 2, "overflow": 0.0}
+    # ceil(2 / 2) bytes, every row overflows (the gap of 19 needs one escape and one filler)
+    assert r["capacities"][0] == {"gap_bytes": 1, "overflow": 1.0, "filler_overflow": 1.0}
+    assert r["capacities"][1] == {"gap_bytes": 2, "overflow": 0.0, "filler_overflow": 0.0}
+    assert r["mean_fillers"] == 1.0 and r["max_fillers"] == 1
     assert r["bitmap_bytes"] == 8 and r["byte_index_bytes"] == 2
     b = pc.row_bytes(128, 38, 2)
     assert b["bitmap"]["bytes"] == 16 + 76 and b["byte_index"]["bytes"] == 38 + 76 and b["gap_nibbles"]["bytes"] == 20 + 76
