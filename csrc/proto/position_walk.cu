@@ -35,24 +35,39 @@ __device__ __forceinline__ float consume(const char* tile, int lane) {
   return s;
 }
 
-template <int D, int S>
-__global__ void bitmap_walk(const uint32_t* __restrict__ bm, const uint32_t* __restrict__ vals, float* out, int ntiles) {
+// the frame both kernels share: per tile, lane = row, the row's NP position words and (S + 1) / 2 value words
+// loaded to registers, walk(pos, vals, tile address of this lane's column) scatters them, then each lane sums
+// its column (so the stores are live)
+template <int D, int S, int NP, class Walk>
+__device__ __forceinline__ void tiles(const uint32_t* __restrict__ pos, const uint32_t* __restrict__ vals, float* out,
+                                      int ntiles, Walk walk) {
   extern __shared__ __align__(16) char smem[];
-  constexpr int NW = D / 32;
+  constexpr int NV = (S + 1) / 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   char* tile = smem + warp * (D + 1) * kLine;
+  const uint32_t tsh = (uint32_t)__cvta_generic_to_shared(tile) + 2 * lane;
   float acc = 0.f;
   for (int t = blockIdx.x * (blockDim.x >> 5) + warp; t < ntiles; t += gridDim.x * (blockDim.x >> 5)) {
     const int row = t * 32 + lane;
-    uint32_t q[NW];
+    uint32_t p[NP], v[NV];
 #pragma unroll
-    for (int i = 0; i < NW; ++i) q[i] = bm[row * NW + i];
-    uint32_t v[(S + 1) / 2];
+    for (int i = 0; i < NP; ++i) p[i] = pos[row * NP + i];
 #pragma unroll
-    for (int i = 0; i < (S + 1) / 2; ++i) v[i] = vals[row * ((S + 1) / 2) + i];
+    for (int i = 0; i < NV; ++i) v[i] = vals[row * NV + i];
+    walk(p, v, tsh);
+    __syncwarp();
+    acc += consume<D>(tile, lane);
+    __syncwarp();
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+
+template <int D, int S>
+__global__ void bitmap_walk(const uint32_t* __restrict__ bm, const uint32_t* __restrict__ vals, float* out, int ntiles) {
+  constexpr int NW = D / 32;
+  tiles<D, S, NW>(bm, vals, out, ntiles, [](uint32_t (&q)[NW], const uint32_t (&v)[(S + 1) / 2], uint32_t tsh) {
     uint32_t cur = q[0];
     int base = 0;
-    const uint32_t tsh = (uint32_t)__cvta_generic_to_shared(tile) + 2 * lane;
 #pragma unroll
     for (int j = 0; j < S; ++j) {
       const int c = base + __ffs(cur) - 1;
@@ -65,31 +80,15 @@ __global__ void bitmap_walk(const uint32_t* __restrict__ bm, const uint32_t* __r
       for (int i = 1; i + 1 < NW; ++i) q[i] = adv ? q[i + 1] : q[i];
       base += adv ? 32 : 0;
     }
-    __syncwarp();
-    acc += consume<D>(tile, lane);
-    __syncwarp();
-  }
-  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+  });
 }
 
 template <int D, int S>
 __global__ void gap_walk(const uint32_t* __restrict__ codes, const uint32_t* __restrict__ vals, float* out, int ntiles) {
-  extern __shared__ __align__(16) char smem[];
   constexpr int NC = (S + 7) / 8;  // code words per row
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  char* tile = smem + warp * (D + 1) * kLine;
-  float acc = 0.f;
-  for (int t = blockIdx.x * (blockDim.x >> 5) + warp; t < ntiles; t += gridDim.x * (blockDim.x >> 5)) {
-    const int row = t * 32 + lane;
-    uint32_t w[NC];
-#pragma unroll
-    for (int i = 0; i < NC; ++i) w[i] = codes[row * NC + i];
-    uint32_t v[(S + 1) / 2];
-#pragma unroll
-    for (int i = 0; i < (S + 1) / 2; ++i) v[i] = vals[row * ((S + 1) / 2) + i];
+  tiles<D, S, NC>(codes, vals, out, ntiles, [](const uint32_t (&w)[NC], const uint32_t (&v)[(S + 1) / 2], uint32_t base) {
     // slot j's channel = (sum of the codes of slots 0..j) + j: the address of slot j is
     // base + kLine * (prefix_j) + kLine * j, the last term an immediate of the store
-    uint32_t base = (uint32_t)__cvta_generic_to_shared(tile) + 2 * lane;
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
       const uint32_t lo = (w[i] & 0x0f0f0f0fu) * 0x01010101u;  // prefix sums of slots 8i .. 8i+3 (bytes)
@@ -104,11 +103,7 @@ __global__ void gap_walk(const uint32_t* __restrict__ codes, const uint32_t* __r
       }
       base += (uint32_t)(kLine * (int)(hi >> 24));
     }
-    __syncwarp();
-    acc += consume<D>(tile, lane);
-    __syncwarp();
-  }
-  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+  });
 }
 
 // the instantiations the count compares (D = 128: k = 38 at 70 % and 64 at 50 %, E = 0 / 2 / 4 fillers;
