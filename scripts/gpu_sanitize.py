@@ -11,7 +11,10 @@ from mustafar.ops.build import load_extension
 
 load_extension()
 torch.manual_seed(0)
+KNOWN = {"v4", "v5", "v6", "v6g", "v6k", "v7", "v7g"}
 ONLY = set(sys.argv[1:])
+if ONLY - KNOWN:
+    sys.exit(f"gpu_sanitize.py: unknown kernel(s) {sorted(ONLY - KNOWN)}; expected some of {sorted(KNOWN)}")
 
 
 def pick(kernels):

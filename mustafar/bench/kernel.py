@@ -97,8 +97,8 @@ HEADS = (
     Heads("G6 12/2 D128", 12, 2, 128, "bfloat16"),     # Qwen2.5-1.5B
     Heads("G7 14/2 D64", 14, 2, 64, "bfloat16"),       # Qwen2.5-0.5B
 )
-#: the first six: the geometries of issue #15's classes (the quick grid)
-_CORE = tuple(h.name for h in HEADS[:6])
+#: the geometries of issue #15's classes (the quick grid)
+_CORE = ("MHA 32/32 D128", "MHA 32/32 D64", "G3 9/3 D64", "G4 32/8 D128", "G7 28/4 D128", "G8 32/4 D128")
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 #: (B, T): one long sequence, odd batches and lengths, many short sequences
 POINTS = ((1, 1024), (1, 32768), (1, 131072), (3, 12345), (5, 5000), (8, 16384), (32, 4096), (128, 1024))
