@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static SASS count of csrc/proto/position_walk.cu (no GPU needed): SASS instructions per stored value of a
-v6-style bitmap walk against a walk over 4-bit gap codes with filler slots, each finding a value's channel
-and scattering the value into a warp's dense tile.
+v6-style bitmap walk against a walk over 4-bit gap codes with filler slots and one over channel bytes, each
+finding a value's channel and scattering the value into a warp's dense tile.
 
 It compiles the file for sm_90a with nvcc (``-cubin``), disassembles it with cuobjdump, counts each kernel's
 instructions (NOPs excluded) and reports the *marginal* count per slot: the difference between two
@@ -30,8 +30,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "csrc", "proto", "position_walk.cu")
 #: (kernel, D, S1, S2): the instantiation pairs of the file
-PAIRS = (("bitmap_walk", 128, 40, 64), ("gap_walk", 128, 40, 64), ("bitmap_walk", 64, 19, 32),
-         ("gap_walk", 64, 19, 32))
+PAIRS = (("bitmap_walk", 128, 40, 64), ("gap_walk", 128, 40, 64), ("index_walk", 128, 40, 64),
+         ("bitmap_walk", 64, 19, 32), ("gap_walk", 64, 19, 32), ("index_walk", 64, 19, 32))
 
 
 def count_sass(sass: str) -> dict:
@@ -39,7 +39,7 @@ def count_sass(sass: str) -> dict:
     out = {}
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
-        m = re.search(r"(bitmap_walk|gap_walk)ILi(\d+)ELi(\d+)E", name)
+        m = re.search(r"(bitmap_walk|gap_walk|index_walk)ILi(\d+)ELi(\d+)E", name)
         if not m:
             continue
         ops = collections.Counter()

@@ -13,7 +13,8 @@
 //    unused fillers sit in other pruned channels, so every row has exactly S slots and no escapes to decode
 //    (mustafar.analysis.position_codes measures how many fillers real K / V rows need). The codes are stored
 //    low nibbles first (slots 0-3 of a word in its low nibbles, 4-7 in its high nibbles) so that one IMAD by
-//    0x01010101 gives four prefix sums at once.
+//    0x01010101 gives four prefix sums at once;
+//  * index_walk<D, S>: one channel byte per value (no fillers: S = k).
 #include <cuda_fp16.h>
 
 #include <cstdint>
@@ -106,6 +107,19 @@ __global__ void gap_walk(const uint32_t* __restrict__ codes, const uint32_t* __r
   });
 }
 
+template <int D, int S>
+__global__ void index_walk(const uint32_t* __restrict__ idx, const uint32_t* __restrict__ vals, float* out, int ntiles) {
+  constexpr int NI = (S + 3) / 4;  // index words per row (one channel byte per value)
+  tiles<D, S, NI>(idx, vals, out, ntiles, [](const uint32_t (&w)[NI], const uint32_t (&v)[(S + 1) / 2], uint32_t base) {
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      const int c = (int)__byte_perm(w[j / 4], 0u, 0x4440u + (j & 3));  // one PRMT
+      const uint16_t x = (j & 1) ? (uint16_t)(v[j / 2] >> 16) : (uint16_t)v[j / 2];
+      sts16(base + (uint32_t)(kLine * c), x);
+    }
+  });
+}
+
 // the instantiations the count compares (D = 128: k = 38 at 70 % and 64 at 50 %, E = 0 / 2 / 4 fillers;
 // D = 64: k = 19, 32)
 template __global__ void bitmap_walk<128, 38>(const uint32_t*, const uint32_t*, float*, int);
@@ -121,5 +135,9 @@ template __global__ void gap_walk<128, 64>(const uint32_t*, const uint32_t*, flo
 template __global__ void gap_walk<64, 19>(const uint32_t*, const uint32_t*, float*, int);
 template __global__ void gap_walk<64, 21>(const uint32_t*, const uint32_t*, float*, int);
 template __global__ void gap_walk<64, 32>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void index_walk<128, 40>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void index_walk<128, 64>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void index_walk<64, 19>(const uint32_t*, const uint32_t*, float*, int);
+template __global__ void index_walk<64, 32>(const uint32_t*, const uint32_t*, float*, int);
 
 }  // namespace proto
