@@ -30,7 +30,7 @@ import torch
 
 from mustafar.pruning._common import kept_count
 
-__all__ = ["GapKV", "SPAN", "slots", "encode", "decode", "format_bytes"]
+__all__ = ["GapKV", "SPAN", "slots", "code_bytes", "encode", "decode", "format_bytes"]
 
 SPAN = 16  # channels one slot can advance (a code of 0-15 pruned channels, plus its own)
 
@@ -42,6 +42,11 @@ def slots(d: int, k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
         raise ValueError(f"k must be an int in [1, {d}] (head_dim={d}), got {k!r}")
     return k + (d - k) // SPAN
+
+
+def code_bytes(s: int) -> int:
+    """Bytes of the codes of ``s`` slots: 8 per 32-bit word, whole words."""
+    return 4 * ((s + 7) // 8)
 
 
 @dataclass(frozen=True)
@@ -118,4 +123,4 @@ def decode(g: GapKV, dtype: torch.dtype | None = None) -> torch.Tensor:
 def format_bytes(head_dim: int, sparsity: float, dtype: torch.dtype = torch.float16) -> int:
     """Bytes per token vector at ``sparsity`` with values in ``dtype``: ``4 * ceil(S / 8) + S * itemsize``."""
     s = slots(head_dim, kept_count(head_dim, sparsity))
-    return 4 * ((s + 7) // 8) + s * torch.empty((), dtype=dtype).element_size()
+    return code_bytes(s) + s * torch.empty((), dtype=dtype).element_size()

@@ -51,21 +51,20 @@ def make_rows(n: int, d: int, k: int, seed: int = 0) -> torch.Tensor:
 
 def formats(x: torch.Tensor, k: int) -> dict:
     """The rows in each code: ``{kind: (positions as int32 words [n, *], values as int32 words [n, *], S)}``."""
+    from mustafar import format as fmt
     from mustafar import gapcode
 
     n, d = x.shape
     kept = x != 0
-    ch = torch.arange(d).expand(n, d)
-    pos = ch[kept].view(n, k)  # ascending
-    vals = x[kept].view(n, k)
+    pos = torch.arange(d).expand(n, d)[kept].view(n, k)  # ascending
 
     def words16(v, s):  # fp16 values, s per row, padded to an even count
         v = torch.cat([v, v.new_zeros(n, s % 2)], dim=1) if s % 2 else v
         return v.contiguous().view(torch.int32)
 
-    bits = torch.zeros(n, d // 32, dtype=torch.int64)
-    bits.scatter_add_(1, pos // 32, torch.ones_like(pos).bitwise_left_shift(pos % 32))
-    bitmap = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32)  # the same 32 bits as int32
+    # the bitmap format's int64 words read as 32-bit halves: bit j of word i <=> channel 32 i + j
+    sp = fmt.encode(x, kept, k)
+    bitmap, vals = sp.bitmap.contiguous().view(torch.int32), sp.values
     g = gapcode.encode(x, k)
     s = g.values.shape[1]
     idx = torch.cat([pos, pos.new_zeros(n, (-k) % 4)], dim=1).to(torch.uint8).view(torch.int32)

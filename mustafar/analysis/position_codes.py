@@ -28,7 +28,6 @@ import torch
 __all__ = ["kept_channels", "gaps", "gap_escapes", "filler_slots", "code_bytes", "row_bytes", "row_stats", "run"]
 
 ESCAPE = 15  # the nibble code that skips 15 channels without a value
-FILLER_SPAN = 16  # with filler slots: channels one slot can advance (15 skipped + its own)
 
 
 def kept_channels(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,18 +82,22 @@ def gap_escapes(channels: torch.Tensor) -> torch.Tensor:
 
 def filler_slots(channels: torch.Tensor) -> torch.Tensor:
     """Filler slots each row needs when every code 0-15 is a gap: ``sum(g // 16)``; int64 ``[N]``."""
-    return (gaps(channels) // FILLER_SPAN).sum(dim=1)
+    from mustafar.gapcode import SPAN
+
+    return (gaps(channels) // SPAN).sum(dim=1)
 
 
 def code_bytes(d: int, k: int, escapes_capacity: int | None = None) -> dict:
     """Bytes per row of each position code (values not included).
 
-    ``escapes_capacity`` (``E``): the gap code's fixed row width ``ceil((k + E) / 2)`` bytes; ``None`` gives
-    only the bitmap and the byte index.
+    ``escapes_capacity`` (``E``): the gap code's fixed row width, ``k + E`` codes in whole 32-bit words of 8
+    (:func:`mustafar.gapcode.code_bytes`, the layout the walks read); ``None`` gives only the bitmap and the byte index.
     """
+    from mustafar.gapcode import code_bytes as gap_code_bytes
+
     out = {"bitmap": d // 8, "byte_index": k}
     if escapes_capacity is not None:
-        out["gap_nibbles"] = (k + escapes_capacity + 1) // 2
+        out["gap_nibbles"] = gap_code_bytes(k + escapes_capacity)
     return out
 
 

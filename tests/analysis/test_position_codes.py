@@ -39,9 +39,11 @@ def test_row_stats_bytes_and_overflow():
     x[:, 1:20] = torch.rand(6, 19) * 0.1
     r = pc.row_stats(x, 2, capacities=(0, 1))
     assert r["mean_escapes"] == 1.0 and r["max_escapes"] == 1 and r["rows_without_escape"] == 0.0
-    # ceil(2 / 2) bytes, every row overflows (the gap of 19 needs one escape and one filler)
-    assert r["capacities"][0] == {"gap_bytes": 1, "overflow": 1.0, "filler_overflow": 1.0}
-    assert r["capacities"][1] == {"gap_bytes": 2, "overflow": 0.0, "filler_overflow": 0.0}
+    # one 32-bit code word (the walks read whole words), every row overflows at E = 0 (the gap of 19 needs one
+    # escape and one filler)
+    assert r["capacities"][0] == {"gap_bytes": 4, "overflow": 1.0, "filler_overflow": 1.0}
+    assert r["capacities"][1] == {"gap_bytes": 4, "overflow": 0.0, "filler_overflow": 0.0}
+    assert pc.code_bytes(128, 38, 5)["gap_nibbles"] == 24  # 43 codes: 6 words
     assert r["mean_fillers"] == 1.0 and r["max_fillers"] == 1
     assert r["bitmap_bytes"] == 8 and r["byte_index_bytes"] == 2
     b = pc.row_bytes(128, 38, 2)
