@@ -35,14 +35,16 @@ if [ "${T_SANITIZE:-0}" -gt 0 ] && command -v compute-sanitizer > /dev/null; the
     echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tail -1
   done
 fi
-[ "${T_BENCH:-180}" -gt 0 ] && stamp kernel-bench
-# KERNEL_PROFILE may name several profiles (one results file each, kernel_<profile>.json), in T_BENCH seconds in all
-tb_end=$(( $(date +%s) + ${T_BENCH:-180} ))
-for prof in $([ "${T_BENCH:-180}" -gt 0 ] && echo ${KERNEL_PROFILE:-quick}); do
-  left=$(( tb_end - $(date +%s) )); [ "$left" -gt 5 ] || { echo "no time left for profile $prof"; break; }
-  timeout $left python3 -m mustafar.bench kernel --profile $prof ${KERNEL_KERNELS:+--kernels $KERNEL_KERNELS} \
-    --out "$OUT/kernel_$prof.json" 2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
-done
+if [ "${T_BENCH:-180}" -gt 0 ]; then
+  stamp kernel-bench
+  # KERNEL_PROFILE may name several profiles (one results file each, kernel_<profile>.json), in T_BENCH seconds in all
+  tb_end=$(( $(date +%s) + ${T_BENCH:-180} ))
+  for prof in ${KERNEL_PROFILE:-quick}; do
+    left=$(( tb_end - $(date +%s) )); [ "$left" -gt 5 ] || { echo "no time left for profile $prof"; break; }
+    timeout $left python3 -m mustafar.bench kernel --profile $prof ${KERNEL_KERNELS:+--kernels $KERNEL_KERNELS} \
+      --out "$OUT/kernel_$prof.json" 2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
+  done
+fi
 if [ "${T_WALL:-200}" -gt 0 ]; then
   stamp wallclock
   timeout ${T_WALL:-200} python3 -m mustafar.bench wallclock --device cuda --models llama2-7b --dtypes float16 \
