@@ -30,18 +30,25 @@ import torch
 
 from mustafar.pruning._common import kept_count
 
-__all__ = ["GapKV", "SPAN", "slots", "code_bytes", "encode", "decode", "format_bytes"]
+__all__ = ["GapKV", "SPAN", "TILE", "slots", "code_bytes", "encode", "decode", "format_bytes", "tile_major",
+           "from_tile_major"]
 
 SPAN = 16  # channels one slot can advance (a code of 0-15 pruned channels, plus its own)
+TILE = 32  # tokens per tile of the kernel layout (:func:`tile_major`): one per lane of a warp
 
 
-def slots(d: int, k: int) -> int:
-    """Slots per token vector: ``k + (d - k) // 16`` (``1 <= k <= d``, ``d`` a multiple of 8)."""
+def slots(d: int, k: int, align: int = 1) -> int:
+    """Slots per token vector: ``k + (d - k) // 16`` (``1 <= k <= d``, ``d`` a multiple of 8), rounded up to a
+    multiple of ``align`` (1, 2, 4 or 8) with more filler slots; the prototype kernel reads slots four at a time
+    (``align=4``). Never more than ``d``."""
     if isinstance(d, bool) or not isinstance(d, int) or d < 8 or d % 8:
         raise ValueError(f"head_dim must be a positive multiple of 8, got {d!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
         raise ValueError(f"k must be an int in [1, {d}] (head_dim={d}), got {k!r}")
-    return k + (d - k) // SPAN
+    if align not in (1, 2, 4, 8):
+        raise ValueError(f"align must be 1, 2, 4 or 8, got {align!r}")
+    s = k + (d - k) // SPAN
+    return -(-s // align) * align
 
 
 def code_bytes(s: int) -> int:
@@ -63,8 +70,9 @@ class GapKV:
         return self.codes.numel() * self.codes.element_size() + self.values.numel() * self.values.element_size()
 
 
-def encode(x: torch.Tensor, k: int) -> GapKV:
-    """Keep the ``k`` largest-magnitude channels of every token vector of ``x`` ``[..., D]`` and gap-code them.
+def encode(x: torch.Tensor, k: int, align: int = 1) -> GapKV:
+    """Keep the ``k`` largest-magnitude channels of every token vector of ``x`` ``[..., D]`` and gap-code them in
+    ``slots(D, k, align)`` slots.
 
     Ties in magnitude are broken as :func:`torch.topk` breaks them; the decoded tensor keeps exactly those
     ``k`` values per row and zeros elsewhere.
@@ -72,7 +80,7 @@ def encode(x: torch.Tensor, k: int) -> GapKV:
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     d = x.shape[-1]
-    s = slots(d, k)
+    s = slots(d, k, align)
     rows = x.reshape(-1, d)
     n = rows.shape[0]
     kept = torch.zeros(n, d, dtype=torch.bool, device=x.device)
@@ -104,8 +112,9 @@ def encode(x: torch.Tensor, k: int) -> GapKV:
 def decode(g: GapKV, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense ``[..., T, D]`` tensor of ``g`` (zeros at the pruned channels), in ``dtype`` (default the values')."""
     s = g.values.shape[-1]
-    if s != slots(g.head_dim, g.k):
-        raise ValueError(f"values hold {s} slots, expected {slots(g.head_dim, g.k)} for head_dim={g.head_dim}, k={g.k}")
+    if not slots(g.head_dim, g.k) <= s <= g.head_dim:
+        raise ValueError(f"values hold {s} slots, expected {slots(g.head_dim, g.k)} to {g.head_dim} for "
+                         f"head_dim={g.head_dim}, k={g.k}")
     nw = (s + 7) // 8
     if g.codes.dtype != torch.uint8 or g.codes.shape[-1] != 4 * nw or g.codes.shape[:-1] != g.values.shape[:-1]:
         raise ValueError(f"codes must be uint8 [..., {4 * nw}] beside values {tuple(g.values.shape)}, got "
@@ -124,3 +133,42 @@ def format_bytes(head_dim: int, sparsity: float, dtype: torch.dtype = torch.floa
     """Bytes per token vector at ``sparsity`` with values in ``dtype``: ``4 * ceil(S / 8) + S * itemsize``."""
     s = slots(head_dim, kept_count(head_dim, sparsity))
     return code_bytes(s) + s * torch.empty((), dtype=dtype).element_size()
+
+
+def tile_major(g: GapKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout the prototype decode kernel reads (``csrc/proto/gap_decode.cuh``), from ``g`` ``[..., T, *]``
+    with ``S % 4 == 0`` slots: the ``T`` tokens in tiles of 32 (one per lane; the last tile padded with rows of
+    code 0 and value 0, i.e. slots at channels ``0 .. S - 1`` holding zeros), and within a tile
+
+    * ``codes`` int32 ``[..., ntile, NC, 32]``: code word ``i`` (slots ``8i .. 8i+7``) of the 32 tokens side by side
+      (a warp reads a word of every row with one coalesced load);
+    * ``values`` ``[..., ntile, S / 4, 32, 4]``: slots ``4j .. 4j+3`` of the 32 tokens side by side (one 8-byte
+      load per four slots; a tile is one contiguous block of ``32 * S`` values).
+    """
+    s = g.values.shape[-1]
+    if s % 4:
+        raise ValueError(f"tile_major needs a multiple of 4 slots (encode with align=4), got {s}")
+    lead, t = g.values.shape[:-2], g.values.shape[-2]
+    nt = -(-t // TILE)
+    pad = nt * TILE - t
+    nc = g.codes.shape[-1] // 4
+    codes = g.codes.contiguous().view(torch.int32)  # [..., T, NC]: byte b of word i = the file's byte 4i + b
+    vals = g.values
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(*lead, pad, nc)], dim=-2)
+        vals = torch.cat([vals, vals.new_zeros(*lead, pad, s)], dim=-2)
+    codes = codes.reshape(*lead, nt, TILE, nc).transpose(-1, -2).contiguous()
+    vals = vals.reshape(*lead, nt, TILE, s // 4, 4).transpose(-3, -2).contiguous()
+    return codes, vals
+
+
+def from_tile_major(codes: torch.Tensor, values: torch.Tensor, t: int, head_dim: int, k: int) -> GapKV:
+    """The inverse of :func:`tile_major`: the first ``t`` tokens as a :class:`GapKV`."""
+    lead, nt, nc = codes.shape[:-3], codes.shape[-3], codes.shape[-2]
+    if codes.shape[-1] != TILE or values.shape[:-3] != (*lead, nt) or values.shape[-2:] != (TILE, 4):
+        raise ValueError(f"codes {tuple(codes.shape)} / values {tuple(values.shape)} are not a tile-major pair")
+    if not 0 <= t <= nt * TILE:
+        raise ValueError(f"t={t} outside the {nt * TILE} tokens of {nt} tiles")
+    c = codes.transpose(-1, -2).reshape(*lead, nt * TILE, nc)[..., :t, :].contiguous().view(torch.uint8)
+    v = values.transpose(-3, -2).reshape(*lead, nt * TILE, values.shape[-3] * 4)[..., :t, :]
+    return GapKV(c, v.contiguous(), head_dim, k)

@@ -78,3 +78,43 @@ def test_bytes_and_bad_input():
     bad[..., :] = 0xFF  # every code 15: channels past D
     with pytest.raises(ValueError, match="reach channel"):
         gapcode.decode(gapcode.GapKV(bad, g.values, 128, 38))
+
+
+@pytest.mark.parametrize("d, sparsity", [(64, 0.7), (64, 0.8), (128, 0.5), (128, 0.7), (256, 0.7)])
+def test_aligned_slots_round_trip(d, sparsity):
+    k = kept_count(d, sparsity)
+    s1 = gapcode.slots(d, k)
+    for align in (2, 4, 8):
+        s = gapcode.slots(d, k, align)
+        assert s % align == 0 and s1 <= s < s1 + align and s <= d
+        x = torch.randn(3, 29, d, dtype=torch.float16)
+        g = gapcode.encode(x, k, align=align)
+        assert g.values.shape == (3, 29, s)
+        assert torch.equal(gapcode.decode(g), _topk_dense(x, k))
+    with pytest.raises(ValueError, match="align"):
+        gapcode.slots(d, k, 3)
+
+
+@pytest.mark.parametrize("t", [1, 31, 32, 77])
+def test_tile_major_layout(t):
+    d, k = 128, 38
+    x = torch.randn(2, 3, t, d, dtype=torch.float16)
+    g = gapcode.encode(x, k, align=4)
+    s = g.values.shape[-1]
+    codes, vals = gapcode.tile_major(g)
+    nt, nc = -(-t // 32), (s + 7) // 8
+    assert codes.shape == (2, 3, nt, nc, 32) and codes.dtype == torch.int32
+    assert vals.shape == (2, 3, nt, s // 4, 32, 4)
+    # token 32 i + r: code word w at codes[..., i, w, r], slots 4 j .. 4 j + 3 at vals[..., i, j, r, :]
+    i, r = (t - 1) // 32, (t - 1) % 32
+    assert torch.equal(codes[1, 2, i, :, r].contiguous().view(torch.uint8), g.codes[1, 2, t - 1])
+    assert torch.equal(vals[1, 2, i, :, r, :].reshape(s), g.values[1, 2, t - 1])
+    # the padding rows of the last tile: code 0, value 0 (slots at channels 0 .. S - 1, all zero)
+    if t % 32:
+        assert int(codes[:, :, -1, :, t % 32:].abs().sum()) == 0 and int(vals[:, :, -1, :, t % 32:].abs().sum()) == 0
+    back = gapcode.from_tile_major(codes, vals, t, d, k)
+    assert torch.equal(back.codes, g.codes) and torch.equal(back.values, g.values)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        gapcode.tile_major(gapcode.encode(x, k, align=1) if gapcode.slots(d, k) % 4 else gapcode.encode(x, 39))
+    with pytest.raises(ValueError, match="outside"):
+        gapcode.from_tile_major(codes, vals, nt * 32 + 1, d, k)
