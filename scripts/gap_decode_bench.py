@@ -113,12 +113,13 @@ def main(argv=None) -> int:
     from mustafar.ops import reference as R
     from mustafar.bench.common import default_out, gpu_bench_ms, gpu_slug, write_results
     from mustafar.bench.kernel import cache_layout, copy_bandwidth
+    from mustafar.ops.build import _cuda_arch_flags
     from mustafar.pruning._common import kept_count
 
     ext = load(name="mustafar_proto_gap", sources=[os.path.join(ROOT, "csrc", "proto", "gap_decode_ext.cu")],
                extra_include_paths=[os.path.join(ROOT, "csrc")],
-               extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-split-compile=0",
-                                  "-gencode=arch=compute_90a,code=sm_90a"], verbose=False)
+               extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-split-compile=0"] + _cuda_arch_flags(),
+               verbose=False)
     shapes = [s for s in SHAPES if args.only is None or s.name in args.only]
     bad = set(args.only or ()) - {s.name for s in SHAPES}
     if bad:
