@@ -987,17 +987,22 @@ void sdr_launch(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid,
   }
 }
 
-// kernel "v6k" (KT: K on tensor cores, 16-bit values): the run-time-k instantiations, in translation units of their
-// own (decode_v6_k_*.cu)
+// kernel "v6k" (KT: K on tensor cores, 16-bit values), in translation units of their own (decode_v6_k_*.cu): k compiled
+// in for k_k = k_v = 38 and 64 at D = 128 with 4 or 8 query-head slots (fixed_k), else the run-time-k instantiation
 template <typename T, int GQ>
-void sdr_launch_kt(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) {
-  if (D == 64) sdr_go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
-  else sdr_go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, true>, p, nwarps, smem_bytes, grid, stream);
+void sdr_launch_kt(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k) {
+  auto go = [&](auto kern) { sdr_go(kern, p, nwarps, smem_bytes, grid, stream); };
+  if (D == 64) return go(sd_rows_kernel<T, 64, -1, -1, 0, GQ, false, true>);
+  if constexpr (GQ > 1) {
+    if (fixed_k && p.kk == 38 && p.kv == 38) return go(sd_rows_kernel<T, 128, kRLdPair, kRLdPair, 38, GQ, false, true>);
+    if (fixed_k && p.kk == 64 && p.kv == 64) return go(sd_rows_kernel<T, 128, kRLdOct, kRLdOct, 64, GQ, false, true>);
+  }
+  go(sd_rows_kernel<T, 128, -1, -1, 0, GQ, false, true>);
 }
 template <typename T>
 int v6_blocks_per_sm_kt(int D, int G, int nwarps, int smem_bytes);
 template <typename T>
-void launch_v6_kt(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream);
+void launch_v6_kt(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, bool fixed_k);
 
 // kt: K dot products on tensor cores ("v6k") or on the CUDA cores
 template <typename T>
@@ -1039,7 +1044,7 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
   void launch_v6<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream, \
                        bool fixed_k, bool f8, bool kt) {                                                       \
     if (f8) launch_v6_f8<TYPE>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                               \
-    else if (kt) launch_v6_kt<TYPE>(p, D, nwarps, smem_bytes, grid, stream);                                   \
+    else if (kt) launch_v6_kt<TYPE>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                          \
     else sdr_launch_slots<TYPE, false>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
   }
 
@@ -1063,11 +1068,12 @@ void sdr_launch_slots(const V6Params& p, int D, int nwarps, int smem_bytes, dim3
                    : sdr_occ<TYPE, 128, false, true>(G, nwarps, smem_bytes);                                   \
   }                                                                                                            \
   template <>                                                                                                  \
-  void launch_v6_kt<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream) { \
+  void launch_v6_kt<TYPE>(const V6Params& p, int D, int nwarps, int smem_bytes, dim3 grid, cudaStream_t stream,  \
+                          bool fixed_k) {                                                                      \
     const int s = v6_slots(p.G);                                                                               \
-    if (s == 8) sdr_launch_kt<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream);                                \
-    else if (s == 4) sdr_launch_kt<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream);                           \
-    else sdr_launch_kt<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream);                                       \
+    if (s == 8) sdr_launch_kt<TYPE, 8>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                       \
+    else if (s == 4) sdr_launch_kt<TYPE, 4>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                  \
+    else sdr_launch_kt<TYPE, 1>(p, D, nwarps, smem_bytes, grid, stream, fixed_k);                              \
   }
 
 }  // namespace mustafar_cuda

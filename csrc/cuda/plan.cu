@@ -291,7 +291,7 @@ void launch_decode(const DecodePlan& plan, const SDParams& base, at::ScalarType 
     } else {
       if (v6) {
         V6Params p{sp, c.v6};
-        launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel == DecodeKernel::kV6, c.f8,
+        launch_v6<scalar>(p, (int)D, c.nwarps, c.smem_bytes, plan.grid, stream, c.kernel != DecodeKernel::kV6g, c.f8,
                           c.kt);
       } else if (c.kernel == DecodeKernel::kV5) {
         V5Params p{sp, c.v5};
