@@ -29,7 +29,8 @@
 // A tile whose rows are not all complete top-k rows without an empty 32-bit word (arbitrary masks)
 // takes a general path: per-word loops over the set bits, values read from the stage buffer by index.
 // Dense window rows take the same lane-per-row shape (a dense dot with q, the row copied into Vd).
-// Each warp writes one partial (m, l, o) per query head and sparse_decode_merge (merge.cuh) combines them (as for v4 / v5).
+// The warps of a CTA combine their (m, l, o) in shared memory into one partial per query head and split;
+// sparse_decode_merge (merge.cuh) combines the splits' partials (as for v4 / v5, whose partials are per warp).
 
 #include "common.cuh"
 
@@ -896,8 +897,15 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
   }
   cp_async_wait<0>();
 
-  // ---- this warp's partials, one per real query head: O^T column j (head hk * G + j) = lanes 4 i + j / 2,
-  // c0 / c1 (j even / odd): channels 16 n + i, c2 / c3: channels 16 n + i + 8
+  // ---- the CTA's partial, one per real query head (NP = nsplit partials per head for the merge, not one per
+  // warp: at batch 1 the splits are many and the merge's round trips grew with nsplit * nwarps). Each warp puts
+  // its (O, m, l) into the start of its own region (its tiles are done: cp.async drained above), row stride
+  // D + 4 floats so that the four heads a store instruction writes fall in different banks; then the warps'
+  // partials are combined per (head, channel) with the CTA's maximum, as the merge kernel does across CTAs.
+  // O^T column j (head hk * G + j) = lanes 4 i + j / 2, c0 / c1 (j even / odd): channels 16 n + i,
+  // c2 / c3: channels 16 n + i + 8.
+  constexpr int DS = D + 4;  // floats per head row of a warp's O in shared memory
+  static_assert(GQ * DS * 4 + 2 * GQ * 4 <= (D + 1) * kRLine, "a warp's partial fits its dense V tile");
   float lt[GQ];
 #pragma unroll
   for (int g = 0; g < GQ; ++g) {
@@ -905,33 +913,50 @@ __global__ void __launch_bounds__(kRMaxWarps * 32, 1) sd_rows_kernel(const V6Par
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) lt[g] += __shfl_xor_sync(0xffffffffu, lt[g], off);
   }
-  const int NP = p.nsplit * nwarps;
-  const int64_t hq0 = ((int64_t)b * p.Hkv + hk) * G;  // b * H_q + the group's first query head
-  const int slot = split * nwarps + warp;
-  const int j0 = 2 * (lane & 3);
-  if (j0 < G) {
-    float* op = p.ws_o + ((hq0 + j0) * NP + slot) * D + (lane >> 2);
+  {
+    float* po = reinterpret_cast<float*>(smem + wreg);
+    const int j0 = 2 * (lane & 3), i0 = lane >> 2;
 #pragma unroll
     for (int n = 0; n < NMT; ++n) {
-      op[16 * n] = o[n][0];
-      op[16 * n + 8] = o[n][2];
-    }
-  }
-  if (GQ > 1 && j0 + 1 < G) {
-    float* op = p.ws_o + ((hq0 + j0 + 1) * NP + slot) * D + (lane >> 2);
-#pragma unroll
-    for (int n = 0; n < NMT; ++n) {
-      op[16 * n] = o[n][1];
-      op[16 * n + 8] = o[n][3];
-    }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < GQ; ++g) {
-      if (g < G) {
-        p.ws_ml[((hq0 + g) * NP + slot) * 2] = m[g];
-        p.ws_ml[((hq0 + g) * NP + slot) * 2 + 1] = lt[g];
+      if (j0 < G) {
+        po[j0 * DS + 16 * n + i0] = o[n][0];
+        po[j0 * DS + 16 * n + i0 + 8] = o[n][2];
       }
+      if (GQ > 1 && j0 + 1 < G) {
+        po[(j0 + 1) * DS + 16 * n + i0] = o[n][1];
+        po[(j0 + 1) * DS + 16 * n + i0 + 8] = o[n][3];
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) {
+        po[GQ * DS + 2 * g] = m[g];
+        po[GQ * DS + 2 * g + 1] = lt[g];
+      }
+    }
+  }
+  __syncthreads();  // every warp's partial is in shared memory
+  const int NP = p.nsplit;
+  const int64_t hq0 = ((int64_t)b * p.Hkv + hk) * G;  // b * H_q + the group's first query head
+  for (int e = tid; e < G * D; e += (int)blockDim.x) {
+    const int g = e / D, c = e - g * D;
+    float M = -INFINITY;
+    for (int w = 0; w < nwarps; ++w)
+      M = fmaxf(M, *reinterpret_cast<const float*>(smem + p.off_vd + w * p.r_wbytes + 4 * (GQ * DS + 2 * g)));
+    float a = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < nwarps; ++w) {
+        const float* pw = reinterpret_cast<const float*>(smem + p.off_vd + w * p.r_wbytes);
+        const float mw = pw[GQ * DS + 2 * g];
+        const float r = mw == -INFINITY ? 0.f : exp2f(mw - M);  // an empty warp (no rows) adds nothing
+        a += r * pw[g * DS + c];
+        L += r * pw[GQ * DS + 2 * g + 1];
+      }
+    }
+    p.ws_o[((hq0 + g) * NP + split) * D + c] = a;
+    if (c == 0) {
+      p.ws_ml[((hq0 + g) * NP + split) * 2] = M;
+      p.ws_ml[((hq0 + g) * NP + split) * 2 + 1] = L;
     }
   }
 }

@@ -270,7 +270,7 @@ DecodePlan plan_decode(const DecodeProblem& pr, DecodeKernel requested, int devi
   MF_CHECK(nsplit < 65536 && pr.Hkv * plan.nchunk < 65536 && pr.B < 65536, op, "grid too large");
   plan.nsplit = nsplit;
   plan.tiles_per_split = v6 ? tps * c.nwarps : tps;  // v6: in warp tiles of 32 rows
-  plan.NP = (int)nsplit * c.nwarps;
+  plan.NP = v6 ? (int)nsplit : (int)nsplit * c.nwarps;  // v6 combines its warps' partials in the CTA
   plan.grid = dim3((unsigned)nsplit, (unsigned)(pr.Hkv * plan.nchunk), (unsigned)pr.B);
   return plan;
 }

@@ -80,7 +80,7 @@ struct DecodePlan {
   int nchunk;               // query-head chunks per KV head
   int64_t nsplit;           // splits over T
   int64_t tiles_per_split;  // v4 / v5: 64-row tiles; v6: 32-row warp tiles
-  int NP;                   // partials per query head (nsplit * nwarps)
+  int NP;                   // partials per query head (v6: nsplit; v4 / v5: nsplit * nwarps)
   dim3 grid;
 };
 
