@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nwarps", type=int, nargs="*", default=[8], help="warps per CTA of the prototype (the best "
                     "of these is reported, each one's time kept)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--append", action="store_true", help="add the rows to those already in --out (one process per "
+                    "shape: a crash loses one shape, not the run)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -129,6 +131,15 @@ def main(argv=None) -> int:
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, ok = [], True
+    out_path = args.out or default_out(f"gap_decode_{gpu_slug()}.json")
+    cmd = "python scripts/gap_decode_bench.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    if args.append and os.path.exists(out_path):
+        import json
+
+        with open(out_path) as f:
+            old = json.load(f)
+        rows, ok = old["rows"], old["checked"]
+    save = lambda: write_results(out_path, {"copy_bandwidth_Bps": bw, "rows": rows, "checked": ok}, cmd)  # noqa: E731
     for sh in tqdm(shapes, desc="gap decode"):
         dt = getattr(torch, sh.dtype)
         isz = 2
@@ -147,7 +158,10 @@ def main(argv=None) -> int:
         gap = lambda nw=8, ks=none: ext.gap_decode(q, kc, kv, vc, vv, sh.t, ks, scale, nw, 0)[0]  # noqa: E731
         row = dict(asdict(sh), G=g, k=k, slots=s_slots)
         ref = reference(q, kp, vp, scale)
+        tqdm.write(f"{sh.name}: S={s_slots}, checking the gap kernel")
         row["rel_err_gap"] = _rel(gap(), ref)
+        torch.cuda.synchronize()
+        tqdm.write(f"{sh.name}: checking the bitmap op")
         # the extension's op on the bitmap format of the same rows (its own top-k: ties may pick other channels)
         kb, kvals = (cache_layout(x) for x in ops.prune_encode_topk(kd, k))
         vb, vvals = (cache_layout(x) for x in ops.prune_encode_topk(vd, k))
@@ -193,6 +207,7 @@ def main(argv=None) -> int:
             ms = row[f"{name}_ms" if name != "bitmap" else "bitmap_auto_ms"]
             row[f"{name}_bw_frac"] = row[f"{name}_bytes"] / (ms * 1e-3) / bw
         rows.append(row)
+        save()
         tqdm.write(f"{sh.name}: dense {row['dense_ms']:.4f} ms | fp8 proxy {row['speedup_fp8_proxy']:.2f}x | bitmap "
                    f"auto {row['speedup_bitmap_auto']:.2f}x ({row['bitmap_bw_frac'] * 100:.0f}% bw) | gap "
                    f"{row['speedup_gap']:.2f}x ({row['gap_bw_frac'] * 100:.0f}% bw, {row['gap_over_fp8_proxy']:.2f}x "
@@ -200,10 +215,7 @@ def main(argv=None) -> int:
                    f"{row['rel_err_bitmap_auto']:.1e}")
         del q, kd, vd, kc, kv, kp, vc, vv, vp, kb, kvals, vb, vvals
         torch.cuda.empty_cache()
-    cmd = "python scripts/gap_decode_bench.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-    path = write_results(args.out or default_out(f"gap_decode_{gpu_slug()}.json"),
-                         {"copy_bandwidth_Bps": bw, "rows": rows, "checked": ok}, cmd)
-    print(f"wrote {path}")
+    print(f"wrote {save()}")
     return 0 if ok else 1
 
 
