@@ -11,7 +11,8 @@ FP8 proxy, bytes read and the fraction of copy bandwidth (measured in the same r
 each path against the float32 SDPA of its own pruned rows (every shape checked before it is timed; inputs
 ``randn``, never zeros; left padding (kv_start) checked on one shape).
 
-    python scripts/gap_decode_bench.py [--only NAME ...] [--out results/gap_decode_<gpu>.json]
+    python scripts/gap_decode_bench.py --build-only      # first, alone (the build takes minutes)
+    python scripts/gap_decode_bench.py [--only NAME ...] [--append] [--out results/gap_decode_<gpu>.json]
 
 The prototype extension is built on first use (torch.utils.cpp_extension.load). CPU tests cover :data:`SHAPES`,
 :func:`gap_inputs` and :func:`reference`.
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nwarps", type=int, nargs="*", default=[8], help="warps per CTA of the prototype (the best "
                     "of these is reported, each one's time kept)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--build-only", action="store_true", help="build (or load) the prototype extension and exit: "
+                    "run it first, alone, on a fresh machine (the build takes minutes)")
     ap.add_argument("--append", action="store_true", help="add the rows to those already in --out (one process per "
                     "shape: a crash loses one shape, not the run)")
     args = ap.parse_args(argv)
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
                extra_include_paths=[os.path.join(ROOT, "csrc")],
                extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-split-compile=0"] + _cuda_arch_flags(),
                verbose=False)
+    if args.build_only:
+        print(f"built {ext.__file__}")
+        return 0
     shapes = [s for s in SHAPES if args.only is None or s.name in args.only]
     bad = set(args.only or ()) - {s.name for s in SHAPES}
     if bad:
