@@ -107,7 +107,11 @@ def main(argv=None) -> int:
                     "run it first, alone, on a fresh machine (the build takes minutes)")
     ap.add_argument("--append", action="store_true", help="add the rows to those already in --out (one process per "
                     "shape: a crash loses one shape, not the run)")
+    ap.add_argument("--list", action="store_true", help="print the shape names and exit")
     args = ap.parse_args(argv)
+    if args.list:
+        print(" ".join(s.name for s in SHAPES))
+        return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2

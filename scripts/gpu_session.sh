@@ -4,7 +4,7 @@
 # and Nsight Compute counters of v6 / v7 (T_PROFILE > 0: seconds per kernel).
 # Each stage has its own time limit so the call ends inside the device tool's 10 minutes; results and logs land
 # in $OUT (at most 8 files come back). SANITIZE_KERNELS="v6k ...": the sanitizer runs only those decode kernels;
-# KERNEL_PROFILE / KERNEL_KERNELS: the benchmark's --profile and --kernels. Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
+# KERNEL_PROFILE / KERNEL_KERNELS: the benchmark's --profile and --kernels; T_GAP > 0: the gap-code decode prototype. Run from the repo root: MUSTAFAR_GIT_COMMIT=<sha> bash scripts/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -44,6 +44,23 @@ if [ "${T_BENCH:-180}" -gt 0 ]; then
     timeout $left python3 -m mustafar.bench kernel --profile $prof ${KERNEL_KERNELS:+--kernels $KERNEL_KERNELS} \
       --out "$OUT/kernel_$prof.json" 2>&1 | grep -v "it/s\]$" | tail -${BENCH_TAIL:-75} | cut -c1-250
   done
+fi
+if [ "${T_GAP:-0}" -gt 0 ]; then
+  # the gap-code decode prototype (scripts/gap_decode_bench.py): its extension built first, alone (minutes on a fresh
+  # machine: a per-shape limit must not cut the build), then one process per shape (-X faulthandler: a crash names its
+  # line and costs one shape), rows appended to one file; GAP_SHAPES: names from its SHAPES (default all)
+  stamp gap-decode
+  tg_end=$(( $(date +%s) + T_GAP ))
+  timeout $T_GAP python3 scripts/gap_decode_bench.py --build-only > "$OUT/gap_decode.log" 2>&1
+  echo "gap build rc=$?"
+  shapes=${GAP_SHAPES:-$(python3 scripts/gap_decode_bench.py --list)}
+  for s in $shapes; do
+    left=$(( tg_end - $(date +%s) )); [ "$left" -gt 10 ] || { echo "no time left for gap shape $s"; break; }
+    timeout $left python3 -X faulthandler scripts/gap_decode_bench.py --only $s --nwarps ${GAP_NWARPS:-8 10} --append \
+      --out "$OUT/gap_decode.json" >> "$OUT/gap_decode.log" 2>&1
+    echo "gap $s rc=$?"
+  done
+  tr '\r' '\n' < "$OUT/gap_decode.log" | grep -v "it/s\]\|^\s*$\|^gap decode:" | tail -${GAP_TAIL:-30} | cut -c1-300
 fi
 if [ "${T_WALL:-200}" -gt 0 ]; then
   stamp wallclock

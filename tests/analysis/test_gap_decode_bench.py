@@ -53,3 +53,8 @@ def test_reference_is_attention_with_gqa_and_left_padding():
     assert torch.allclose(got[0], sdpa(q[:1].unsqueeze(2), k[:1, :, 5:], v[:1, :, 5:], scale=scale,
                                        enable_gqa=True).squeeze(2)[0], atol=1e-5)
     assert torch.allclose(got[1], want[1], atol=1e-5)
+
+
+def test_list_prints_every_shape(capsys):
+    assert gdb.main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == [s.name for s in gdb.SHAPES]
