@@ -7,14 +7,16 @@ Each kernel walks B x H x T rows (one warp per 32-row tile, lane = row) and scat
 a first run also sums each row's column (and zeroes it) and is checked against the row sums computed in torch,
 the timed runs do the walk and the scatter alone. Rows are
 the same for the three codes: per-token masks with the k kept channels spread over the 32-bit words of the bitmap
-(every word non-empty, as v6's fast path needs), random fp16 values. Times: CUDA events, median of ``--reps`` after
+(every word non-empty, as v6's fast path needs), random fp16 values, stored in word-major tiles (:func:`word_major`:
+coalesced loads; the session-15 run, ``results/position_walk_h100.json``, read row-major rows and timed those
+loads rather than the walks). Times: CUDA events, median of ``--reps`` after
 warm-up, twice: rows from HBM (each tile its own rows) and from L2 (64K rows walked again and again, so the time is
 the walk's issue rate, not the bytes); ``GBps_hbm`` counts the bytes each code reads (positions + values).
 
     python scripts/position_walk_bench.py [--rows 4194304] [--reps 30] [--out results/position_walk_<gpu>.json]
 
 The prototype extension is built on first use (torch.utils.cpp_extension.load, ~1 min). CPU tests cover the
-input builder (:func:`make_rows`, :func:`formats`, :func:`expected`).
+input builder (:func:`make_rows`, :func:`formats`, :func:`word_major`, :func:`expected`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def formats(x: torch.Tensor, k: int) -> dict:
             "index": (idx, words16(vals, k), k)}
 
 
+def word_major(words: torch.Tensor) -> torch.Tensor:
+    """Per-row int32 words ``[n, W]`` (``n`` a multiple of 32) as the walks read them: tile by tile (32 rows), word
+    ``i`` of the tile's rows side by side (``[n // 32, W, 32]``, flattened), so that a warp's load is coalesced."""
+    n, w = words.shape
+    return words.view(n // 32, 32, w).transpose(1, 2).contiguous().view(-1)
+
+
 def expected(x: torch.Tensor, blocks: int, threads: int) -> torch.Tensor:
     """What each thread of a walk kernel returns: the sum of the float16 row sums of the tiles it walks (tile t
     is walked by warp t mod (blocks * threads / 32), lane = row t * 32 + lane)."""
@@ -109,12 +118,12 @@ def main(argv=None) -> int:
         res = {}
         nt = args.rows // 32
         for kind, (pos, vals, s) in formats(x, k).items():
-            pos, vals = pos.cuda(), vals.cuda()
+            nbytes = pos.numel() * 4 + vals.numel() * 4
+            pos, vals = word_major(pos).cuda(), word_major(vals).cuda()
             out = torch.full((blocks * threads,), float("nan"), device="cuda")
             ext.walk(kind, d, s, pos, vals, out, nt, nt, blocks, threads, 1)  # checked run
             torch.cuda.synchronize()
             err = float((out - ref).abs().max() / ref.abs().max())
-            nbytes = pos.numel() * 4 + vals.numel() * 4
             res[kind] = dict(slots=s, rel_err=err, bytes=nbytes)
             # the walk and the scatter alone: rows from HBM (every tile its own rows), and from L2 (the first
             # L2_TILES tiles' rows again and again: the issue-bound rate)

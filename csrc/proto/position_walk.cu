@@ -42,7 +42,7 @@ __device__ __forceinline__ float consume(char* tile, int lane) {
 }
 
 // the frame the kernels share: per tile, lane = row, the row's NP position words and (S + 1) / 2 value words
-// loaded to registers, walk(pos, vals, tile address of this lane's column) scatters them (volatile stores: never
+// loaded to registers (word-major tiles), walk(pos, vals, tile address of this lane's column) scatters them (volatile stores: never
 // removed); tile t reads the rows of tile t % tiles_data; with check != 0 each lane then sums its column and zeroes it (the timed runs leave that out, so that
 // they time the walk and the scatter alone)
 template <int D, int S, int NP, class Walk>
@@ -57,12 +57,15 @@ __device__ __forceinline__ void tiles(const uint32_t* __restrict__ pos, const ui
   const uint32_t tsh = (uint32_t)__cvta_generic_to_shared(tile) + 2 * lane;
   float acc = 0.f;
   for (int t = blockIdx.x * (blockDim.x >> 5) + warp; t < ntiles; t += gridDim.x * (blockDim.x >> 5)) {
-    const int row = (t % tiles_data) * 32 + lane;  // tiles_data < ntiles: the same rows again (L2-resident)
+    const int td = t % tiles_data;  // tiles_data < ntiles: the same rows again (L2-resident)
+    // word-major tiles (scripts/position_walk_bench.py, word_major): word i of the tile's 32 rows side by side, so
+    // each load instruction reads 128 contiguous bytes (row-major rows made every load touch 32 sectors, and the
+    // session-15 timing measured those loads, not the walks)
     uint32_t p[NP], v[NV];
 #pragma unroll
-    for (int i = 0; i < NP; ++i) p[i] = pos[row * NP + i];
+    for (int i = 0; i < NP; ++i) p[i] = pos[(td * NP + i) * 32 + lane];
 #pragma unroll
-    for (int i = 0; i < NV; ++i) v[i] = vals[row * NV + i];
+    for (int i = 0; i < NV; ++i) v[i] = vals[(td * NV + i) * 32 + lane];
     walk(p, v, tsh);
     __syncwarp();
     if (check) acc += consume<D>(tile, lane);

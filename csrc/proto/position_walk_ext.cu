@@ -27,8 +27,8 @@ void walk(const std::string& kind, int64_t D, int64_t S, at::Tensor pos, at::Ten
           int64_t ntiles, int64_t tiles_data, int64_t blocks, int64_t threads, int64_t check) {
   TORCH_CHECK(pos.is_cuda() && vals.is_cuda() && out.is_cuda() && out.scalar_type() == at::kFloat, "CUDA tensors");
   TORCH_CHECK(out.numel() >= blocks * threads, "out needs blocks * threads floats");
-  TORCH_CHECK(tiles_data >= 1 && pos.size(0) >= 32 * tiles_data && vals.size(0) >= 32 * tiles_data,
-              "pos / vals need 32 * tiles_data rows");
+  TORCH_CHECK(tiles_data >= 1 && pos.numel() >= 32 * tiles_data && vals.numel() >= 32 * tiles_data,
+              "pos / vals (word-major tiles) need the words of 32 * tiles_data rows");
 #define PW_CASE(K, NAME, DD, SS)                                          \
   if (kind == NAME && D == DD && S == SS) {                               \
     launch_fn(proto::K<DD, SS>, DD, pos, vals, out, ntiles, blocks, threads, tiles_data, check); \

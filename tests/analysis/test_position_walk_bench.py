@@ -49,3 +49,13 @@ def test_expected_follows_the_kernels_tile_order():
     out = pwb.expected(x, blocks=1, threads=64)  # 2 warps: tiles 0, 2, 4 -> warp 0; 1, 3 -> warp 1
     rs = x.float().sum(1).view(5, 32)
     assert torch.allclose(out[:32], rs[0] + rs[2] + rs[4]) and torch.allclose(out[32:], rs[1] + rs[3])
+
+
+def test_word_major_puts_word_i_of_a_tiles_rows_side_by_side():
+    n, w = 96, 5
+    words = torch.arange(n * w, dtype=torch.int32).view(n, w)
+    flat = pwb.word_major(words)
+    for r in (0, 31, 32, 77, 95):
+        for i in range(w):
+            # what the kernels read: pos[(tile * NP + i) * 32 + lane]
+            assert int(flat[((r // 32) * w + i) * 32 + r % 32]) == int(words[r, i])
