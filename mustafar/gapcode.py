@@ -1,8 +1,9 @@
 """The gap-code layout: the candidate fast-path layout of issue #15, as a plain-torch reference.
 
-Not used by the cache or the kernels yet (``docs/kernel_design.md``, section "Session 14", says why it is the
-next step and what it is predicted to give); this is the encoder and decoder the CPU op and the CUDA kernel
-will be tested against. The paper's bitmap format (:mod:`mustafar.format`) stays the format of record.
+Not used by the cache or the extension's kernels (``docs/kernel_design.md``, sections "Session 14" and "Session 15",
+say why it is a candidate and what it measured); the prototype decode kernel ``csrc/proto/gap_decode.cuh`` reads
+its :func:`tile_major` layout and is checked against attention over :func:`decode`'s rows. The paper's bitmap
+format (:mod:`mustafar.format`) stays the format of record.
 
 One token vector of ``D`` channels with its ``k`` kept values (per-token top-k by magnitude) is stored as
 ``S = k + E`` slots, ``E = (D - k) // 16``::
