@@ -16,6 +16,8 @@
 //   * the layout is tile-major (mustafar.gapcode.tile_major): a tile's code words are loaded straight to registers
 //     (word i of the 32 rows side by side: coalesced), a tile's values are one contiguous block of 64 S bytes staged
 //     with cp.async (double-buffered per warp) and read back four slots per 8-byte shared load, conflict-free.
+// The online softmax, the P.V mma and the CTA's combine of its warps' partials are copies of v6's (decode_v6.cuh),
+// kept inline so that the prototype changes nothing in the extension; promoting it would share them.
 #include "../cuda/common.cuh"
 
 namespace gap_proto {
