@@ -93,10 +93,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, k
     return torch.einsum("bht,bhtd->bhd", s.softmax(dim=-1), vf)
 
 
-def _rel(out, ref) -> float:
-    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=None, help="shape names (default all)")
@@ -121,7 +117,7 @@ def main(argv=None) -> int:
     from mustafar import ops
     from mustafar.ops import reference as R
     from mustafar.bench.common import default_out, gpu_bench_ms, gpu_slug, write_results
-    from mustafar.bench.kernel import cache_layout, copy_bandwidth
+    from mustafar.bench.kernel import _rel, cache_layout, copy_bandwidth
     from mustafar.ops.build import _cuda_arch_flags
     from mustafar.pruning._common import kept_count
 
