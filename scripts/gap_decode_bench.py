@@ -5,7 +5,10 @@ the extension's op on the paper's bitmap format (``kernel="auto"``: v6 / v6k as 
 pruned rows (issue #15: prototype the next layout before moving the cache and the op to it).
 
 Shapes: the issue's table (MHA 32/32 D=128 at B=8 T=16K, 50-80 %; B=3 T=12345; 28/4 bf16; 9/3 at D=64; 32/8 bf16
-B=32 T=4K 50 %) plus B=1 T=32K rows (MHA, 9/3 at D=64, 32/4) and 32/4 at B=8 T=16K. Per shape: each path's median
+B=32 T=4K 50 %) plus B=1 T=32K rows (MHA, 9/3 at D=64, 32/4) and 32/4 at B=8 T=16K; then the same kernel with e4m3
+values (``*_fp8``: a float16 scale per token and side, :func:`mustafar.ops.reference.quantize_fp8`'s rule, fp16
+models) beside the bitmap op with e4m3 values, at the issue's FP8 target shapes (MHA and 32/8 at B=8 T=16K 70 %)
+and a few more. Per shape: each path's median
 time (``mustafar.bench.common.gpu_bench_ms``: L2 flushed before every repetition), speed-up over dense and over the
 FP8 proxy, bytes read and the fraction of copy bandwidth (measured in the same run), and the relative error of
 each path against the float32 SDPA of its own pruned rows (every shape checked before it is timed; inputs
@@ -42,6 +45,7 @@ class Shape:
     t: int
     sparsity: float
     dtype: str = "float16"
+    values: str = "model"  # stored values: the model's dtype, or "fp8_e4m3" (both sides)
 
 
 SHAPES = (
@@ -57,27 +61,47 @@ SHAPES = (
     Shape("g3_d64_9x3_b32_t4k_70", 9, 3, 64, 32, 4096, 0.7),
     Shape("g3_d64_9x3_b1_t32k_70", 9, 3, 64, 1, 32768, 0.7),
     Shape("g4_32x8_bf16_b32_t4k_50", 32, 8, 128, 32, 4096, 0.5, "bfloat16"),
+    Shape("mha_b8_t16k_70_fp8", 32, 32, 128, 8, 16384, 0.7, values="fp8_e4m3"),
+    Shape("g4_32x8_b8_t16k_70_fp8", 32, 8, 128, 8, 16384, 0.7, values="fp8_e4m3"),
+    Shape("mha_b1_t32k_70_fp8", 32, 32, 128, 1, 32768, 0.7, values="fp8_e4m3"),
+    Shape("mha_b8_t16k_50_fp8", 32, 32, 128, 8, 16384, 0.5, values="fp8_e4m3"),
+    Shape("g8_32x4_b8_t16k_70_fp8", 32, 4, 128, 8, 16384, 0.7, values="fp8_e4m3"),
+    Shape("g3_d64_9x3_b32_t4k_70_fp8", 9, 3, 64, 32, 4096, 0.7, values="fp8_e4m3"),
 )
 
 
-def gap_inputs(x: torch.Tensor, k: int, chunk: int = 1 << 20):
+def gap_inputs(x: torch.Tensor, k: int, chunk: int = 1 << 20, fp8: bool = False):
     """``x [B, H, T, D]`` top-k pruned and gap-coded with 4-aligned slots, in the kernel's tile-major layout:
-    ``(codes int32 [B, H, ntile, NC, 32], values [B, H, ntile, S/4, 32, 4], the dense pruned rows [B, H, T, D])``.
-    Encoded ``chunk`` rows at a time (the encoder's temporaries are ~40 bytes per channel)."""
+    ``(codes int32 [B, H, ntile, NC, 32], values [B, H, ntile, S/4, 32, 4], the dense pruned rows [B, H, T, D],
+    scales)``. ``fp8``: the values quantized per token (:func:`mustafar.ops.reference.quantize_fp8`: the slots of a
+    row, fillers 0, share one float16 scale) as float8_e4m3fn, ``scales`` float16 ``[B, H, ntile, 32]`` (0 on the
+    padding rows) and the dense rows dequantized (float32); else ``scales`` is None. Encoded ``chunk`` rows at a
+    time (the encoder's temporaries are ~40 bytes per channel)."""
     from mustafar import gapcode
+    from mustafar.ops.reference import quantize_fp8
 
     b, h, t, d = x.shape
     flat = x.reshape(b * h, t, d)
     per = max(1, chunk // max(t, 1))
-    codes, vals, dense = [], [], []
+    codes, vals, dense, scales = [], [], [], []
     for i in range(0, b * h, per):
         g = gapcode.encode(flat[i:i + per], k, align=4)
+        if fp8:
+            q8, sc = quantize_fp8(g.values)  # [n, T, S], [n, T]
+            deq = gapcode.GapKV(g.codes, q8.float() * sc.float().unsqueeze(-1), g.head_dim, g.k)
+            dense.append(gapcode.decode(deq))
+            g = gapcode.GapKV(g.codes, q8.view(torch.uint8), g.head_dim, g.k)  # layout moves on bytes
+            nt = -(-t // gapcode.TILE)
+            scales.append(torch.nn.functional.pad(sc, (0, nt * gapcode.TILE - t)).reshape(sc.shape[0], nt,
+                                                                                        gapcode.TILE))
+        else:
+            dense.append(gapcode.decode(g))
         c, v = gapcode.tile_major(g)
         codes.append(c)
-        vals.append(v)
-        dense.append(gapcode.decode(g))
-    cat = lambda xs: torch.cat(xs).reshape(b, h, *xs[0].shape[1:])  # noqa: E731
-    return cat(codes), cat(vals), cat(dense)
+        vals.append(v.view(torch.float8_e4m3fn) if fp8 else v)
+    cat = lambda xs: torch.cat([y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y for y in xs]  # noqa: E731
+                               ).reshape(b, h, *xs[0].shape[1:]).view(xs[0].dtype)
+    return cat(codes), cat(vals), cat(dense), (cat(scales) if fp8 else None)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kv_start=None) -> torch.Tensor:
@@ -149,6 +173,8 @@ def main(argv=None) -> int:
     for sh in tqdm(shapes, desc="gap decode"):
         dt = getattr(torch, sh.dtype)
         isz = 2
+        f8 = sh.values == "fp8_e4m3"
+        vsz = 1 if f8 else isz  # bytes per stored value
         d, g = sh.d, sh.h_q // sh.h_kv
         k = kept_count(d, sh.sparsity)
         q = torch.randn(sh.b, sh.h_q, d, device="cuda", generator=gen).to(dt)
@@ -157,11 +183,14 @@ def main(argv=None) -> int:
         scale = 1.0 / math.sqrt(d)
         q4 = q.unsqueeze(2)
         attn = lambda k_, v_: sdpa(q4, k_, v_, scale=scale, enable_gqa=g > 1).squeeze(2)  # noqa: E731
-        kc, kv, kp = gap_inputs(kd, k)
-        vc, vv, vp = gap_inputs(vd, k)
+        kc, kv, kp, ksc = gap_inputs(kd, k, fp8=f8)
+        vc, vv, vp, vsc = gap_inputs(vd, k, fp8=f8)
         s_slots = kv.shape[3] * 4
         none = torch.empty(0, dtype=torch.int32, device="cuda")
-        gap = lambda nw=8, ks=none: ext.gap_decode(q, kc, kv, vc, vv, sh.t, ks, scale, nw, 0)[0]  # noqa: E731
+        noscale = torch.empty(0, dtype=torch.float16, device="cuda")
+        ksc_, vsc_ = (ksc, vsc) if f8 else (noscale, noscale)
+        gap_call = lambda nw=8, ks=none: ext.gap_decode(q, kc, kv, vc, vv, ksc_, vsc_, sh.t, ks, scale, nw, 0)  # noqa: E731
+        gap = lambda nw=8, ks=none: gap_call(nw, ks)[0]  # noqa: E731
         row = dict(asdict(sh), G=g, k=k, slots=s_slots)
         ref = reference(q, kp, vp, scale)
         tqdm.write(f"{sh.name}: S={s_slots}, checking the gap kernel")
@@ -169,11 +198,22 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         tqdm.write(f"{sh.name}: checking the bitmap op")
         # the extension's op on the bitmap format of the same rows (its own top-k: ties may pick other channels)
-        kb, kvals = (cache_layout(x) for x in ops.prune_encode_topk(kd, k))
-        vb, vvals = (cache_layout(x) for x in ops.prune_encode_topk(vd, k))
+        kb_p, kv_p = ops.prune_encode_topk(kd, k)
+        vb_p, vv_p = ops.prune_encode_topk(vd, k)
+        kb, vb = cache_layout(kb_p), cache_layout(vb_p)
         empty = q.new_empty(sh.b, sh.h_kv, 0, d)
-        bitmap = lambda: ops.sparse_decode(q, kb, kvals, vb, vvals, empty, empty, None, scale)  # noqa: E731
-        ref_bm = reference(q, R.decode_bitmap(kb, kvals.float(), d), R.decode_bitmap(vb, vvals.float(), d), scale)
+        if f8:  # e4m3 values with a float16 scale per row, as MustafarCache(k_value_dtype="fp8_e4m3") stores them
+            (kvals, ks8), (vvals, vs8) = ([cache_layout(y) for y in R.quantize_fp8(x)] for x in (kv_p, vv_p))
+            bitmap = lambda: ops.sparse_decode(q, kb, kvals, vb, vvals, empty, empty, None, scale,  # noqa: E731
+                                               k_scale=ks8, v_scale=vs8)
+            kf, vf = kvals.float() * ks8.float()[..., None], vvals.float() * vs8.float()[..., None]
+        else:
+            kvals, vvals = cache_layout(kv_p), cache_layout(vv_p)
+            bitmap = lambda: ops.sparse_decode(q, kb, kvals, vb, vvals, empty, empty, None, scale)  # noqa: E731
+            kf, vf = kvals.float(), vvals.float()
+        del kb_p, kv_p, vb_p, vv_p
+        ref_bm = reference(q, R.decode_bitmap(kb, kf, d), R.decode_bitmap(vb, vf, d), scale)
+        del kf, vf
         row["rel_err_bitmap_auto"] = _rel(bitmap(), ref_bm)
         if sh.name == "mha_b3_t12345_70":  # left padding: the first 1000 / 0 / 77 tokens masked
             ks = torch.tensor([1000, 0, 77], dtype=torch.int32, device="cuda")
@@ -200,11 +240,12 @@ def main(argv=None) -> int:
         best = min(tried, key=lambda nw: row[f"gap_w{nw}_ms"])
         row["gap_nwarps"] = best
         row["gap_ms"] = row[f"gap_w{best}_ms"]
-        row["gap_nsplit"] = int(ext.gap_decode(q, kc, kv, vc, vv, sh.t, none, scale, best, 0)[1])
+        row["gap_nsplit"] = int(gap_call(best)[1])
         qo = 2 * sh.b * sh.h_q * d * isz  # q read + output written
         row["dense_bytes"] = 2 * sh.b * sh.h_kv * sh.t * d * isz + qo
-        row["gap_bytes"] = 2 * (kc.numel() * 4 + kv.numel() * isz) + qo  # the tiles as stored (last one padded)
-        row["bitmap_bytes"] = 2 * sh.b * sh.h_kv * sh.t * (d // 8 + k * isz) + qo
+        # the tiles as stored (last one padded), scales included
+        row["gap_bytes"] = 2 * (kc.numel() * 4 + kv.numel() * vsz + (ksc.numel() * 2 if f8 else 0)) + qo
+        row["bitmap_bytes"] = 2 * sh.b * sh.h_kv * sh.t * (d // 8 + k * vsz + (2 if f8 else 0)) + qo
         for name in ("fp8_proxy", "bitmap_auto", "gap"):
             row[f"speedup_{name}"] = row["dense_ms"] / row[f"{name}_ms"]
         for name in ("bitmap_auto", "gap"):
@@ -219,7 +260,7 @@ def main(argv=None) -> int:
                    f"{row['speedup_gap']:.2f}x ({row['gap_bw_frac'] * 100:.0f}% bw, {row['gap_over_fp8_proxy']:.2f}x "
                    f"proxy, w{best} ns{row['gap_nsplit']}) | err gap {row['rel_err_gap']:.1e} bitmap "
                    f"{row['rel_err_bitmap_auto']:.1e}")
-        del q, kd, vd, kc, kv, kp, vc, vv, vp, kb, kvals, vb, vvals
+        del q, kd, vd, kc, kv, kp, vc, vv, vp, kb, kvals, vb, vvals, ksc, vsc, ksc_, vsc_
         torch.cuda.empty_cache()
     print(f"wrote {save()}")
     return 0 if ok else 1

@@ -16,6 +16,10 @@
 //   * the layout is tile-major (mustafar.gapcode.tile_major): a tile's code words are loaded straight to registers
 //     (word i of the 32 rows side by side: coalesced), a tile's values are one contiguous block of 64 S bytes staged
 //     with cp.async (double-buffered per warp) and read back four slots per 8-byte shared load, conflict-free.
+// F8 (fp16 models only): the values are e4m3 bytes (4 slots per 4-byte shared load, converted to fp16 as they are
+// scattered: every e4m3 value is exact in fp16) with a float16 scale per token and side ([B, Hkv, ntile, 32]); the
+// dense tiles hold the unscaled values, the K scale multiplies the token's scores and the V scale its P column
+// (the softmax sums l take the unscaled P).
 // The online softmax, the P.V mma and the CTA's combine of its warps' partials are copies of v6's (decode_v6.cuh),
 // kept inline so that the prototype changes nothing in the extension; promoting it would share them.
 #include "../cuda/common.cuh"
@@ -33,6 +37,8 @@ struct GapParams {
   const void* kval;        // [B, Hkv, ntile, S / 4, 32, 4], T
   const uint32_t* vcode;
   const void* vval;
+  const __half* kscale;    // F8: [B, Hkv, ntile, 32] float16 scale per token (else null)
+  const __half* vscale;
   const int* kv_start;     // [B] or null: tokens before kv_start[b] masked (left padding)
   float* ws_o;             // [B, Hq, nsplit, D]
   float* ws_ml;            // [B, Hq, nsplit, 2]
@@ -43,6 +49,11 @@ struct GapParams {
 
 __device__ __forceinline__ void sts_u16(uint32_t a, uint32_t v) {
   asm volatile("st.shared.u16 [%0], %1;" ::"r"(a), "h"((unsigned short)v) : "memory");
+}
+__device__ __forceinline__ uint32_t lds_u32(uint32_t a) {
+  uint32_t x;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(a) : "memory");
+  return x;
 }
 __device__ __forceinline__ uint2 lds_u64(uint32_t a) {
   uint2 x;
@@ -68,8 +79,9 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
   }
 }
 
-// Scatter one side of the lane's row (S slots, codes w, values staged at st) into its column col of the dense tile.
-template <int S>
+// Scatter one side of the lane's row (S slots, codes w, values staged at st) into its column col of the dense tile;
+// F8: e4m3 values (four per 4-byte load) converted to fp16.
+template <int S, bool F8>
 __device__ __forceinline__ void gap_scatter(const uint32_t (&w)[(S + 7) / 8], uint32_t st, uint32_t col, int lane) {
   uint32_t base = col;
 #pragma unroll
@@ -77,9 +89,18 @@ __device__ __forceinline__ void gap_scatter(const uint32_t (&w)[(S + 7) / 8], ui
     const uint32_t lo = (w[i] & 0x0f0f0f0fu) * 0x01010101u;  // prefix sums of slots 8i .. 8i+3 (bytes)
     // ... of slots 8i+4 .. 8i+7, plus the four before (each byte <= 8 x 15 = 120: no carry)
     const uint32_t hi = ((w[i] >> 4) & 0x0f0f0f0fu) * 0x01010101u + (lo >> 24) * 0x01010101u;
-    const uint2 x0 = lds_u64(st + (uint32_t)((2 * i * kRows + lane) * 8));
-    uint2 x1 = make_uint2(0u, 0u);
-    if (8 * i + 4 < S) x1 = lds_u64(st + (uint32_t)(((2 * i + 1) * kRows + lane) * 8));
+    uint2 x0, x1 = make_uint2(0u, 0u);
+    if constexpr (F8) {
+      const uint32_t y0 = lds_u32(st + (uint32_t)((2 * i * kRows + lane) * 4));
+      x0 = make_uint2(e4m3x2_to_h2(y0), e4m3x2_to_h2(y0 >> 16));
+      if (8 * i + 4 < S) {
+        const uint32_t y1 = lds_u32(st + (uint32_t)(((2 * i + 1) * kRows + lane) * 4));
+        x1 = make_uint2(e4m3x2_to_h2(y1), e4m3x2_to_h2(y1 >> 16));
+      }
+    } else {
+      x0 = lds_u64(st + (uint32_t)((2 * i * kRows + lane) * 8));
+      if (8 * i + 4 < S) x1 = lds_u64(st + (uint32_t)(((2 * i + 1) * kRows + lane) * 8));
+    }
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const int j = 8 * i + u;
@@ -93,15 +114,16 @@ __device__ __forceinline__ void gap_scatter(const uint32_t (&w)[(S + 7) / 8], ui
   }
 }
 
-// GQ: query-head slots (1, 4 or 8; p.G <= GQ real ones), the columns of the mma's B operands.
-template <typename T, int D, int S, int GQ>
+// GQ: query-head slots (1, 4 or 8; p.G <= GQ real ones), the columns of the mma's B operands; F8: e4m3 values.
+template <typename T, int D, int S, int GQ, bool F8>
 __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(const GapParams p) {
   static_assert(S % 4 == 0 && S <= D, "S: a multiple of 4, at most D");
   static_assert(GQ == 1 || GQ == 4 || GQ == 8, "GQ: 1, 4 or 8");
-  constexpr int NC = (S + 7) / 8;      // code words per row
-  constexpr int NMT = D / 16;          // mma m-tiles (16 channels) of O^T
-  constexpr int TB = kRows * S * 2;    // bytes of one side of a tile
-  constexpr int N16 = TB / 16;         // its 16-byte chunks (4 S)
+  static_assert(!F8 || std::is_same<T, __half>::value, "e4m3 values: fp16 models (the tiles are fp16)");
+  constexpr int NC = (S + 7) / 8;            // code words per row
+  constexpr int NMT = D / 16;                // mma m-tiles (16 channels) of O^T
+  constexpr int TB = kRows * S * (F8 ? 1 : 2);  // bytes of one side of a tile
+  constexpr int N16 = TB / 16;               // its 16-byte chunks
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ __align__(16) char smem[];
 
@@ -136,12 +158,17 @@ __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(cons
         cp16(dv + 512u * i, sv + 512 * i);
       }
   };
-  auto load_codes = [&](int wt, uint32_t (&ck)[NC], uint32_t (&cv)[NC]) {
+  const int64_t sc0 = slice * p.ntile * kRows + lane;  // F8: the lane's token's scales, tile by tile
+  auto load_codes = [&](int wt, uint32_t (&ck)[NC], uint32_t (&cv)[NC], float& ksc, float& vsc) {
     const bool has = wt < wt1;
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
       ck[i] = has ? kc[((int64_t)wt * NC + i) * kRows] : 0u;
       cv[i] = has ? vc[((int64_t)wt * NC + i) * kRows] : 0u;
+    }
+    if constexpr (F8) {
+      ksc = has ? __half2float(p.kscale[sc0 + (int64_t)wt * kRows]) : 0.f;
+      vsc = has ? __half2float(p.vscale[sc0 + (int64_t)wt * kRows]) : 0.f;
     }
   };
 
@@ -186,10 +213,11 @@ __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(cons
   }
 
   uint32_t ckn[NC], cvn[NC];
+  float kscn = 1.f, vscn = 1.f;
   int wt = wt0 + warp, buf = 0;
   if (wt < wt1) stage(wt, 0);
   cp_async_commit();
-  load_codes(wt, ckn, cvn);
+  load_codes(wt, ckn, cvn, kscn, vscn);
 
 #pragma unroll 1
   for (; wt < wt1; wt += nwarps) {
@@ -200,7 +228,8 @@ __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(cons
       ck[i] = ckn[i];
       cv[i] = cvn[i];
     }
-    load_codes(nxt, ckn, cvn);  // prefetch
+    const float ksc = kscn, vsc = vscn;
+    load_codes(nxt, ckn, cvn, kscn, vscn);  // prefetch
     if (nxt < wt1) stage(nxt, buf ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -208,7 +237,7 @@ __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(cons
     const uint32_t stk = st0 + (uint32_t)(buf * 2 * TB), stv = stk + (uint32_t)TB;
 
     // ---- K: scatter, then S (32 tokens x 8 columns) = Kd^T q^T on tensor cores, back to lane = token via a table
-    gap_scatter<S>(ck, stk, col, lane);
+    gap_scatter<S, F8>(ck, stk, col, lane);
     __syncwarp();
     float c[2][4];
 #pragma unroll
@@ -235,14 +264,15 @@ __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(cons
     const int t = wt * kRows + lane;
     const bool valid = t < p.Tc && t >= ks;
     float s[GQ];
+    const float sscale = F8 ? p.qscale * ksc : p.qscale;
 #pragma unroll
-    for (int g = 0; g < GQ; ++g) s[g] = valid ? tab[lane * 8 + g] * p.qscale : -INFINITY;
+    for (int g = 0; g < GQ; ++g) s[g] = valid ? tab[lane * 8 + g] * sscale : -INFINITY;
     __syncwarp();
     zero_tile();
     __syncwarp();
 
     // ---- V: scatter, online softmax (log2 domain), O^T += V^T P^T
-    gap_scatter<S>(cv, stv, col, lane);
+    gap_scatter<S, F8>(cv, stv, col, lane);
     float mn[GQ];
     bool grow = false;
 #pragma unroll
@@ -278,11 +308,12 @@ __global__ void __launch_bounds__(D == 64 ? 512 : 320, 1) gap_decode_kernel(cons
           o[n][3] *= a1;
         }
       }
-      float pv[GQ];
+      float pv[GQ];  // the P operand: with e4m3 values times the token's V scale (l sums the unscaled P)
 #pragma unroll
       for (int g = 0; g < GQ; ++g) {
-        pv[g] = exp2f(s[g] - m[g]);
-        l[g] += pv[g];
+        const float e = exp2f(s[g] - m[g]);
+        l[g] += e;
+        pv[g] = F8 ? e * vsc : e;
       }
       uint32_t bq[2][2];
       if constexpr (GQ == 1) {

@@ -27,18 +27,45 @@ def test_shapes_span_the_issue_classes():
     assert {s.d for s in gdb.SHAPES} == {64, 128}
     assert {s.sparsity for s in gdb.SHAPES} == {0.5, 0.6, 0.7, 0.8}
     assert {s.dtype for s in gdb.SHAPES} == {"float16", "bfloat16"}
+    f8 = [s for s in gdb.SHAPES if s.values == "fp8_e4m3"]  # the FP8 target shapes (fp16 models)
+    assert {(s.h_q // s.h_kv, s.b, s.t, s.sparsity) for s in f8} >= {(1, 8, 16384, 0.7), (4, 8, 16384, 0.7)}
+    assert {s.dtype for s in f8} == {"float16"} and {s.values for s in gdb.SHAPES} == {"model", "fp8_e4m3"}
     assert any(s.t % 32 for s in gdb.SHAPES) and any(s.b == 1 for s in gdb.SHAPES)
 
 
 def test_gap_inputs_hold_the_pruned_rows():
     x = torch.randn(2, 3, 45, 64, dtype=torch.float16)
     k = kept_count(64, 0.7)
-    codes, vals, dense = gdb.gap_inputs(x, k, chunk=50)  # several chunks
+    codes, vals, dense, scales = gdb.gap_inputs(x, k, chunk=50)  # several chunks
     idx = x.abs().float().topk(k, dim=-1).indices
     assert torch.equal(dense, torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx)))
     s = gapcode.slots(64, k, 4)
     assert codes.shape == (2, 3, 2, (s + 7) // 8, 32) and vals.shape == (2, 3, 2, s // 4, 32, 4)
     assert torch.equal(gapcode.decode(gapcode.from_tile_major(codes, vals, 45, 64, k)), dense)
+    assert scales is None
+
+
+def test_gap_inputs_fp8_quantize_per_token_with_the_project_rule():
+    from mustafar.ops.reference import quantize_fp8
+
+    x = torch.randn(2, 3, 45, 128, dtype=torch.float16) * 3
+    k = kept_count(128, 0.7)
+    codes, vals, dense, scales = gdb.gap_inputs(x, k, chunk=70, fp8=True)
+    s = gapcode.slots(128, k, 4)
+    assert vals.dtype == torch.float8_e4m3fn and vals.shape == (2, 3, 2, s // 4, 32, 4)
+    assert scales.dtype == torch.float16 and scales.shape == (2, 3, 2, 32)
+    assert torch.equal(scales[:, :, 1, 13:], torch.zeros(2, 3, 19, dtype=torch.float16))  # padding rows
+    idx = x.abs().float().topk(k, dim=-1).indices
+    kept = x.gather(-1, idx)
+    q8, sc = quantize_fp8(kept)  # the rule over the kept values (fillers are 0: the same maximum)
+    assert torch.equal(scales.reshape(2, 3, 64)[..., :45], sc)
+    want = torch.zeros(x.shape).scatter(-1, idx, q8.float() * sc.float().unsqueeze(-1))
+    assert dense.dtype == torch.float32 and torch.equal(dense, want)
+    # the stored bytes decode (times the row's scale) to the same rows
+    g = gapcode.from_tile_major(codes, vals.view(torch.uint8), 45, 128, k)
+    deq = gapcode.GapKV(g.codes, g.values.view(torch.float8_e4m3fn).float() * sc.float().unsqueeze(-1), 128, k)
+    assert torch.equal(gapcode.decode(deq), want)
+    assert not torch.equal(dense, torch.zeros_like(x).float().scatter(-1, idx, kept.float()))  # really quantized
 
 
 def test_reference_is_attention_with_gqa_and_left_padding():
