@@ -12,6 +12,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=
 t0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+if [ "${T_GAP:-0}" -gt 0 ]; then
+  # the gap prototype's extension (one translation unit: minutes on a fresh machine) builds beside the main one
+  python3 scripts/gap_decode_bench.py --build-only > "$OUT/gap_decode.log" 2>&1 &
+  gap_build=$!
+fi
 stamp build
 python3 -m mustafar.ops.build -v > "$OUT/build.log" 2>&1 || { echo BUILD FAILED; grep -B2 -A8 -m5 error "$OUT/build.log"; exit 1; }
 if [ "${T_CHECK:-170}" -gt 0 ]; then  # each stage: T_<STAGE>=0 skips it
@@ -46,12 +51,13 @@ if [ "${T_BENCH:-180}" -gt 0 ]; then
   done
 fi
 if [ "${T_GAP:-0}" -gt 0 ]; then
-  # the gap-code decode prototype (scripts/gap_decode_bench.py): its extension built first, alone (minutes on a fresh
-  # machine: a per-shape limit must not cut the build), then one process per shape (-X faulthandler: a crash names its
-  # line and costs one shape), rows appended to one file; GAP_SHAPES: names from its SHAPES (default all)
+  # the gap-code decode prototype (scripts/gap_decode_bench.py): its extension built first (started beside the main
+  # build above; a per-shape limit must not cut it), then one process per shape (-X faulthandler: a crash names its
+  # line and costs one shape), rows appended to one file; GAP_SHAPES: names from its SHAPES in the order to run
+  # (default all, in SHAPES order)
   stamp gap-decode
   tg_end=$(( $(date +%s) + T_GAP ))
-  timeout $T_GAP python3 scripts/gap_decode_bench.py --build-only > "$OUT/gap_decode.log" 2>&1
+  wait $gap_build
   echo "gap build rc=$?"
   shapes=${GAP_SHAPES:-$(python3 scripts/gap_decode_bench.py --list)}
   for s in $shapes; do
