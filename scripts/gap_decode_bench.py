@@ -98,10 +98,10 @@ def gap_inputs(x: torch.Tensor, k: int, chunk: int = 1 << 20, fp8: bool = False)
             dense.append(gapcode.decode(g))
         c, v = gapcode.tile_major(g)
         codes.append(c)
-        vals.append(v.view(torch.float8_e4m3fn) if fp8 else v)
-    cat = lambda xs: torch.cat([y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y for y in xs]  # noqa: E731
-                               ).reshape(b, h, *xs[0].shape[1:]).view(xs[0].dtype)
-    return cat(codes), cat(vals), cat(dense), (cat(scales) if fp8 else None)
+        vals.append(v)
+    cat = lambda xs: torch.cat(xs).reshape(b, h, *xs[0].shape[1:])  # noqa: E731
+    v = cat(vals)
+    return cat(codes), (v.view(torch.float8_e4m3fn) if fp8 else v), cat(dense), (cat(scales) if fp8 else None)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kv_start=None) -> torch.Tensor:
